@@ -1,0 +1,220 @@
+"""Decoding speed, measured side by side in one run: AT beam-4 and greedy (KV cache), NAT one
+pass, NAT+LPD(ΔT), and a Hugging Face MarianMT peer at the same dimensions (beam 4).
+
+Random weights (seeded); every method sees the same random sources and decodes exactly
+--tgt-len tokens (+ EOS for the autoregressive ones), so only the decoding algorithm differs.
+Figures are ms/sentence (median over --repeats timed measurements of --sentences sentences,
+after --warmup untimed calls) and speedups over our AT beam-4. A benchmark, not a test:
+the paper's targets (GPU, batch 1) are printed for information only.
+
+    python bench/decode_speed.py                     # base size, CPU-feasible defaults
+    python bench/decode_speed.py --device cuda --dtype bf16 --json out.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from imitate_nat.at import ATDemonstrator  # noqa: E402
+from imitate_nat.config import PRESETS, preset  # noqa: E402
+from imitate_nat.decode import beam_search, greedy_search, lpd_decode, nat_decode  # noqa: E402
+from imitate_nat.nat import NATLearner  # noqa: E402
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+PAPER_TARGETS = {"NAT": 18.6, "NAT+LPD": 9.7}  # Wei et al. 2019, WMT14 En-De, GPU, batch 1
+BASELINE = "AT beam-4"
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="base", choices=sorted(PRESETS))
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--n-actions", type=int, default=512)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", default="fp32", choices=sorted(DTYPES))
+    p.add_argument("--batch-sizes", default="1,64", help="comma-separated (default 1,64)")
+    p.add_argument("--src-len", type=int, default=25, help="source tokens per sentence (+ EOS)")
+    p.add_argument("--tgt-len", type=int, default=25, help="output tokens per sentence (fixed)")
+    p.add_argument("--delta-t", type=int, default=3, help="LPD ΔT: 2ΔT+1 candidate lengths")
+    p.add_argument("--sentences", type=int, default=None,
+                   help="sentences per timed measurement, rounded up to a batch multiple (default: cuda 64, cpu 8)")
+    p.add_argument("--repeats", type=int, default=3, help="timed measurements; the median is reported")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing each method")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--no-peer", action="store_true", help="skip the MarianMT peer")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", metavar="PATH", help="also write all figures as JSON")
+    a = p.parse_args(argv)
+    a.batch_sizes = [int(b) for b in a.batch_sizes.split(",") if b.strip()]
+    if a.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda requested but CUDA is not available")
+    if a.dtype != "fp32" and a.device != "cuda":
+        p.error(f"--dtype {a.dtype} is only supported with --device cuda")
+    if a.sentences is None:
+        a.sentences = 64 if a.device == "cuda" else 8
+    if min(a.batch_sizes) < 1 or a.src_len < 1 or a.tgt_len < 1 or a.repeats < 1 or a.delta_t < 0:
+        p.error("batch sizes, lengths and repeats must be positive, delta-t >= 0")
+    return a
+
+
+def build_models(a):
+    torch.manual_seed(a.seed)
+    cfg = preset(a.size, vocab_size=a.vocab, n_actions=a.n_actions)
+    at = ATDemonstrator(cfg)
+    nat = NATLearner(cfg)
+    nat.init_from_at(at)  # as in the paper: the NAT starts from the AT's parameters
+    dtype = DTYPES[a.dtype]
+    return cfg, at.to(a.device, dtype).eval(), nat.to(a.device, dtype).eval()
+
+
+def build_marian(cfg, a):
+    """MarianMT at our dimensions, or (None, reason) when transformers is missing."""
+    try:
+        from transformers import GenerationConfig, MarianConfig, MarianMTModel
+    except ImportError as e:
+        return None, f"transformers not installed ({e}); `pip install -e .[bench]` to add the peer"
+    ids = dict(pad_token_id=cfg.pad_id, eos_token_id=cfg.eos_id, decoder_start_token_id=cfg.bos_id,
+               forced_eos_token_id=cfg.eos_id)
+    mcfg = MarianConfig(vocab_size=cfg.vocab_size, decoder_vocab_size=cfg.vocab_size, d_model=cfg.d_model,
+                        encoder_layers=cfg.enc_layers, decoder_layers=cfg.dec_layers,
+                        encoder_attention_heads=cfg.n_heads, decoder_attention_heads=cfg.n_heads,
+                        encoder_ffn_dim=cfg.d_ffn, decoder_ffn_dim=cfg.d_ffn,
+                        max_position_embeddings=max(1024, a.src_len + a.tgt_len + 8), **ids)
+    torch.manual_seed(a.seed)
+    model = MarianMTModel(mcfg).to(a.device, DTYPES[a.dtype]).eval()
+    # tgt_len tokens then a forced EOS: the same tgt_len + 1 decoder steps as our beam search.
+    gen = GenerationConfig(num_beams=4, do_sample=False, early_stopping=False, use_cache=True,
+                           min_new_tokens=a.tgt_len, max_new_tokens=a.tgt_len + 1, length_penalty=1.0, **ids)
+    return (model, gen), None
+
+
+def methods(at, nat, marian, a):
+    """name -> fn(src) returning the mean output length (tokens, excluding EOS)."""
+    T, L = a.tgt_len, dict(max_len_a=0, max_len_b=a.tgt_len + 1, min_len=a.tgt_len)
+    full = lambda src: torch.full((src.size(0),), T, dtype=torch.long, device=src.device)  # noqa: E731
+    mean_len = lambda hyps: sum(map(len, hyps)) / len(hyps)  # noqa: E731
+    out = {
+        BASELINE: lambda src: mean_len(beam_search(at, src, beam_size=4, **L)),
+        "AT greedy": lambda src: mean_len(greedy_search(at, src, **L)),
+        "NAT": lambda src: mean_len(nat_decode(nat, src, lengths=full(src))),
+        f"NAT+LPD(dT={a.delta_t})": lambda src: mean_len(lpd_decode(nat, at, src, delta_t=a.delta_t,
+                                                                     lengths=full(src))),
+    }
+    if marian is not None:
+        model, gen = marian
+
+        @torch.no_grad()
+        def run_marian(src):
+            seqs = model.generate(input_ids=src, attention_mask=src.ne(at.cfg.pad_id), generation_config=gen)
+            return float(seqs.size(1) - 2)  # minus decoder start and the final EOS
+        out["Marian beam-4 (HF)"] = run_marian
+    return out
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_method(fn, srcs: list[torch.Tensor], a) -> tuple[float, float]:
+    """(median ms/sentence, mean output length) over a.repeats passes through all batches."""
+    length = 0.0
+    for i in range(a.warmup):
+        length = fn(srcs[i % len(srcs)])
+    per_sent = []
+    for _ in range(a.repeats):
+        sync(a.device)
+        t0 = time.perf_counter()
+        for src in srcs:
+            length = fn(src)
+        sync(a.device)
+        per_sent.append((time.perf_counter() - t0) * 1000 / sum(s.size(0) for s in srcs))
+    return statistics.median(per_sent), length
+
+
+def machine_info(a) -> dict:
+    info = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
+            "device": a.device, "dtype": a.dtype, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
+            "cpu": platform.processor() or platform.machine()}
+    if a.device == "cuda":
+        info["device_name"] = torch.cuda.get_device_name()
+    try:
+        import transformers
+        info["transformers"] = transformers.__version__
+    except ImportError:
+        info["transformers"] = None
+    return info
+
+
+def print_table(bs: int, rows: dict, a) -> None:
+    print(f"\nbatch size {bs}")
+    print(f"  {'method':<22}{'ms/sent':>11}{'speedup':>10}{'out len':>9}   paper target (GPU, batch 1)")
+    for name, r in rows.items():
+        note = ""
+        key = "NAT+LPD" if name.startswith("NAT+LPD") else name
+        if bs == 1 and key in PAPER_TARGETS:
+            tgt = PAPER_TARGETS[key]
+            verdict = ("PASS" if r["speedup"] >= tgt else "MISS") if a.device == "cuda" else "n/a on CPU"
+            note = f">= {tgt}x  {verdict}"
+        print(f"  {name:<22}{r['ms_per_sentence']:>11.2f}{r['speedup']:>9.2f}x{r['mean_out_len']:>9.1f}   {note}")
+    peer = rows.get("Marian beam-4 (HF)")
+    if peer:
+        ratio = peer["ms_per_sentence"] / rows[BASELINE]["ms_per_sentence"]
+        print(f"  ours beam-4 vs Marian beam-4: {ratio:.2f}x (Marian ms / our ms; >= 1 means ours is at least as fast)")
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    cfg, at, nat = build_models(a)
+    marian, skip_reason = (None, "--no-peer") if a.no_peer else build_marian(cfg, a)
+    fns = methods(at, nat, marian, a)
+    info = machine_info(a)
+    print(f"decode speed: size={a.size} (d={cfg.d_model}, {cfg.enc_layers}+{cfg.dec_layers} layers, "
+          f"{cfg.n_heads} heads, ffn {cfg.d_ffn}), vocab={cfg.vocab_size}, actions={cfg.n_actions}, "
+          f"device={info.get('device_name', a.device)}, dtype={a.dtype}, threads={info['threads']}, torch {info['torch']}")
+    print(f"src_len={a.src_len}+EOS, tgt_len={a.tgt_len}, dT={a.delta_t}, repeats={a.repeats} (median), "
+          f"warmup={a.warmup} calls, sentences/measurement >= {a.sentences}")
+    if skip_reason:
+        print(f"note: MarianMT peer skipped: {skip_reason}")
+    gen = torch.Generator().manual_seed(a.seed + 1)
+    results = {}
+    for bs in a.batch_sizes:
+        n_batches = -(-a.sentences // bs)
+        srcs = [torch.cat([torch.randint(4, cfg.vocab_size, (bs, a.src_len), generator=gen),
+                           torch.full((bs, 1), cfg.eos_id)], 1).to(a.device) for _ in range(n_batches)]
+        rows = {}
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            ms, length = time_method(fn, srcs, a)
+            rows[name] = {"ms_per_sentence": ms, "mean_out_len": length, "wall_s": time.perf_counter() - t0}
+        for r in rows.values():
+            r["speedup"] = rows[BASELINE]["ms_per_sentence"] / r["ms_per_sentence"]
+        results[bs] = {"sentences": n_batches * bs, "methods": rows}
+        print_table(bs, rows, a)
+        sys.stdout.flush()
+    report = {"machine": info, "args": {k: v for k, v in vars(a).items() if k != "json"},
+              "paper_targets_gpu_batch1": PAPER_TARGETS, "peer_skipped": skip_reason,
+              "results": {str(bs): r for bs, r in results.items()}}
+    for bs, r in results.items():
+        peer = r["methods"].get("Marian beam-4 (HF)")
+        if peer:
+            r["ours_beam4_vs_marian_beam4"] = peer["ms_per_sentence"] / r["methods"][BASELINE]["ms_per_sentence"]
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(report, f, indent=2)
+        print(f"\nwrote {a.json}")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,11 @@
+"""imitate_nat: the paper's models in pure PyTorch (Wei et al., 2019, "Imitation Learning for
+Non-Autoregressive Neural Machine Translation"). No Ray, MLflow or CLI code lives here.
+
+Read in this order: config → layers → imitation (eq 3-9) → at (DAT) → nat (eq 10-11) →
+losses (eq 12-15) → decode (beam, NAT, LPD) → tokenizer, metrics, checkpoint, data.
+"""
+from .at import ATDemonstrator
+from .config import LossConfig, ModelConfig, preset
+from .nat import NATLearner
+
+__all__ = ["ATDemonstrator", "NATLearner", "ModelConfig", "LossConfig", "preset"]

@@ -1,0 +1,82 @@
+"""Model files: weights + config in one torch file, written atomically, loaded safely.
+
+A model file is {"format": 1, "kind": "at"|"nat", "config": ModelConfig dict, "state_dict": ...,
+"meta": small JSON-able dict}. Loading always uses torch.load(weights_only=True): only tensors
+and plain containers are unpickled, never code.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from .at import ATDemonstrator
+from .config import ModelConfig
+from .nat import NATLearner
+
+FORMAT = 1
+KINDS = {"at": ATDemonstrator, "nat": NATLearner}
+
+
+class CheckpointError(ValueError):
+    pass
+
+
+def _kind(model) -> str:
+    for name, cls in KINDS.items():
+        if type(model) is cls:
+            return name
+    raise TypeError(f"not an imitate_nat model: {type(model).__name__}")
+
+
+def save_model(model, path: str | Path, meta: dict | None = None) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    blob = {"format": FORMAT, "kind": _kind(model), "config": model.cfg.to_dict(),
+            "state_dict": state, "meta": dict(meta or {})}
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    torch.save(blob, tmp)
+    os.replace(tmp, path)
+    return path
+
+
+def read_model_file(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"model file not found: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated or not a torch file
+        raise CheckpointError(f"{path}: cannot read model file ({type(e).__name__}: {e})") from e
+    if not isinstance(blob, dict) or blob.get("format") != FORMAT or blob.get("kind") not in KINDS:
+        raise CheckpointError(f"{path}: not an imitate_nat model file (format {FORMAT})")
+    return blob
+
+
+def config_diff(a: ModelConfig, b: ModelConfig) -> dict:
+    da, db = a.to_dict(), b.to_dict()
+    return {k: (da[k], db.get(k)) for k in da if da[k] != db.get(k)}
+
+
+def load_model(path: str | Path, device: str | torch.device = "cpu"):
+    """Build the model the file describes and load its weights. Returns (model, meta)."""
+    blob = read_model_file(path)
+    cfg = ModelConfig.from_dict(blob["config"])
+    model = KINDS[blob["kind"]](cfg)
+    model.load_state_dict(blob["state_dict"])
+    return model.to(device).eval(), blob["meta"]
+
+
+def load_into(model, path: str | Path) -> dict:
+    """Load a model file into an existing model; refuse, naming the fields, if kind or config differ."""
+    blob = read_model_file(path)
+    if blob["kind"] != _kind(model):
+        raise CheckpointError(f"{path} holds a {blob['kind']!r} model, not a {_kind(model)!r} model")
+    diff = config_diff(ModelConfig.from_dict(blob["config"]), model.cfg)
+    if diff:
+        fields = ", ".join(f"{k}: file={f!r} model={m!r}" for k, (f, m) in diff.items())
+        raise CheckpointError(f"{path} was saved with another model config ({fields})")
+    model.load_state_dict(blob["state_dict"])
+    return blob["meta"]

@@ -1,0 +1,172 @@
+"""Decoding: AT beam search and greedy (KV cache), AT rescoring, NAT one-pass, and Length
+Parallel Decoding (LPD, paper §4).
+
+All functions take `src` as a padded (B, S) tensor of source ids + EOS (data.source_tensor)
+and return one list of token ids per sentence, without BOS/EOS/padding.
+"""
+from __future__ import annotations
+
+import torch
+
+from .at import ATDemonstrator
+from .layers import reorder_cache
+from .nat import NATLearner, token_argmax
+
+
+def max_output_length(src: torch.Tensor, pad_id: int, a: float, b: int, cap: int) -> int:
+    """Longest output (tokens incl. EOS) for this batch: a·S + b, within the positional table."""
+    return max(1, min(int(a * int(src.ne(pad_id).sum(1).max()) + b), cap))
+
+
+def _strip(row: list[int], eos_id: int, pad_id: int) -> list[int]:
+    out = []
+    for t in row:
+        if t == eos_id or t == pad_id:
+            break
+        out.append(t)
+    return out
+
+
+@torch.no_grad()
+def greedy_search(at: ATDemonstrator, src: torch.Tensor, max_len_a: float = 1.5, max_len_b: int = 10,
+                  min_len: int = 0):
+    """Argmax at every step with a KV cache; equals beam_search with beam_size=1."""
+    cfg = at.cfg
+    memory, src_keep = at.encode(src)
+    B, max_len = src.size(0), max_output_length(src, cfg.pad_id, max_len_a, max_len_b, cfg.max_positions)
+    tokens = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=src.device)
+    done = torch.zeros(B, dtype=torch.bool, device=src.device)
+    cache: dict = {}
+    for step in range(max_len):
+        logits, _ = at.decode(tokens[:, -1:], memory, src_keep, cache=cache, start=step)
+        lp = logits[:, -1].float()
+        lp[:, [cfg.pad_id, cfg.bos_id]] = float("-inf")
+        if step < min_len:
+            lp[:, cfg.eos_id] = float("-inf")
+        if step == max_len - 1:  # out of room: end here
+            nxt = torch.full_like(done, cfg.eos_id, dtype=torch.long)
+        else:
+            nxt = lp.argmax(-1)
+        nxt = nxt.masked_fill(done, cfg.pad_id)
+        tokens = torch.cat([tokens, nxt.unsqueeze(1)], dim=1)
+        done |= nxt.eq(cfg.eos_id)
+        if bool(done.all()):
+            break
+    return [_strip(r, cfg.eos_id, cfg.pad_id) for r in tokens[:, 1:].tolist()]
+
+
+@torch.no_grad()
+def beam_search(at: ATDemonstrator, src: torch.Tensor, beam_size: int = 4, length_penalty: float = 1.0,
+                max_len_a: float = 1.5, max_len_b: int = 10, min_len: int = 0, return_scores: bool = False):
+    """Batched beam search with a KV cache.
+
+    Hypotheses that produced EOS stay in the beam with a frozen score (they extend only with
+    PAD at zero cost), so B·k rows move in lockstep and the cache is reordered with one index.
+    The winner maximizes log p(y|x) / |y|^length_penalty, |y| counting EOS. `min_len` forbids EOS
+    before that many tokens (the benchmark uses it to fix output lengths)."""
+    cfg, k = at.cfg, beam_size
+    memory, src_keep = at.encode(src)
+    B, V = src.size(0), cfg.vocab_size
+    max_len = max_output_length(src, cfg.pad_id, max_len_a, max_len_b, cfg.max_positions)
+    memory, src_keep = memory.repeat_interleave(k, 0), src_keep.repeat_interleave(k, 0)
+    device = src.device
+    tokens = torch.full((B * k, 1), cfg.bos_id, dtype=torch.long, device=device)
+    scores = torch.full((B, k), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # all beams start identical: keep one so the first step yields distinct ones
+    finished = torch.zeros(B, k, dtype=torch.bool, device=device)
+    lengths = torch.zeros(B, k, device=device)  # tokens emitted incl. EOS
+    frozen = torch.full((V,), float("-inf"), device=device)
+    frozen[cfg.pad_id] = 0.0
+    cache: dict = {}
+    for step in range(max_len):
+        logits, _ = at.decode(tokens[:, -1:], memory, src_keep, cache=cache, start=step)
+        lp = torch.log_softmax(logits[:, -1].float(), dim=-1).view(B, k, V)
+        lp[..., [cfg.pad_id, cfg.bos_id]] = float("-inf")
+        if step < min_len:
+            lp[..., cfg.eos_id] = float("-inf")
+        if step == max_len - 1:  # out of room: every live hypothesis must end now
+            eos_only = torch.full_like(lp, float("-inf"))
+            eos_only[..., cfg.eos_id] = lp[..., cfg.eos_id]
+            lp = eos_only
+        lp = torch.where(finished.unsqueeze(-1), frozen.expand(B, k, V), lp)
+        cand = (scores.unsqueeze(-1) + lp).view(B, k * V)
+        scores, flat = cand.topk(k, dim=-1)
+        origin, token = flat // V, flat % V
+        row = (origin + torch.arange(B, device=device).unsqueeze(1) * k).view(-1)
+        was_finished = finished.gather(1, origin)
+        lengths = lengths.gather(1, origin) + (~was_finished).float()
+        finished = was_finished | token.eq(cfg.eos_id)
+        tokens = torch.cat([tokens.index_select(0, row), token.view(-1, 1)], dim=1)
+        reorder_cache(cache, row)
+        if bool(finished.all()):
+            break
+    norm = scores / lengths.clamp_min(1).pow(length_penalty)
+    norm = norm.masked_fill(~finished, float("-inf"))
+    best = norm.argmax(-1)
+    chosen = tokens.view(B, k, -1)[torch.arange(B, device=device), best, 1:]
+    hyps = [_strip(r, cfg.eos_id, cfg.pad_id) for r in chosen.tolist()]
+    if return_scores:
+        return hyps, norm.gather(1, best.unsqueeze(1)).squeeze(1).tolist()
+    return hyps
+
+
+@torch.no_grad()
+def at_score(at: ATDemonstrator, memory, src_keep, hyps: torch.Tensor, hyp_lengths: torch.Tensor,
+             length_penalty: float = 1.0) -> torch.Tensor:
+    """Teacher-forced log p(y + EOS | x) / (|y| + 1)^length_penalty for padded hypotheses (N, T).
+    Used to rescore LPD candidates; the same normalization as beam_search's final choice."""
+    cfg = at.cfg
+    N, T = hyps.shape
+    keep = torch.arange(T + 1, device=hyps.device).unsqueeze(0) <= hyp_lengths.unsqueeze(1)  # y + EOS
+    tgt_in = torch.cat([torch.full((N, 1), cfg.bos_id, device=hyps.device, dtype=torch.long), hyps], 1)
+    tgt_out = torch.cat([hyps, torch.full((N, 1), cfg.pad_id, device=hyps.device, dtype=torch.long)], 1)
+    tgt_out.scatter_(1, hyp_lengths.unsqueeze(1), cfg.eos_id)
+    tgt_out = tgt_out.masked_fill(~keep, cfg.pad_id)
+    tgt_in = tgt_in.masked_fill(~keep, cfg.pad_id)
+    logits, _ = at.decode(tgt_in, memory, src_keep)
+    lp = torch.log_softmax(logits.float(), -1).gather(-1, tgt_out.unsqueeze(-1)).squeeze(-1)
+    total = (lp * keep).sum(1)
+    return total / (hyp_lengths + 1).float().pow(length_penalty)
+
+
+@torch.no_grad()
+def nat_decode(nat: NATLearner, src: torch.Tensor, lengths: torch.Tensor | None = None):
+    """One parallel pass at the predicted length T̂ (or the given lengths); argmax per position."""
+    cfg = nat.cfg
+    memory, src_keep = nat.encode(src)
+    if lengths is None:
+        lengths = nat.predict_lengths(memory, src_keep)
+    logits, _ = nat.decode(memory, src_keep, lengths)
+    tokens = token_argmax(logits, [cfg.pad_id, cfg.bos_id, cfg.eos_id])
+    return [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
+
+
+@torch.no_grad()
+def lpd_decode(nat: NATLearner, at: ATDemonstrator, src: torch.Tensor, delta_t: int = 3,
+               lengths: torch.Tensor | None = None, length_penalty: float = 1.0, return_all: bool = False):
+    """Length Parallel Decoding (§4): decode lengths T̂-ΔT … T̂+ΔT (clamped to ≥ 1) in ONE batched
+    NAT pass, score all 2ΔT+1 candidates in ONE teacher-forced AT pass, keep the best per source.
+    With ΔT = 0 this is exactly nat_decode."""
+    if delta_t < 0:
+        raise ValueError(f"delta_t must be >= 0, got {delta_t}")
+    cfg, B, C = nat.cfg, src.size(0), 2 * delta_t + 1
+    memory, src_keep = nat.encode(src)
+    if lengths is None:
+        lengths = nat.predict_lengths(memory, src_keep)
+    offsets = torch.arange(-delta_t, delta_t + 1, device=src.device)
+    cand_len = (lengths.unsqueeze(1) + offsets).clamp(1, cfg.max_positions).view(-1)  # (B*C,)
+    logits, _ = nat.decode(memory.repeat_interleave(C, 0), src_keep.repeat_interleave(C, 0), cand_len)
+    tokens = token_argmax(logits, [cfg.pad_id, cfg.bos_id, cfg.eos_id])
+    tokens = tokens.masked_fill(torch.arange(tokens.size(1), device=src.device) >= cand_len.unsqueeze(1), cfg.pad_id)
+    if C == 1:
+        scores = torch.zeros(B, 1, device=src.device)
+    else:
+        at_memory, at_keep = at.encode(src)
+        scores = at_score(at, at_memory.repeat_interleave(C, 0), at_keep.repeat_interleave(C, 0),
+                          tokens, cand_len, length_penalty).view(B, C)
+    best = scores.argmax(-1)
+    pick = torch.arange(B, device=src.device) * C + best
+    out = [row[:n] for row, n in zip(tokens[pick].tolist(), cand_len[pick].tolist())]
+    if return_all:
+        return out, tokens.view(B, C, -1), cand_len.view(B, C), scores
+    return out

@@ -1,0 +1,136 @@
+"""Transformer building blocks: attention with a KV cache, feed-forward, encoder and
+decoder ("Transfer", eq 6) layers, sinusoidal positions.
+
+Pre-norm residual blocks (LayerNorm before each sublayer, one final LayerNorm per stack):
+a deviation from the paper's post-norm Transformer, chosen because pre-norm trains stably
+without long warm-up on small data and CPU budgets. Documented in README.md.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# A decoding cache is a plain dict so it can be reordered (beam search) with one function.
+# Keys: f"self{l}" -> (k, v) grown one step at a time; f"cross{l}" -> (k, v) of the encoder.
+Cache = dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+
+def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
+    """Vaswani et al.'s fixed positional encoding, shape (length, dim)."""
+    pos = torch.arange(length, device=device, dtype=torch.float32).unsqueeze(1)
+    div = torch.exp(torch.arange(0, dim, 2, device=device, dtype=torch.float32) * (-math.log(10000.0) / dim))
+    pe = torch.zeros(length, dim, device=device)
+    pe[:, 0::2] = torch.sin(pos * div)
+    pe[:, 1::2] = torch.cos(pos * div[: dim // 2])
+    return pe
+
+
+class MultiHeadAttention(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, dropout: float):
+        super().__init__()
+        self.n_heads, self.d_head = n_heads, d_model // n_heads
+        self.q = nn.Linear(d_model, d_model)
+        self.k = nn.Linear(d_model, d_model)
+        self.v = nn.Linear(d_model, d_model)
+        self.out = nn.Linear(d_model, d_model)
+        self.dropout = dropout
+
+    def split(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, D) -> (B, H, T, Dh)
+        return x.view(x.size(0), x.size(1), self.n_heads, self.d_head).transpose(1, 2)
+
+    def project_kv(self, memory: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.split(self.k(memory)), self.split(self.v(memory))
+
+    def forward(self, x, kv: tuple[torch.Tensor, torch.Tensor], mask: torch.Tensor | None = None,
+                causal: bool = False) -> torch.Tensor:
+        """x: queries (B, Tq, D); kv: projected keys/values (B, H, Tk, Dh);
+        mask: bool, broadcastable to (B, H, Tq, Tk), True = may attend."""
+        q = self.split(self.q(x))
+        k, v = kv
+        drop = self.dropout if self.training else 0.0
+        if causal and mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=drop, is_causal=True)
+        else:
+            if causal:
+                tri = torch.ones(q.size(2), k.size(2), dtype=torch.bool, device=x.device).tril()
+                mask = tri if mask is None else (mask & tri)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=drop)
+        return self.out(y.transpose(1, 2).reshape(x.shape))
+
+
+class FeedForward(nn.Module):
+    def __init__(self, d_model: int, d_ffn: int, dropout: float):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(d_model, d_ffn), nn.ReLU(), nn.Dropout(dropout), nn.Linear(d_ffn, d_model))
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, d_model: int, n_heads: int, d_ffn: int, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.attn = MultiHeadAttention(d_model, n_heads, dropout)
+        self.ffn = FeedForward(d_model, d_ffn, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, src_mask):
+        h = self.norm1(x)
+        x = x + self.drop(self.attn(h, self.attn.project_kv(h), src_mask))
+        return x + self.drop(self.ffn(self.norm2(x)))
+
+
+class TransferLayer(nn.Module):
+    """Transfer(·) of eq 6: self-attention, encoder-decoder attention, FFN.
+
+    `causal=True` for the AT demonstrator; the NAT learner attends to all target positions.
+    With a cache, `x` holds only the newest positions and keys/values are appended."""
+
+    def __init__(self, d_model: int, n_heads: int, d_ffn: int, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(d_model), nn.LayerNorm(d_model), nn.LayerNorm(d_model)
+        self.self_attn = MultiHeadAttention(d_model, n_heads, dropout)
+        self.cross_attn = MultiHeadAttention(d_model, n_heads, dropout)
+        self.ffn = FeedForward(d_model, d_ffn, dropout)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, memory, src_mask, tgt_mask=None, causal=False, cache: Cache | None = None, layer: int = 0):
+        h = self.norm1(x)
+        k, v = self.self_attn.project_kv(h)
+        if cache is not None:
+            if f"self{layer}" in cache:
+                pk, pv = cache[f"self{layer}"]
+                k, v = torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+            cache[f"self{layer}"] = (k, v)
+            # Incremental steps see only past keys already: no causal mask needed for one query.
+            causal = causal and x.size(1) > 1
+        x = x + self.drop(self.self_attn(h, (k, v), tgt_mask, causal=causal))
+        h = self.norm2(x)
+        if cache is not None and f"cross{layer}" in cache:
+            mkv = cache[f"cross{layer}"]
+        else:
+            mkv = self.cross_attn.project_kv(memory)
+            if cache is not None:
+                cache[f"cross{layer}"] = mkv
+        x = x + self.drop(self.cross_attn(h, mkv, src_mask))
+        return x + self.drop(self.ffn(self.norm3(x)))
+
+
+def reorder_cache(cache: Cache, index: torch.Tensor) -> None:
+    """Select rows `index` of every cached tensor (beam search keeps the chosen hypotheses)."""
+    for key, (k, v) in cache.items():
+        cache[key] = (k.index_select(0, index), v.index_select(0, index))
+
+
+def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
+    """(B,) lengths -> (B, max_len) bool, True at real positions."""
+    return torch.arange(max_len, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def attention_mask(keep: torch.Tensor) -> torch.Tensor:
+    """(B, Tk) keep-mask -> (B, 1, 1, Tk), broadcast over heads and queries."""
+    return keep[:, None, None, :]

@@ -1,0 +1,105 @@
+"""The imitate-NAT learner (paper §3.3): the AT demonstrator's encoder and imitation decoder,
+decoding all target positions at once (no causal mask), its inputs copied from the encoder's
+top-layer states by SoftCopy (eq 10-11) or UniformCopy, and a target-length classifier.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .at import ATDemonstrator, EncoderDecoder
+from .config import ModelConfig
+from .layers import padding_mask
+
+# Parameters the NAT has and the AT lacks: everything else is initialized from the AT.
+NAT_ONLY_PREFIXES = ("log_tau", "length_head.")
+
+
+def soft_copy_weights(src_keep: torch.Tensor, tgt_len: int, tau: torch.Tensor) -> torch.Tensor:
+    """eq 10: w_ji = softmax_i(-|j - i| / τ) over the real source positions i. Shape (B, T', S)."""
+    S = src_keep.size(1)
+    j = torch.arange(tgt_len, device=src_keep.device, dtype=torch.float32).unsqueeze(1)
+    i = torch.arange(S, device=src_keep.device, dtype=torch.float32).unsqueeze(0)
+    scores = -(j - i).abs() / tau                                  # (T', S)
+    scores = scores.unsqueeze(0).masked_fill(~src_keep.unsqueeze(1), float("-inf"))
+    return scores.softmax(-1)
+
+
+def uniform_copy_index(src_len: torch.Tensor, tgt_len: torch.Tensor, T: int) -> torch.Tensor:
+    """UniformCopy (Gu et al. 2017, Lee et al. 2018): target position j copies source position
+    round(j · S / T'), clamped to the source. Shape (B, T) of source indices."""
+    j = torch.arange(T, device=src_len.device, dtype=torch.float32).unsqueeze(0)
+    ratio = src_len.float().unsqueeze(1) / tgt_len.clamp_min(1).float().unsqueeze(1)
+    return torch.minimum(torch.round(j * ratio).long(), (src_len - 1).unsqueeze(1))
+
+
+class NATLearner(EncoderDecoder):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__(cfg)
+        # τ > 0 is kept positive by learning log τ.
+        self.log_tau = nn.Parameter(torch.tensor(float(cfg.tau_init)).log())
+        # Length as classification over T' - T in [-M, M] from mean-pooled encoder states (Lee et al. 2018).
+        self.length_head = nn.Linear(cfg.d_model, 2 * cfg.max_length_offset + 1)
+
+    @property
+    def tau(self) -> torch.Tensor:
+        return self.log_tau.exp()
+
+    # --- decoder inputs -------------------------------------------------------------------------
+    def copy_inputs(self, memory, src_keep, tgt_lengths: torch.Tensor) -> torch.Tensor:
+        T = int(tgt_lengths.max())
+        if self.cfg.copy == "soft":
+            w = soft_copy_weights(src_keep, T, self.tau).to(memory.dtype)
+            return w @ memory                                        # eq 11: y_j = Σ_i w_ji h_i
+        idx = uniform_copy_index(src_keep.sum(1), tgt_lengths, T)
+        return memory.gather(1, idx.unsqueeze(-1).expand(-1, -1, memory.size(-1)))
+
+    # --- target length --------------------------------------------------------------------------
+    def length_logits(self, memory, src_keep) -> torch.Tensor:
+        keep = src_keep.unsqueeze(-1).to(memory.dtype)
+        pooled = (memory * keep).sum(1) / keep.sum(1).clamp_min(1)
+        return self.length_head(pooled)
+
+    def length_targets(self, src_keep, tgt_lengths) -> torch.Tensor:
+        M = self.cfg.max_length_offset
+        return (tgt_lengths - src_keep.sum(1)).clamp(-M, M) + M
+
+    def predict_lengths(self, memory, src_keep) -> torch.Tensor:
+        """T̂ = T + argmax offset, kept within [1, max_positions]."""
+        offset = self.length_logits(memory, src_keep).argmax(-1) - self.cfg.max_length_offset
+        return (src_keep.sum(1) + offset).clamp(1, self.cfg.max_positions)
+
+    # --- decoding -------------------------------------------------------------------------------
+    def decode(self, memory, src_keep, tgt_lengths: torch.Tensor):
+        """All positions in parallel at the given lengths. Returns (logits (B,T',V), [log π_l])."""
+        if int(tgt_lengths.max()) > self.cfg.max_positions:
+            raise ValueError(f"target length {int(tgt_lengths.max())} exceeds max_positions={self.cfg.max_positions}")
+        x = self.copy_inputs(memory, src_keep, tgt_lengths)
+        x = self.drop(x + self.positions[: x.size(1)].to(x.dtype))
+        tgt_keep = padding_mask(tgt_lengths, x.size(1))
+        h, log_pis = self.decoder(x, memory, src_keep, tgt_keep=tgt_keep, causal=False)
+        return self.output_logits(h), log_pis
+
+    def forward(self, src: torch.Tensor, tgt_lengths: torch.Tensor):
+        """Training pass at the reference lengths. Returns (logits, [log π_l], length logits)."""
+        memory, src_keep = self.encode(src)
+        logits, log_pis = self.decode(memory, src_keep, tgt_lengths)
+        return logits, log_pis, self.length_logits(memory, src_keep)
+
+    # --- initialization from the demonstrator (paper §4, "Model Settings") -------------------------
+    @torch.no_grad()
+    def init_from_at(self, at: ATDemonstrator) -> None:
+        if at.cfg.to_dict() | {"copy": self.cfg.copy} != self.cfg.to_dict():
+            raise ValueError("NAT and AT configs differ in architecture; cannot initialize the NAT from this AT")
+        missing, unexpected = self.load_state_dict(at.state_dict(), strict=False)
+        bad = [k for k in missing if not k.startswith(NAT_ONLY_PREFIXES)]
+        if bad or unexpected:
+            raise ValueError(f"AT -> NAT initialization mismatch: missing {bad}, unexpected {unexpected}")
+
+
+def token_argmax(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
+    """Argmax per position, never choosing special tokens (pad/bos/eos) inside a NAT output."""
+    logits = logits.clone()
+    logits[..., banned] = float("-inf")
+    return logits.argmax(-1)
+

@@ -1,0 +1,167 @@
+"""Decoding: beam search against exhaustive search, the KV cache against recomputation,
+greedy against beam 1, NAT and Length Parallel Decoding (LPD)."""
+import itertools
+
+import pytest
+import torch
+
+from imitate_nat import ATDemonstrator, NATLearner, preset
+from imitate_nat.data import source_tensor
+from imitate_nat.decode import at_score, beam_search, greedy_search, lpd_decode, nat_decode
+
+SPECIALS = 4  # pad, unk, bos, eos
+
+
+def model_pair(vocab=7, seed=0):
+    torch.manual_seed(seed)
+    cfg = preset("tiny", vocab_size=vocab, dropout=0.0, n_actions=8, d_model=32, n_heads=2, d_ffn=64)
+    at, nat = ATDemonstrator(cfg).eval(), NATLearner(cfg).eval()
+    # Sharper logits than the default init, so the search problems below are not near-ties.
+    with torch.no_grad():
+        at.embed.weight.mul_(3.0)
+    nat.init_from_at(at)
+    return at, nat
+
+
+def sources(vocab, n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return source_tensor([torch.randint(SPECIALS, vocab, (int(l),), generator=g).tolist()
+                          for l in torch.randint(2, 7, (n,), generator=g)])
+
+
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_beam_search_with_room_for_every_hypothesis_equals_exhaustive_search(length_penalty):
+    at, _ = model_pair(vocab=7, seed=1)
+    src = sources(7, n=3, seed=2)
+    L = 4  # at most 3 tokens + EOS; content tokens are unk and 4..6 (pad/bos are never emitted)
+    content = [1, 4, 5, 6]
+    space = [list(s) for n in range(L) for s in itertools.product(content, repeat=n)]  # 85 sequences
+    hyps, scores = beam_search(at, src, beam_size=len(space) + 5, length_penalty=length_penalty,
+                               max_len_a=0, max_len_b=L, return_scores=True)
+    memory, keep = at.encode(src)
+    for b in range(src.size(0)):
+        cand = torch.zeros(len(space), L - 1, dtype=torch.long)
+        for i, s in enumerate(space):
+            cand[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        lens = torch.tensor([len(s) for s in space])
+        exact = at_score(at, memory[b:b + 1].expand(len(space), -1, -1), keep[b:b + 1].expand(len(space), -1),
+                         cand, lens, length_penalty)
+        best = int(exact.argmax())
+        assert hyps[b] == space[best]
+        assert scores[b] == pytest.approx(float(exact[best]), abs=1e-4)
+
+
+def test_small_beam_finds_no_worse_than_greedy_and_scores_are_consistent():
+    at, _ = model_pair(vocab=12, seed=3)
+    src = sources(12, n=5, seed=4)
+    hyps, scores = beam_search(at, src, beam_size=4, max_len_a=0, max_len_b=8, return_scores=True)
+    greedy = greedy_search(at, src, max_len_a=0, max_len_b=8)
+    memory, keep = at.encode(src)
+
+    def rescore(seqs):
+        t = torch.zeros(len(seqs), max(1, max(map(len, seqs))), dtype=torch.long)
+        for i, s in enumerate(seqs):
+            t[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        return at_score(at, memory, keep, t, torch.tensor([len(s) for s in seqs]))
+
+    beam_scores, greedy_scores = rescore(hyps), rescore(greedy)
+    assert torch.allclose(beam_scores, torch.tensor(scores), atol=1e-4)   # beam's own score = teacher-forced score
+    assert torch.all(beam_scores >= greedy_scores - 1e-5)
+
+
+def test_cached_incremental_decoding_equals_full_recomputation():
+    at, _ = model_pair(vocab=20, seed=5)
+    src = sources(20, n=3, seed=6)
+    memory, keep = at.encode(src)
+    tgt = torch.cat([torch.full((3, 1), 2), torch.randint(SPECIALS, 20, (3, 6))], 1)
+    full, full_pis = at.decode(tgt, memory, keep)
+    cache, steps, step_pis = {}, [], []
+    for t in range(tgt.size(1)):
+        logits, pis = at.decode(tgt[:, t:t + 1], memory, keep, cache=cache, start=t)
+        steps.append(logits)
+        step_pis.append(pis[-1])
+    assert torch.allclose(torch.cat(steps, 1), full, atol=1e-5)
+    assert torch.allclose(torch.cat(step_pis, 1), full_pis[-1], atol=1e-5)
+
+
+def test_greedy_equals_beam_one():
+    at, _ = model_pair(vocab=15, seed=7)
+    src = sources(15, n=6, seed=8)
+    for min_len in (0, 3):
+        g = greedy_search(at, src, max_len_a=0, max_len_b=9, min_len=min_len)
+        b = beam_search(at, src, beam_size=1, max_len_a=0, max_len_b=9, min_len=min_len)
+        assert g == b
+        assert all(len(h) >= min_len for h in g)
+    assert any(len(h) > 0 for h in g)
+
+
+def test_batched_search_equals_one_sentence_at_a_time():
+    at, nat = model_pair(vocab=15, seed=9)
+    src = sources(15, n=5, seed=10)
+    batched = beam_search(at, src, beam_size=3, max_len_a=0, max_len_b=7, min_len=2)
+    nat_batched = lpd_decode(nat, at, src, delta_t=2)
+    for i in range(src.size(0)):
+        one = src[i:i + 1, : int(src[i].ne(0).sum())]
+        assert beam_search(at, one, beam_size=3, max_len_a=0, max_len_b=7, min_len=2) == [batched[i]]
+        assert lpd_decode(nat, at, one, delta_t=2) == [nat_batched[i]]
+
+
+def test_min_len_fixes_output_length():
+    at, _ = model_pair(vocab=15, seed=11)
+    src = sources(15, n=3, seed=12)
+    hyps = beam_search(at, src, beam_size=4, max_len_a=0, max_len_b=6, min_len=5)
+    assert [len(h) for h in hyps] == [5, 5, 5]
+
+
+def test_nat_decode_emits_exactly_the_requested_lengths_and_no_special_tokens():
+    _, nat = model_pair(vocab=15, seed=13)
+    src = sources(15, n=4, seed=14)
+    out = nat_decode(nat, src, lengths=torch.tensor([1, 3, 5, 8]))
+    assert [len(o) for o in out] == [1, 3, 5, 8]
+    assert all(t not in (0, 2, 3) for o in out for t in o)
+    predicted = nat_decode(nat, src)
+    memory, keep = nat.encode(src)
+    assert [len(o) for o in predicted] == nat.predict_lengths(memory, keep).tolist()
+
+
+def test_lpd_with_delta_zero_equals_nat_decoding():
+    at, nat = model_pair(vocab=15, seed=15)
+    src = sources(15, n=5, seed=16)
+    assert lpd_decode(nat, at, src, delta_t=0) == nat_decode(nat, src)
+
+
+def test_lpd_keeps_the_candidate_the_at_scores_best():
+    at, nat = model_pair(vocab=15, seed=17)
+    src = sources(15, n=4, seed=18)
+    lengths = torch.tensor([2, 4, 6, 3])
+    best, cands, cand_len, scores = lpd_decode(nat, at, src, delta_t=2, lengths=lengths, return_all=True)
+    assert cands.shape[:2] == (4, 5)
+    assert cand_len.tolist()[0] == [1, 1, 2, 3, 4]                  # T̂-ΔT clamped at 1
+    assert cand_len.tolist()[1] == [2, 3, 4, 5, 6]
+    memory, keep = at.encode(src)
+    for b in range(4):
+        # rescore every candidate on its own (no batching, no padding) and compare
+        own = [float(at_score(at, memory[b:b + 1], keep[b:b + 1], cands[b, c:c + 1, : int(cand_len[b, c])],
+                              cand_len[b, c:c + 1])) for c in range(5)]
+        assert scores[b].tolist() == pytest.approx(own, abs=1e-4)
+        c = max(range(5), key=lambda i: own[i])
+        assert best[b] == cands[b, c, : int(cand_len[b, c])].tolist()
+    # The candidates differ in length, so the choice really depends on the AT's scores.
+    assert len({len(x) for x in best}) > 1 or len(set(map(tuple, best))) > 1
+
+
+def test_lpd_sends_all_candidates_through_one_nat_and_one_at_pass():
+    at, nat = model_pair(vocab=15, seed=19)
+    src = sources(15, n=3, seed=20)
+    calls = {"nat": [], "at": []}
+    nat_decode_fn, at_decode_fn = nat.decode, at.decode
+    nat.decode = lambda memory, keep, lengths: calls["nat"].append(len(lengths)) or nat_decode_fn(memory, keep, lengths)
+    at.decode = lambda *a, **k: calls["at"].append(a[0].size(0)) or at_decode_fn(*a, **k)
+    lpd_decode(nat, at, src, delta_t=3)
+    assert calls == {"nat": [3 * 7], "at": [3 * 7]}
+
+
+def test_negative_delta_t_is_rejected():
+    at, nat = model_pair()
+    with pytest.raises(ValueError, match="delta_t"):
+        lpd_decode(nat, at, sources(7), delta_t=-1)

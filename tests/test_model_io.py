@@ -1,0 +1,118 @@
+"""Tokenizer, sacreBLEU scores, model files, batching."""
+import sacrebleu
+import pytest
+import torch
+
+from imitate_nat import ATDemonstrator, NATLearner, preset
+from imitate_nat.checkpoint import CheckpointError, load_into, load_model, save_model
+from imitate_nat.data import make_batch, token_batches
+from imitate_nat.metrics import bleu, chrf
+from imitate_nat.tokenizer import Tokenizer, train_sentencepiece
+
+EN = ["a man is riding a red bicycle down the street .", "two dogs play in the snow .",
+      "a woman reads a book in the park .", "children are playing football on the beach ."] * 5
+DE = ["ein mann fährt ein rotes fahrrad die straße hinunter .", "zwei hunde spielen im schnee .",
+      "eine frau liest ein buch im park .", "kinder spielen fußball am strand ."] * 5
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory):
+    d = tmp_path_factory.mktemp("spm")
+    (d / "train.en").write_text("\n".join(EN) + "\n")
+    (d / "train.de").write_text("\n".join(DE) + "\n")
+    return train_sentencepiece([d / "train.en", d / "train.de"], d / "spm.model", vocab_size=120)
+
+
+def test_tokenizer_roundtrip_and_special_ids(tokenizer):
+    assert (tokenizer.pad_id, tokenizer.unk_id, tokenizer.bos_id, tokenizer.eos_id) == (0, 1, 2, 3)
+    assert 40 < tokenizer.vocab_size <= 120
+    for text in EN[:4] + DE[:4]:
+        ids = tokenizer.encode(text)
+        assert ids and min(ids) > 3
+        assert tokenizer.decode(ids) == text
+    assert tokenizer.decode([2] + tokenizer.encode("zwei hunde") + [3, 0, 0]) == "zwei hunde"
+    assert tokenizer.encode_batch(["zwei hunde", "a man"]) == [tokenizer.encode("zwei hunde"), tokenizer.encode("a man")]
+    reloaded = Tokenizer(tokenizer.path)
+    assert reloaded.encode(DE[0]) == tokenizer.encode(DE[0])
+
+
+def test_tokenizer_errors(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        Tokenizer(tmp_path / "missing.model")
+    (tmp_path / "empty.txt").write_text("\n\n")
+    with pytest.raises(ValueError, match="no text"):
+        train_sentencepiece([tmp_path / "empty.txt"], tmp_path / "x.model", vocab_size=50)
+
+
+def test_bleu_and_chrf_match_sacrebleu_and_keep_signature():
+    hyps = ["the cat sat on the mat", "a dog barks loudly"]
+    refs = ["the cat sat on a mat", "the dog barks loudly"]
+    b, c = bleu(hyps, refs), chrf(hyps, refs)
+    assert b.score == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score)
+    assert c.score == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score)
+    assert 0 < b.score < 100 and bleu(refs, refs).score == pytest.approx(100.0)
+    assert "tok:13a" in b.signature and "version:" in b.signature
+    assert c.signature.startswith("nrefs:1")
+    with pytest.raises(ValueError, match="hypotheses"):
+        bleu(hyps[:1], refs)
+
+
+def test_model_file_roundtrip_keeps_weights_config_and_action_usage(tmp_path):
+    torch.manual_seed(0)
+    cfg = preset("tiny", vocab_size=30, n_actions=8)
+    at = ATDemonstrator(cfg)
+    at.decoder.imitations[1].usage.copy_(torch.linspace(0, 1, 8))
+    save_model(at, tmp_path / "at.pt", meta={"step": 7})
+    loaded, meta = load_model(tmp_path / "at.pt")
+    assert isinstance(loaded, ATDemonstrator) and meta == {"step": 7} and loaded.cfg == cfg
+    for k, v in at.state_dict().items():
+        assert torch.equal(loaded.state_dict()[k], v), k
+    assert not list(tmp_path.glob("*.tmp*"))   # atomic write left nothing behind
+
+    nat = NATLearner(cfg)
+    save_model(nat, tmp_path / "nat.pt")
+    assert isinstance(load_model(tmp_path / "nat.pt")[0], NATLearner)
+
+
+def test_loading_into_another_config_or_kind_fails_clearly(tmp_path):
+    save_model(ATDemonstrator(preset("tiny", vocab_size=30)), tmp_path / "at.pt")
+    with pytest.raises(CheckpointError, match=r"d_model: file=128 model=64"):
+        load_into(ATDemonstrator(preset("tiny", vocab_size=30, d_model=64)), tmp_path / "at.pt")
+    with pytest.raises(CheckpointError, match="not a 'nat' model"):
+        load_into(NATLearner(preset("tiny", vocab_size=30)), tmp_path / "at.pt")
+    load_into(ATDemonstrator(preset("tiny", vocab_size=30)), tmp_path / "at.pt")  # same config: fine
+
+
+def test_damaged_or_foreign_files_are_refused(tmp_path):
+    save_model(ATDemonstrator(preset("tiny", vocab_size=30)), tmp_path / "at.pt")
+    data = (tmp_path / "at.pt").read_bytes()
+    (tmp_path / "half.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_model(tmp_path / "half.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not an imitate_nat model"):
+        load_model(tmp_path / "foreign.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_model(tmp_path / "nope.pt")
+
+
+def test_make_batch_layout():
+    b = make_batch([[5, 6], [7]], [[8, 9, 10], [11]])
+    assert b.src.tolist() == [[5, 6, 3], [7, 3, 0]]
+    assert b.tgt.tolist() == [[8, 9, 10], [11, 0, 0]]
+    assert b.tgt_in.tolist() == [[2, 8, 9, 10], [2, 11, 0, 0]]
+    assert b.tgt_out.tolist() == [[8, 9, 10, 3], [11, 3, 0, 0]]
+    assert b.num_tokens == 6
+    with pytest.raises(ValueError, match="empty target"):
+        make_batch([[5]], [[]])
+
+
+def test_token_batches_respect_budget_and_cover_every_index_once():
+    lengths = [3, 10, 7, 7, 2, 30, 5, 9, 1, 12] * 3
+    batches = token_batches(lengths, max_tokens=24, shuffle=True, seed=1)
+    flat = sorted(i for b in batches for i in b)
+    assert flat == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 24
+    assert token_batches(lengths, 24, shuffle=True, seed=1) == batches
+    assert all(len(b) <= 2 for b in token_batches(lengths, 1000, max_sentences=2))
