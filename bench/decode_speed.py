@@ -2,7 +2,8 @@
 pass, NAT+LPD(ΔT), and a Hugging Face MarianMT peer at the same dimensions (beam 4).
 
 Random weights (seeded); every method sees the same random sources and decodes exactly
---tgt-len tokens (+ EOS for the autoregressive ones), so only the decoding algorithm differs.
+--tgt-len tokens (+ EOS for the autoregressive ones; LPD: its 2ΔT+1 candidate lengths around it),
+so only the decoding algorithm differs.
 Figures are ms/sentence (median over --repeats timed measurements of --sentences sentences,
 after --warmup untimed calls) and speedups over our AT beam-4. A benchmark, not a test:
 the paper's targets (GPU, batch 1) are printed for information only.
@@ -44,11 +45,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--src-len", type=int, default=25, help="source tokens per sentence (+ EOS)")
     p.add_argument("--tgt-len", type=int, default=25, help="output tokens per sentence (fixed)")
     p.add_argument("--delta-t", type=int, default=3, help="LPD ΔT: 2ΔT+1 candidate lengths")
-    p.add_argument("--sentences", type=int, default=None,
-                   help="sentences per timed measurement, rounded up to a batch multiple (default: cuda 64, cpu 8)")
-    p.add_argument("--repeats", type=int, default=3, help="timed measurements; the median is reported")
-    p.add_argument("--warmup", type=int, default=1, help="untimed calls before timing each method")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--sentences", type=int, default=None, help="sentences per timed measurement, rounded up "
+                   "to a multiple of the batch size (default: cuda 64, cpu 1)")
+    p.add_argument("--repeats", type=int, default=None, help="timed measurements per method, interleaved "
+                   "across methods; the median is reported (default: cuda 5, cpu 3)")
+    p.add_argument("--budget-s", type=float, default=None, help="per batch size: no new round of repeats once "
+                   "this many seconds are spent, at least one is always run (default: cuda none, cpu 60)")
+    p.add_argument("--warmup", type=int, default=None, help="untimed calls per method and batch size; on CPU "
+                   "they use one sentence, as CPU kernels need no per-shape warm-up (default: cuda 2, cpu 1)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's); on a CPU "
+                   "shared with other jobs, 1 gives far steadier figures")
     p.add_argument("--no-peer", action="store_true", help="skip the MarianMT peer")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write all figures as JSON")
@@ -58,10 +64,15 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--device cuda requested but CUDA is not available")
     if a.dtype != "fp32" and a.device != "cuda":
         p.error(f"--dtype {a.dtype} is only supported with --device cuda")
-    if a.sentences is None:
-        a.sentences = 64 if a.device == "cuda" else 8
-    if min(a.batch_sizes) < 1 or a.src_len < 1 or a.tgt_len < 1 or a.repeats < 1 or a.delta_t < 0:
-        p.error("batch sizes, lengths and repeats must be positive, delta-t >= 0")
+    # CPU defaults keep the base-size run near 3 minutes on 2 cores: one batch-64 round of all
+    # methods takes ~80 s there (NAT+LPD and Marian beam-4 ~30-40 s each), so it runs once.
+    cuda = a.device == "cuda"
+    a.sentences = a.sentences or (64 if cuda else 1)
+    a.repeats = a.repeats or (5 if cuda else 3)
+    a.budget_s = (None if cuda else 60.0) if a.budget_s is None else a.budget_s
+    a.warmup = (2 if cuda else 1) if a.warmup is None else a.warmup
+    if min(a.batch_sizes) < 1 or a.src_len < 1 or a.tgt_len < 1 or a.repeats < 1 or a.warmup < 0 or a.delta_t < 0:
+        p.error("batch sizes, lengths and repeats must be positive; warmup and delta-t >= 0")
     return a
 
 
@@ -124,26 +135,30 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def time_method(fn, srcs: list[torch.Tensor], a) -> tuple[float, float]:
-    """(median ms/sentence, mean output length) over a.repeats passes through all batches."""
-    length = 0.0
-    for i in range(a.warmup):
-        length = fn(srcs[i % len(srcs)])
-    per_sent = []
+def time_methods(fns: dict, srcs: list[torch.Tensor], a) -> dict:
+    """name -> (median ms/sentence, mean output length, samples). Repeats are interleaved across
+    methods so that a drifting machine load (shared CPUs, GPU clocks) hits all methods alike."""
+    warm = srcs[0] if a.device == "cuda" else srcs[0][:1]
+    length = {name: fn(warm) for name, fn in fns.items() for _ in range(a.warmup)}
+    per_sent = {name: [] for name in fns}
+    n_sent, start = sum(s.size(0) for s in srcs), time.perf_counter()
     for _ in range(a.repeats):
-        sync(a.device)
-        t0 = time.perf_counter()
-        for src in srcs:
-            length = fn(src)
-        sync(a.device)
-        per_sent.append((time.perf_counter() - t0) * 1000 / sum(s.size(0) for s in srcs))
-    return statistics.median(per_sent), length
+        if per_sent[BASELINE] and a.budget_s is not None and time.perf_counter() - start > a.budget_s:
+            break
+        for name, fn in fns.items():
+            sync(a.device)
+            t0 = time.perf_counter()
+            for src in srcs:
+                length[name] = fn(src)
+            sync(a.device)
+            per_sent[name].append((time.perf_counter() - t0) * 1000 / n_sent)
+    return {name: (statistics.median(v), length[name], v) for name, v in per_sent.items()}
 
 
 def machine_info(a) -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(), "platform": platform.platform(),
             "device": a.device, "dtype": a.dtype, "threads": torch.get_num_threads(), "cpu_count": os.cpu_count(),
-            "cpu": platform.processor() or platform.machine()}
+            "cpu": platform.processor() or platform.machine(), "loadavg_1m_at_start": os.getloadavg()[0]}
     if a.device == "cuda":
         info["device_name"] = torch.cuda.get_device_name()
     try:
@@ -154,8 +169,9 @@ def machine_info(a) -> dict:
     return info
 
 
-def print_table(bs: int, rows: dict, a) -> None:
-    print(f"\nbatch size {bs}")
+def print_table(bs: int, rows: dict, a, n_sent: int) -> None:
+    n_rep = len(rows[BASELINE]["samples_ms"])
+    print(f"\nbatch size {bs}: {n_sent} sentences per measurement, median of {n_rep} repeat(s)")
     print(f"  {'method':<22}{'ms/sent':>11}{'speedup':>10}{'out len':>9}   paper target (GPU, batch 1)")
     for name, r in rows.items():
         note = ""
@@ -181,9 +197,12 @@ def main(argv=None) -> dict:
     info = machine_info(a)
     print(f"decode speed: size={a.size} (d={cfg.d_model}, {cfg.enc_layers}+{cfg.dec_layers} layers, "
           f"{cfg.n_heads} heads, ffn {cfg.d_ffn}), vocab={cfg.vocab_size}, actions={cfg.n_actions}, "
-          f"device={info.get('device_name', a.device)}, dtype={a.dtype}, threads={info['threads']}, torch {info['torch']}")
-    print(f"src_len={a.src_len}+EOS, tgt_len={a.tgt_len}, dT={a.delta_t}, repeats={a.repeats} (median), "
-          f"warmup={a.warmup} calls, sentences/measurement >= {a.sentences}")
+          f"device={info.get('device_name', a.device)}, dtype={a.dtype}, threads={info['threads']}, "
+          f"torch {info['torch']}")
+    budget = "" if a.budget_s is None else f", no new round after {a.budget_s:g} s"
+    print(f"src_len={a.src_len}+EOS, tgt_len={a.tgt_len}, dT={a.delta_t}, repeats={a.repeats} (median{budget}), "
+          f"warmup={a.warmup} calls{'' if a.device == 'cuda' else ' of 1 sentence'}, "
+          f"sentences/measurement >= {a.sentences} (rounded up to the batch size)")
     if skip_reason:
         print(f"note: MarianMT peer skipped: {skip_reason}")
     gen = torch.Generator().manual_seed(a.seed + 1)
@@ -192,23 +211,23 @@ def main(argv=None) -> dict:
         n_batches = -(-a.sentences // bs)
         srcs = [torch.cat([torch.randint(4, cfg.vocab_size, (bs, a.src_len), generator=gen),
                            torch.full((bs, 1), cfg.eos_id)], 1).to(a.device) for _ in range(n_batches)]
-        rows = {}
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            ms, length = time_method(fn, srcs, a)
-            rows[name] = {"ms_per_sentence": ms, "mean_out_len": length, "wall_s": time.perf_counter() - t0}
+        t0 = time.perf_counter()
+        rows = {name: {"ms_per_sentence": ms, "mean_out_len": length, "samples_ms": samples}
+                for name, (ms, length, samples) in time_methods(fns, srcs, a).items()}
         for r in rows.values():
             r["speedup"] = rows[BASELINE]["ms_per_sentence"] / r["ms_per_sentence"]
-        results[bs] = {"sentences": n_batches * bs, "methods": rows}
-        print_table(bs, rows, a)
+        results[bs] = {"sentences": n_batches * bs, "methods": rows, "wall_s": time.perf_counter() - t0}
+        peer = rows.get("Marian beam-4 (HF)")
+        if peer:
+            results[bs]["ours_beam4_vs_marian_beam4"] = peer["ms_per_sentence"] / rows[BASELINE]["ms_per_sentence"]
+        print_table(bs, rows, a, n_batches * bs)
         sys.stdout.flush()
     report = {"machine": info, "args": {k: v for k, v in vars(a).items() if k != "json"},
               "paper_targets_gpu_batch1": PAPER_TARGETS, "peer_skipped": skip_reason,
               "results": {str(bs): r for bs, r in results.items()}}
-    for bs, r in results.items():
-        peer = r["methods"].get("Marian beam-4 (HF)")
-        if peer:
-            r["ours_beam4_vs_marian_beam4"] = peer["ms_per_sentence"] / r["methods"][BASELINE]["ms_per_sentence"]
+    info["loadavg_1m_at_end"] = os.getloadavg()[0]  # others' jobs on shared CPUs distort timings
+    print(f"\n1-min load average: {info['loadavg_1m_at_start']:.1f} at start, {info['loadavg_1m_at_end']:.1f} at end "
+          f"({os.cpu_count()} CPUs)")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=2)

@@ -124,7 +124,8 @@ def at_score(at: ATDemonstrator, memory, src_keep, hyps: torch.Tensor, hyp_lengt
     tgt_out = tgt_out.masked_fill(~keep, cfg.pad_id)
     tgt_in = tgt_in.masked_fill(~keep, cfg.pad_id)
     logits, _ = at.decode(tgt_in, memory, src_keep)
-    lp = torch.log_softmax(logits.float(), -1).gather(-1, tgt_out.unsqueeze(-1)).squeeze(-1)
+    # log_softmax at the target ids only: no (N, T, V) log-probability tensor is built.
+    lp = logits.gather(-1, tgt_out.unsqueeze(-1)).squeeze(-1).float() - logits.float().logsumexp(-1)
     total = (lp * keep).sum(1)
     return total / (hyp_lengths + 1).float().pow(length_penalty)
 
@@ -137,7 +138,7 @@ def nat_decode(nat: NATLearner, src: torch.Tensor, lengths: torch.Tensor | None 
     if lengths is None:
         lengths = nat.predict_lengths(memory, src_keep)
     logits, _ = nat.decode(memory, src_keep, lengths)
-    tokens = token_argmax(logits, [cfg.pad_id, cfg.bos_id, cfg.eos_id])
+    tokens = token_argmax(logits, cfg)
     return [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
 
 
@@ -156,7 +157,7 @@ def lpd_decode(nat: NATLearner, at: ATDemonstrator, src: torch.Tensor, delta_t: 
     offsets = torch.arange(-delta_t, delta_t + 1, device=src.device)
     cand_len = (lengths.unsqueeze(1) + offsets).clamp(1, cfg.max_positions).view(-1)  # (B*C,)
     logits, _ = nat.decode(memory.repeat_interleave(C, 0), src_keep.repeat_interleave(C, 0), cand_len)
-    tokens = token_argmax(logits, [cfg.pad_id, cfg.bos_id, cfg.eos_id])
+    tokens = token_argmax(logits, cfg)
     tokens = tokens.masked_fill(torch.arange(tokens.size(1), device=src.device) >= cand_len.unsqueeze(1), cfg.pad_id)
     if C == 1:
         scores = torch.zeros(B, 1, device=src.device)

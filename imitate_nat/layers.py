@@ -121,9 +121,12 @@ class TransferLayer(nn.Module):
 
 
 def reorder_cache(cache: Cache, index: torch.Tensor) -> None:
-    """Select rows `index` of every cached tensor (beam search keeps the chosen hypotheses)."""
+    """Select rows `index` of the self-attention caches (beam search keeps the chosen
+    hypotheses). Cross-attention K/V are the same for every beam of a sentence and beams
+    never move between sentences, so those entries are left as they are."""
     for key, (k, v) in cache.items():
-        cache[key] = (k.index_select(0, index), v.index_select(0, index))
+        if key.startswith("self"):
+            cache[key] = (k.index_select(0, index), v.index_select(0, index))
 
 
 def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:

@@ -15,6 +15,12 @@ from .data import Batch
 from .nat import NATLearner
 
 
+def unwrap(model):
+    """The model behind a DDP or DeepSpeed wrapper (forward goes through the wrapper, so
+    gradients are synchronized; attributes are read from the model itself)."""
+    return getattr(model, "module", model)
+
+
 def label_smoothed_ce(logits: torch.Tensor, target: torch.Tensor, pad_id: int, eps: float):
     """Returns (label-smoothed loss, plain NLL), both averaged over non-pad targets."""
     lprobs = F.log_softmax(logits.float(), dim=-1)
@@ -45,10 +51,11 @@ def imitation_loss(at_log_pis: list[torch.Tensor], nat_log_pis: list[torch.Tenso
 def at_loss(at: ATDemonstrator, batch: Batch, cfg: LossConfig) -> tuple[torch.Tensor, dict]:
     """eq 14: L*_AT = L_AT + λ1 · Σ_l L_π^l. In training mode this also updates each layer's c (eq 7)."""
     logits, log_pis = at(batch.src, batch.tgt_in)
-    pad_id = at.cfg.pad_id
+    core = unwrap(at)
+    pad_id = core.cfg.pad_id
     ce, nll = label_smoothed_ce(logits, batch.tgt_out, pad_id, cfg.label_smoothing)
     mask = batch.tgt_out.ne(pad_id).float()
-    reg = sum(m.regularization_loss(lp, mask) for m, lp in zip(at.imitation_modules(), log_pis))
+    reg = sum(m.regularization_loss(lp, mask) for m, lp in zip(core.imitation_modules(), log_pis))
     loss = ce + cfg.lambda1 * reg
     return loss, {"loss": loss.item(), "nll": nll.item(), "action_reg": float(reg.detach()),
                   "acc": token_accuracy(logits, batch.tgt_out, pad_id)}
@@ -68,12 +75,13 @@ def demonstrator_policies(at: ATDemonstrator, batch: Batch) -> list[torch.Tensor
 
 def nat_loss(nat: NATLearner, batch: Batch, cfg: LossConfig, demonstrator: ATDemonstrator | None = None):
     """eq 15: L*_NAT = L_NAT + λ2 · L_IL, plus the weighted target-length loss."""
-    pad_id = nat.cfg.pad_id
+    core = unwrap(nat)
+    pad_id = core.cfg.pad_id
     tgt_keep = batch.tgt.ne(pad_id)
     lengths = tgt_keep.sum(1)
     logits, log_pis, len_logits = nat(batch.src, lengths)
     ce, nll = label_smoothed_ce(logits, batch.tgt, pad_id, cfg.label_smoothing)
-    len_loss = F.cross_entropy(len_logits.float(), nat.length_targets(batch.src.ne(pad_id), lengths))
+    len_loss = F.cross_entropy(len_logits.float(), core.length_targets(batch.src.ne(pad_id), lengths))
     loss = ce + cfg.length_weight * len_loss
     stats = {"nll": nll.item(), "length_loss": len_loss.item(), "acc": token_accuracy(logits, batch.tgt, pad_id)}
     if cfg.imitation:

@@ -37,7 +37,7 @@ class NATLearner(EncoderDecoder):
     def __init__(self, cfg: ModelConfig):
         super().__init__(cfg)
         # τ > 0 is kept positive by learning log τ.
-        self.log_tau = nn.Parameter(torch.tensor(float(cfg.tau_init)).log())
+        self.log_tau = nn.Parameter(torch.tensor([float(cfg.tau_init)]).log())  # shape (1,): DeepSpeed cannot broadcast 0-d tensors
         # Length as classification over T' - T in [-M, M] from mean-pooled encoder states (Lee et al. 2018).
         self.length_head = nn.Linear(cfg.d_model, 2 * cfg.max_length_offset + 1)
 
@@ -97,9 +97,8 @@ class NATLearner(EncoderDecoder):
             raise ValueError(f"AT -> NAT initialization mismatch: missing {bad}, unexpected {unexpected}")
 
 
-def token_argmax(logits: torch.Tensor, banned: list[int]) -> torch.Tensor:
-    """Argmax per position, never choosing special tokens (pad/bos/eos) inside a NAT output."""
-    logits = logits.clone()
-    logits[..., banned] = float("-inf")
-    return logits.argmax(-1)
-
+def token_argmax(logits: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """Argmax per position over real tokens only: a NAT output never contains pad/unk/bos/eos
+    (the special ids are 0..3, before every real piece; slicing avoids copying the logits)."""
+    first_real = max(cfg.pad_id, cfg.unk_id, cfg.bos_id, cfg.eos_id) + 1
+    return logits[..., first_real:].argmax(-1) + first_real

@@ -1,22 +1,45 @@
 """The `imitate-orch` command line. Also runnable as `python -m orchestrator.cli`."""
 from __future__ import annotations
 
+import logging
+import os
 import sys
 
 import click
 
-from .spec import SpecError, dump_spec, load_spec
+from .spec import JobSpec, SpecError, dump_spec, load_spec
+from .stages import STAGES
 
 EXIT_BAD_SPEC = 2
+log = logging.getLogger("imitate_orch")
 
 
-def load_or_exit(job: str, overrides: tuple[str, ...]):
+def load_or_exit(job: str, overrides: tuple[str, ...]) -> JobSpec:
     """Validate the job spec before anything starts; a bad one exits 2 naming its fields."""
     try:
         return load_spec(job, list(overrides))
     except SpecError as e:
         click.echo(f"error: invalid job spec\n{e}", err=True)
         sys.exit(EXIT_BAD_SPEC)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="imitate-orch: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("mlflow", "alembic", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def init_ray(spec: JobSpec, address: str | None) -> None:
+    import ray
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    # Make the job's modules importable by Ray workers started from any directory.
+    kwargs = {"address": address or spec.ray.address, "log_to_driver": True}
+    if not kwargs["address"]:  # a local cluster: size it from the spec
+        kwargs.update(num_cpus=spec.ray.num_cpus, object_store_memory=spec.ray.object_store_memory)
+    ray.init(**{k: v for k, v in kwargs.items() if v is not None})
 
 
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
@@ -26,6 +49,55 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 def main() -> None:
     """imitate-NAT on Ray: train, distill, sweep and serve non-autoregressive translation."""
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--address", default=None, help="Join an existing Ray cluster (e.g. auto, ray://host:10001). "
+              "Default: start a local one.")
+@click.option("--force", type=click.Choice(STAGES), default=None, help="Rerun this stage and all after it.")
+@click.option("--until", type=click.Choice(STAGES), default=None, help="Stop after this stage.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
+@click.option("-v", "--verbose", is_flag=True)
+def run(job, overrides, address, force, until, no_progress, verbose) -> None:
+    """Run the pipeline of JOB: prepare → tokenizer → teacher → distill → student → evaluate.
+
+    Finished stages are reused; an interrupted stage resumes. Results go to
+    <workdir>/<job>/ and to MLflow."""
+    spec = load_or_exit(job, overrides)
+    setup_logging(verbose)
+    from .pipeline import StageFailed, run_dir, run_pipeline
+
+    init_ray(spec, address)
+    try:
+        run_pipeline(spec, job, force=force, until=until, progress=not no_progress)
+    except StageFailed as e:
+        click.echo(f"\nerror: {e}\n  The stage's MLflow run is marked FAILED and its manifest records the error.\n"
+                   f"  Finished stages are kept: fix the cause and rerun the same command to resume.", err=True)
+        if verbose:
+            raise
+        sys.exit(1)
+    summary = run_dir(spec) / "evaluate" / "summary.md"
+    if summary.is_file():
+        click.echo(f"\n{spec.name}: test set results\n\n{summary.read_text()}")
+    click.echo(f"run dir: {run_dir(spec)}")
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@set_option
+def status(job, overrides) -> None:
+    """Show each stage's state for JOB (done, running, failed, stale, pending)."""
+    spec = load_or_exit(job, overrides)
+    from .pipeline import run_dir, stage_states
+
+    click.echo(f"{spec.name}  ({run_dir(spec)})")
+    for s in stage_states(spec):
+        m = s.manifest
+        when = (m.finished or m.started or "") if m else ""
+        extra = f"  error: {m.error}" if m and m.error and s.state == "failed" else ""
+        click.echo(f"  {s.stage:<10} {s.state:<8} {when}{extra}")
 
 
 @main.command()

@@ -1,0 +1,46 @@
+"""Text in, text out: tokenize, batch by length, decode with any decoder, restore order."""
+from __future__ import annotations
+
+from functools import partial
+from typing import Callable, Sequence
+
+import torch
+
+from .data import source_tensor, token_batches
+from .decode import beam_search, greedy_search, lpd_decode, nat_decode
+from .tokenizer import Tokenizer
+
+Decoder = Callable[[torch.Tensor], list[list[int]]]
+
+
+def translate(lines: Sequence[str], tok: Tokenizer, decoder: Decoder, batch_tokens: int = 4096,
+              device: str | torch.device = "cpu", max_src_len: int | None = None, cost_factor: int = 1) -> list[str]:
+    """Translate `lines` with `decoder(src_tensor) -> token ids`, batched by source length so
+    that (sentences × longest × cost_factor) ≤ batch_tokens (cost_factor: beam size or LPD
+    candidates). Output i is the translation of line i; an empty line gives an empty output."""
+    ids = tok.encode_batch(lines)
+    if max_src_len is not None:
+        ids = [s[: max_src_len - 1] for s in ids]  # room for EOS
+    out: list[str] = [""] * len(lines)
+    todo = [i for i, s in enumerate(ids) if s]
+    for batch in token_batches([len(ids[i]) * cost_factor for i in todo], batch_tokens):
+        idx = [todo[j] for j in batch]
+        src = source_tensor([ids[i] for i in idx]).to(device)
+        for i, hyp in zip(idx, decoder(src)):
+            out[i] = tok.decode(hyp)
+    return out
+
+
+def at_beam(at, beam_size: int = 4, length_penalty: float = 1.0, max_len_a: float = 1.5, max_len_b: int = 10) -> Decoder:
+    if beam_size == 1:
+        return partial(greedy_search, at, max_len_a=max_len_a, max_len_b=max_len_b)
+    return partial(beam_search, at, beam_size=beam_size, length_penalty=length_penalty,
+                   max_len_a=max_len_a, max_len_b=max_len_b)
+
+
+def nat_one_pass(nat) -> Decoder:
+    return partial(nat_decode, nat)
+
+
+def nat_lpd(nat, at, delta_t: int = 3, length_penalty: float = 1.0) -> Decoder:
+    return partial(lpd_decode, nat, at, delta_t=delta_t, length_penalty=length_penalty)

@@ -1,0 +1,145 @@
+"""The stage graph: decides which stages run, runs them, records manifests and MLflow runs.
+
+Each stage's input hash covers the spec sections it reads plus the hash of the stage before
+it, so a change anywhere upstream invalidates everything downstream. A stage whose manifest
+is done with the same hash and intact outputs (checksums) is skipped; a stage left running
+or failed with the same hash is resumed (its dir keeps finished shards and Ray Train
+checkpoints); a stage whose hash changed starts from an empty dir.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .artifacts import Manifest, is_complete, read_manifest, record_outputs, sha256_json, utc_now, write_manifest
+from .spec import JobSpec, dump_spec
+from .stages import STAGES, StageContext, StageResult
+from .tracking import Tracker, default_artifact_root, resolve_tracking_uri
+
+log = logging.getLogger("imitate_orch")
+
+# Spec sections each stage reads (besides the upstream hash). `seed` is read by all.
+SECTIONS = {"prepare": ("data",), "tokenizer": ("tokenizer",), "teacher": ("model", "teacher"),
+            "distill": ("distill",), "student": ("model", "student"), "evaluate": ("eval",)}
+# Outputs logged to MLflow as artifacts (large text corpora stay in the run dir).
+LOGGED_OUTPUTS = {"tokenizer": ("spm.model",), "teacher": ("model.pt",), "student": ("model.pt",),
+                  "evaluate": ("summary.json", "summary.md", "test.at.txt", "test.nat.txt", "test.lpd.txt")}
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, error: BaseException):
+        super().__init__(f"stage '{stage}' failed: {type(error).__name__}: {error}")
+        self.stage, self.error = stage, error
+
+
+def stage_functions() -> dict[str, Callable[[StageContext], StageResult]]:
+    # Imported here: the stages pull in torch, Ray and sentencepiece, which `status` doesn't need.
+    from .stages.distill import distill
+    from .stages.evaluate import evaluate
+    from .stages.prepare import prepare
+    from .stages.tokenizer import tokenizer
+    from .stages.train import student, teacher
+    return {"prepare": prepare, "tokenizer": tokenizer, "teacher": teacher, "distill": distill,
+            "student": student, "evaluate": evaluate}
+
+
+def stage_hashes(spec: JobSpec) -> dict[str, str]:
+    hashes, upstream = {}, None
+    for stage in STAGES:
+        sections = {name: getattr(spec, name).model_dump(mode="json") for name in SECTIONS[stage]}
+        hashes[stage] = upstream = sha256_json({"stage": stage, "seed": spec.seed, "sections": sections,
+                                                "upstream": upstream})
+    return hashes
+
+
+def run_dir(spec: JobSpec) -> Path:
+    return Path(spec.workdir) / spec.name
+
+
+@dataclass
+class StageState:
+    stage: str
+    state: str          # done | stale | running | failed | pending
+    manifest: Manifest | None
+
+
+def stage_states(spec: JobSpec) -> list[StageState]:
+    hashes, out = stage_hashes(spec), []
+    for stage in STAGES:
+        d = run_dir(spec) / stage
+        m = read_manifest(d)
+        if m is None:
+            state = "pending"
+        elif m.input_hash != hashes[stage]:
+            state = "stale"
+        elif m.status == "done":
+            state = "done" if is_complete(d, hashes[stage]) else "damaged"
+        else:
+            state = m.status
+        out.append(StageState(stage, state, m))
+    return out
+
+
+def make_tracker(spec: JobSpec) -> Tracker:
+    uri = resolve_tracking_uri(spec.tracking.uri, spec.workdir)
+    root = default_artifact_root(spec.workdir) if uri.startswith("sqlite:") or "://" not in uri else None
+    return Tracker(uri, spec.tracking.experiment or spec.name, root)
+
+
+def prepare_stage_dir(d: Path, input_hash: str, force: bool) -> None:
+    """Keep a same-hash unfinished dir (resume); wipe a stale or forced one."""
+    m = read_manifest(d)
+    if d.exists() and (force or m is None or m.input_hash != input_hash):
+        shutil.rmtree(d)
+    d.mkdir(parents=True, exist_ok=True)
+
+
+def run_pipeline(spec: JobSpec, job_yaml: str, force: str | None = None, until: str | None = None,
+                 progress: bool = True, tracker: Tracker | None = None) -> dict:
+    """Run every stage that is not already done. Ray must be initialized by the caller.
+    Returns {stage: metrics}. Raises StageFailed naming the failed stage."""
+    funcs, hashes = stage_functions(), stage_hashes(spec)
+    tracker = tracker or make_tracker(spec)
+    rd = run_dir(spec)
+    rd.mkdir(parents=True, exist_ok=True)
+    forced = set(STAGES[STAGES.index(force):]) if force else set()
+    last = STAGES.index(until) if until else len(STAGES) - 1
+    results: dict[str, dict] = {}
+    with tracker.parent(spec.name, spec.flat_params(), tags={"job": spec.name}) as parent:
+        parent.log_text(dump_spec(spec), "job.yaml")
+        parent.log_text(Path(job_yaml).read_text() if Path(job_yaml).is_file() else "", "job.original.yaml")
+        for stage in STAGES[: last + 1]:
+            d = rd / stage
+            if stage not in forced and is_complete(d, hashes[stage]):
+                m = read_manifest(d)
+                log.info("%-9s done (reused)", stage)
+                with tracker.child(stage, {"reused": True}) as h:
+                    h.log_metrics(m.metrics)
+                results[stage] = m.metrics
+                continue
+            prepare_stage_dir(d, hashes[stage], force=stage in forced)
+            manifest = Manifest(stage=stage, input_hash=hashes[stage], status="running", started=utc_now())
+            write_manifest(d, manifest)
+            log.info("%-9s running", stage)
+            try:
+                with tracker.child(stage, {"reused": False}) as h:
+                    ctx = StageContext(spec, rd, stage, tracker=h, progress=progress, extra={"tracker": tracker})
+                    result = funcs[stage](ctx)
+                    h.log_metrics(result.metrics)
+                    for name in LOGGED_OUTPUTS.get(stage, ()):
+                        h.log_artifact(str(d / result.outputs[name]))
+            except Exception as e:
+                manifest.status, manifest.error, manifest.finished = "failed", f"{type(e).__name__}: {e}", utc_now()
+                write_manifest(d, manifest)
+                raise StageFailed(stage, e) from e
+            manifest.outputs = record_outputs(d, {n: d / p for n, p in result.outputs.items()})
+            manifest.metrics, manifest.status, manifest.finished = result.metrics, "done", utc_now()
+            write_manifest(d, manifest)
+            results[stage] = result.metrics
+        summary = rd / "evaluate" / "summary.md"
+        if summary.is_file():
+            parent.log_artifact(str(summary))
+    return results

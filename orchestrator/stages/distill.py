@@ -1,0 +1,229 @@
+"""Sequence-level distillation: the AT teacher beam-decodes the training sources.
+
+The train source is cut into contiguous, balanced shards. A pool of Ray actors, each holding
+the teacher and tokenizer (loaded once), translates one shard per call and writes it itself
+with `artifacts.write_shard` (atomic, done marker last); the driver only hands out shards and
+gets back small dicts. A shard whose output verifies (`shard_done`) is never redone, so an
+interrupted run resumes and deleting or corrupting one shard redoes only that shard. The merge
+concatenates shards in order: line i of train.distilled.tgt translates line i of train.src.
+
+Shards are written by the actors into `<run dir>/distill/shards/`, and the actors read the
+teacher and tokenizer from the run dir: on a multi-node cluster the run dir must be on storage
+every node sees (NFS, a mounted bucket); on one machine a local directory is fine.
+
+`shards/plan.json` fingerprints what the shards depend on (input, teacher, tokenizer, decoding
+settings, shard bounds); if it changed since the shards were written, they are all discarded,
+so a rerun with a new teacher never reuses stale translations. batch_tokens and the pool size
+are not in it: they change speed, not (beyond float rounding) the output.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import ray
+import torch
+from tqdm.auto import tqdm
+
+from imitate_nat.checkpoint import load_model
+from imitate_nat.data import source_tensor, token_batches
+from imitate_nat.decode import beam_search
+from imitate_nat.tokenizer import Tokenizer
+
+from .. import artifacts
+from . import StageContext, StageResult
+
+log = logging.getLogger(__name__)
+
+OUTPUT = "train.distilled.tgt"
+DECODE_KEYS = ("beam_size", "batch_tokens", "length_penalty", "max_len_a", "max_len_b")
+
+
+def translate_lines(model, tok, lines, beam_size=4, batch_tokens=4096, length_penalty=1.0,
+                    max_len_a=1.5, max_len_b=10, device="cpu", min_len=0) -> list[str]:
+    """Beam-decode `lines` in token-bucketed batches (source length × beam ≤ batch_tokens, a
+    longer sentence alone); returns one detokenized line per input, in input order. Sources
+    longer than the positional table are truncated; an empty hypothesis is an empty string."""
+    ids = [s[: model.cfg.max_positions - 1] for s in tok.encode_batch(list(lines))]
+    out = [""] * len(ids)
+    for batch in token_batches([(len(s) + 1) * beam_size for s in ids], batch_tokens):
+        src = source_tensor([ids[i] for i in batch], model.cfg.eos_id, model.cfg.pad_id).to(device)
+        hyps = beam_search(model, src, beam_size=beam_size, length_penalty=length_penalty,
+                           max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len)
+        for i, h in zip(batch, hyps):
+            # A line break inside a hypothesis would shift every later line of the merge.
+            out[i] = tok.decode(h).replace("\r", " ").replace("\n", " ")
+    return out
+
+
+@ray.remote(max_restarts=2, max_task_retries=-1)
+class DistillWorker:
+    """Holds the teacher and tokenizer; translates and writes whole shards. Calls are retried
+    on a restarted actor after a crash, which is safe: a shard write is atomic and idempotent."""
+
+    def __init__(self, model_path: str, spm_path: str, shard_dir: str, decode: dict,
+                 cpus: float = 1, gpus: float = 0):
+        torch.set_num_threads(max(1, int(cpus)))
+        self.device = "cuda" if gpus > 0 and torch.cuda.is_available() else "cpu"
+        self.model, _ = load_model(model_path, self.device)
+        self.tok = Tokenizer(spm_path)
+        self.shard_dir, self.decode = shard_dir, dict(decode)
+
+    def ready(self) -> str:
+        return self.device
+
+    def translate_shard(self, index: int, lines: list[str]) -> dict:
+        t0 = time.perf_counter()
+        out = translate_lines(self.model, self.tok, lines, device=self.device, **self.decode)
+        artifacts.write_shard(self.shard_dir, index, out)
+        return {"index": index, "n": len(out), "seconds": time.perf_counter() - t0}
+
+
+def shard_bounds(n_lines: int, shards: int) -> list[tuple[int, int]]:
+    """Contiguous [start, end) ranges, sizes differing by at most one; no empty shard."""
+    k = min(shards, n_lines)
+    return [(i * n_lines // k, (i + 1) * n_lines // k) for i in range(k)]
+
+
+def make_workers(n: int, model_path, spm_path, shard_dir, decode: dict, cpus: float = 1,
+                 gpus: float = 0) -> list:
+    opts = dict(num_cpus=cpus, num_gpus=gpus)
+    return [DistillWorker.options(**opts).remote(str(model_path), str(spm_path), str(shard_dir),
+                                                 decode, cpus, gpus) for _ in range(n)]
+
+
+def run_pool(workers: list, jobs: list[tuple[int, list[str]]], on_done=None) -> tuple[float, int]:
+    """Translate `jobs` [(shard index, lines)] on `workers`, one shard in flight per actor, each
+    actor taking the next shard as soon as it is ready or done (load balancing). An actor that
+    dies for good (restarts exhausted) is dropped and its shard goes back in the queue. Returns
+    (seconds from the first ready actor to the last shard, sentences translated); calls
+    `on_done(result_dict)` after each shard."""
+    queue, live, idle = list(reversed(jobs)), list(workers), []
+    refs = {w.ready.remote(): (w, None) for w in live}
+    t0, sentences = None, 0
+    while refs:
+        [ref], _ = ray.wait(list(refs), num_returns=1)
+        worker, job = refs.pop(ref)
+        try:
+            result = ray.get(ref)
+        except ray.exceptions.RayActorError as e:
+            live.remove(worker)
+            if job is not None:
+                queue.append(job)           # next to be handed out
+            log.warning("distill actor died (%s); %d left", type(e).__name__, len(live))
+            if not live and queue:
+                raise RuntimeError(f"all distillation actors died; {len(queue)} shard(s) left") from e
+        else:
+            if t0 is None:
+                t0 = time.perf_counter()
+            if job is not None:
+                sentences += result["n"]
+                if on_done:
+                    on_done(result)
+            idle.append(worker)
+        while queue and idle:
+            job, worker = queue.pop(), idle.pop()
+            refs[worker.translate_shard.remote(*job)] = (worker, job)
+    return (time.perf_counter() - t0 if t0 is not None else 0.0), sentences
+
+
+def _ensure_ray(spec) -> None:
+    """The pipeline normally started Ray; if not, start (or join) one from spec.ray."""
+    if ray.is_initialized():
+        return
+    kw = {}
+    if spec.ray.address:
+        kw["address"] = spec.ray.address
+    else:
+        if spec.ray.num_cpus:
+            kw["num_cpus"] = spec.ray.num_cpus
+        if spec.ray.object_store_memory:
+            kw["object_store_memory"] = spec.ray.object_store_memory
+    ray.init(**kw)
+
+
+def _read_source(path: Path) -> list[str]:
+    # Bytes and "\n" only: text mode would also split at a stray "\r" and change the count.
+    text = path.read_bytes().decode("utf-8")
+    return (text[:-1] if text.endswith("\n") else text).split("\n") if text else []
+
+
+def _check_plan(shard_dir: Path, plan: dict) -> None:
+    """Discard existing shards unless they were made from exactly these inputs and bounds."""
+    path = shard_dir / "plan.json"
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        old = None
+    if old == plan:
+        return
+    stale = [p for p in shard_dir.glob("shard-*") if p.is_file()] if shard_dir.is_dir() else []
+    if stale:
+        log.info("distill: inputs changed; discarding %d stale shard file(s)", len(stale))
+    for p in stale:
+        p.unlink(missing_ok=True)
+    artifacts.atomic_write_json(path, plan)
+
+
+def distill(ctx: StageContext) -> StageResult:
+    t_start = time.perf_counter()
+    spec, ds = ctx.spec, ctx.spec.distill
+    src_path = ctx.stage_path("prepare", "train.src")
+    model_path = ctx.stage_path("teacher", "model.pt").resolve()
+    spm_path = ctx.stage_path("tokenizer", "spm.model").resolve()
+    shard_dir = (ctx.out_dir / "shards").resolve()
+    shard_dir.mkdir(parents=True, exist_ok=True)
+
+    lines = _read_source(src_path)
+    bounds = shard_bounds(len(lines), ds.shards)
+    decode = {k: getattr(ds, k) for k in DECODE_KEYS}
+    plan = {"source_sha256": artifacts.sha256_file(src_path),
+            "teacher_sha256": artifacts.sha256_file(model_path),
+            "tokenizer_sha256": artifacts.sha256_file(spm_path),
+            "decode": {k: v for k, v in decode.items() if k != "batch_tokens"},
+            "bounds": [list(b) for b in bounds]}
+    _check_plan(shard_dir, plan)
+
+    todo = [(i, lines[a:b]) for i, (a, b) in enumerate(bounds)
+            if not artifacts.shard_done(shard_dir, i, b - a)]
+    reused = len(bounds) - len(todo)
+    log.info("distill: %d lines, %d shards (%d already done)", len(lines), len(bounds), reused)
+
+    seconds, translated = 0.0, 0
+    if todo:
+        _ensure_ray(spec)
+        workers = make_workers(min(ds.actors, len(todo)), model_path, spm_path, shard_dir, decode,
+                               ds.cpus_per_actor, ds.gpus_per_actor)
+        bar = tqdm(total=len(bounds), initial=reused, unit="shard", desc="distill",
+                   disable=not ctx.progress)
+        state = {"done": reused, "sent": 0, "t0": time.perf_counter()}
+
+        def on_done(r: dict) -> None:
+            state["done"] += 1
+            state["sent"] += r["n"]
+            bar.update(1)
+            bar.set_postfix(sent_per_s=f"{state['sent'] / (time.perf_counter() - state['t0']):.1f}")
+            ctx.tracker.log_metric("distill/shards_done", state["done"], step=state["done"])
+
+        try:
+            seconds, translated = run_pool(workers, todo, on_done)
+        finally:
+            bar.close()
+            for w in workers:
+                ray.kill(w)
+
+    bad = [i for i, (a, b) in enumerate(bounds) if not artifacts.shard_done(shard_dir, i, b - a)]
+    if bad:
+        raise RuntimeError(f"distill: shard(s) {bad} missing or incomplete after translation")
+    merged = [line for i in range(len(bounds)) for line in artifacts.read_shard(shard_dir, i)]
+    if len(merged) != len(lines):
+        raise RuntimeError(f"distill: merged {len(merged)} lines, expected {len(lines)}")
+    artifacts.atomic_write_text(ctx.out_dir / OUTPUT, "".join(line + "\n" for line in merged))
+
+    metrics = {"lines": float(len(lines)), "shards": float(len(bounds)), "shards_reused": float(reused),
+               "sentences_per_s": translated / seconds if seconds > 0 else 0.0,
+               "seconds": time.perf_counter() - t_start}
+    ctx.tracker.log_metrics({f"distill/{k}": v for k, v in metrics.items()})
+    return StageResult(outputs={OUTPUT: OUTPUT}, metrics=metrics)

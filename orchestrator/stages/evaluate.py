@@ -1,0 +1,101 @@
+"""evaluate stage: test BLEU/chrF for the AT (beam), the NAT and NAT+LPD, batch-1 latency and
+speedups, written as summary.json / summary.md and the three test translations."""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+
+from imitate_nat.checkpoint import load_model
+from imitate_nat.data import read_lines
+from imitate_nat.metrics import bleu, chrf
+from imitate_nat.tokenizer import Tokenizer
+from imitate_nat.translate import at_beam, nat_lpd, nat_one_pass, translate
+
+from ..artifacts import atomic_write_json, atomic_write_text
+from . import StageContext, StageResult
+
+log = logging.getLogger("imitate_orch")
+
+
+def decoders(at, nat, beam_size: int, delta_t: int, length_penalty: float = 1.0) -> dict:
+    """name -> (decoder, cost factor for batching). The rows of Table 1."""
+    return {
+        "at": (at_beam(at, beam_size=beam_size, length_penalty=length_penalty), beam_size),
+        "nat": (nat_one_pass(nat), 1),
+        "lpd": (nat_lpd(nat, at, delta_t=delta_t, length_penalty=length_penalty), 2 * delta_t + 1),
+    }
+
+
+def latency_ms(lines, tok, decoder, device, n: int) -> float:
+    """Median batch-1 milliseconds per sentence over the first n lines (after one warm-up)."""
+    sample = [l for l in lines if l.strip()][:max(1, n)]
+    translate(sample[:1], tok, decoder, device=device)
+    times = []
+    for line in sample:
+        t0 = time.perf_counter()
+        translate([line], tok, decoder, device=device)
+        if torch.cuda.is_available() and str(device).startswith("cuda"):
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t0) * 1000)
+    return sorted(times)[len(times) // 2]
+
+
+def score_all(at, nat, tok, src, ref, beam_size, delta_t, batch_tokens, device, length_penalty=1.0):
+    """Translate src with every decoder and score against ref. Returns (rows, hyps)."""
+    rows, hyps = {}, {}
+    for name, (decoder, cost) in decoders(at, nat, beam_size, delta_t, length_penalty).items():
+        t0 = time.perf_counter()
+        hyps[name] = translate(src, tok, decoder, batch_tokens=batch_tokens, device=device,
+                               max_src_len=at.cfg.max_positions, cost_factor=cost)
+        b, c = bleu(hyps[name], ref), chrf(hyps[name], ref)
+        rows[name] = {"bleu": b.score, "chrf": c.score, "bleu_signature": b.signature,
+                      "chrf_signature": c.signature, "seconds": time.perf_counter() - t0}
+    return rows, hyps
+
+
+def markdown_table(rows: dict, spec) -> str:
+    labels = {"at": f"AT demonstrator (beam {spec.eval.beam_size})", "nat": "imitate-NAT",
+              "lpd": f"imitate-NAT + LPD (ΔT = {spec.eval.delta_t})"}
+    lines = ["| model | BLEU | chrF | ms/sentence (batch 1) | speedup |", "|---|---:|---:|---:|---:|"]
+    for name, r in rows.items():
+        lines.append(f"| {labels[name]} | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['latency_ms']:.1f} | {r['speedup']:.2f}× |")
+    sig = next(iter(rows.values()))["bleu_signature"]
+    return "\n".join(lines) + f"\n\nsacreBLEU: {sig}\n"
+
+
+def evaluate(ctx: StageContext) -> StageResult:
+    spec, out = ctx.spec, ctx.out_dir
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tok = Tokenizer(ctx.stage_path("tokenizer", "spm.model"))
+    at, _ = load_model(ctx.stage_path("teacher", "model.pt"), device)
+    nat, _ = load_model(ctx.stage_path("student", "model.pt"), device)
+    src, ref = read_lines(ctx.stage_path("prepare", "test.src")), read_lines(ctx.stage_path("prepare", "test.tgt"))
+    e = spec.eval
+    rows, hyps = score_all(at, nat, tok, src, ref, e.beam_size, e.delta_t, e.batch_tokens, device, e.length_penalty)
+    for name, (decoder, _) in decoders(at, nat, e.beam_size, e.delta_t, e.length_penalty).items():
+        rows[name]["latency_ms"] = latency_ms(src, tok, decoder, device, e.latency_sentences)
+        atomic_write_text(out / f"test.{name}.txt", "\n".join(hyps[name]) + "\n")
+    for r in rows.values():
+        r["speedup"] = rows["at"]["latency_ms"] / r["latency_ms"]
+    summary = {"job": spec.name, "test_sentences": len(src), "device": device, "rows": rows}
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / "summary.md", markdown_table(rows, spec))
+    samples = "\n\n".join(f"SRC: {src[i]}\nREF: {ref[i]}\nAT:  {hyps['at'][i]}\nNAT: {hyps['nat'][i]}\nLPD: {hyps['lpd'][i]}"
+                          for i in range(min(10, len(src))))
+    ctx.tracker.log_text(samples, "samples.txt")
+    metrics = {}
+    for name, r in rows.items():
+        metrics.update({f"test_bleu_{name}": r["bleu"], f"test_chrf_{name}": r["chrf"],
+                        f"latency_ms_{name}": r["latency_ms"], f"speedup_{name}": r["speedup"]})
+    outputs = {n: n for n in ("summary.json", "summary.md", "test.at.txt", "test.nat.txt", "test.lpd.txt")}
+    return StageResult(outputs=outputs, metrics=metrics)
+
+
+def load_summary(run_dir: Path) -> dict | None:
+    p = Path(run_dir) / "evaluate" / "summary.json"
+    return json.loads(p.read_text()) if p.is_file() else None

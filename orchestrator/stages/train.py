@@ -1,0 +1,109 @@
+"""teacher and student stages: Ray Train TorchTrainer around orchestrator.train_loop.
+
+The run's Ray Train storage (checkpoints) lives in <stage dir>/ray unless the job names a
+storage_path (e.g. s3://bucket/prefix). Starting the same stage again with the same storage
+resumes from the latest reported checkpoint (Ray Train V2 restores a run by name + storage).
+The best checkpoint by valid BLEU becomes the stage's model.pt.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+
+from imitate_nat.checkpoint import read_model_file
+from imitate_nat.config import LossConfig
+from imitate_nat.tokenizer import Tokenizer
+
+from ..artifacts import atomic_write_bytes
+from . import StageContext, StageResult
+
+log = logging.getLogger("imitate_orch")
+VALID_SENTENCES = 500  # valid BLEU during training on at most this many sentences (full valid at evaluate)
+
+
+def _loss_config(spec, kind: str) -> LossConfig:
+    if kind == "at":
+        t = spec.teacher
+        return LossConfig(label_smoothing=t.label_smoothing, lambda1=t.lambda1)
+    s = spec.student
+    return LossConfig(label_smoothing=s.label_smoothing, lambda2=s.lambda2, imitation=s.imitation,
+                      length_weight=s.length_weight)
+
+
+def train_config(ctx: StageContext, kind: str) -> dict:
+    spec = ctx.spec
+    t = spec.teacher if kind == "at" else spec.student
+    tok = Tokenizer(ctx.stage_path("tokenizer", "spm.model"))
+    copy = spec.student.copy if kind == "nat" else "soft"
+    model_cfg = spec.model.to_model_config(tok.vocab_size, copy=copy)
+    if kind == "nat" and spec.student.targets == "distilled":
+        train_tgt = ctx.stage_path("distill", "train.distilled.tgt")
+    else:
+        train_tgt = ctx.stage_path("prepare", "train.tgt")
+    return {
+        "kind": kind, "seed": spec.seed, "train": t.model_dump(), "model_cfg": model_cfg.to_dict(),
+        "loss_cfg": vars(_loss_config(spec, kind)),
+        "spm": str(ctx.stage_path("tokenizer", "spm.model")),
+        "train_src": str(ctx.stage_path("prepare", "train.src")), "train_tgt": str(train_tgt),
+        "valid_src": str(ctx.stage_path("prepare", "valid.src")),
+        "valid_tgt": str(ctx.stage_path("prepare", "valid.tgt")),
+        "valid_sentences": VALID_SENTENCES,
+        "teacher": str(ctx.stage_path("teacher", "model.pt")),
+        "init_from_teacher": kind == "nat" and spec.student.init_from_teacher,
+        "threads": max(1, int(t.cpus_per_worker)),
+        "progress": ctx.progress,
+        "tracker": ctx.extra.get("tracker"), "run_id": ctx.tracker.run_id,
+    }
+
+
+def run_trainer(ctx: StageContext, kind: str):
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from ..train_loop import train_loop
+
+    t = ctx.spec.teacher if kind == "at" else ctx.spec.student
+    storage = t.storage_path or str((ctx.out_dir / "ray").resolve())
+    resources = {"CPU": t.cpus_per_worker}
+    if t.gpus_per_worker:
+        resources["GPU"] = t.gpus_per_worker
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config=train_config(ctx, kind),
+        scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.gpus_per_worker > 0,
+                                               resources_per_worker=resources),
+        run_config=ray.train.RunConfig(
+            name=f"{ctx.spec.name}-{ctx.stage}", storage_path=storage,
+            failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="valid_bleu",
+                                                         checkpoint_score_order="max")),
+    )
+    return trainer.fit()
+
+
+def _train(ctx: StageContext, kind: str) -> StageResult:
+    ctx.out_dir.mkdir(parents=True, exist_ok=True)
+    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+    result = run_trainer(ctx, kind)
+    best = result.get_best_checkpoint("valid_bleu", "max")
+    if best is None:
+        raise RuntimeError(f"{ctx.stage}: training reported no checkpoint")
+    with best.as_directory() as d:
+        data = open(os.path.join(d, "model.pt"), "rb").read()
+    atomic_write_bytes(ctx.out_dir / "model.pt", data)
+    meta = read_model_file(ctx.out_dir / "model.pt")["meta"]
+    log.info("%s: best valid BLEU %.2f at step %d", ctx.stage, meta["valid_bleu"], meta["step"])
+    return StageResult(outputs={"model.pt": "model.pt"},
+                       metrics={"best_valid_bleu": float(meta["valid_bleu"]), "best_step": float(meta["step"]),
+                                "final_valid_bleu": float(result.metrics.get("valid_bleu", float("nan")))})
+
+
+def teacher(ctx: StageContext) -> StageResult:
+    return _train(ctx, "at")
+
+
+def student(ctx: StageContext) -> StageResult:
+    return _train(ctx, "nat")
+
+

@@ -1,0 +1,48 @@
+"""Shared fixtures: a real local Ray runtime and a small prepared run directory."""
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+# DeepSpeed JIT-compiles a CPU comm op on first use; keep it across test runs.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+
+# A model small enough that Ray Train tests spend their time on the machinery.
+MICRO_MODEL = {"size": "tiny", "d_model": 32, "n_heads": 2, "d_ffn": 64, "enc_layers": 1, "dec_layers": 1,
+               "n_actions": 8}
+
+
+def micro_train(**kw):
+    base = {"max_steps": 20, "batch_tokens": 1024, "eval_every": 10, "checkpoint_every": 10, "log_every": 1,
+            "warmup_steps": 5, "lr": 1e-3}
+    return {**base, **kw}
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024 ** 2,
+                 log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def prepared_run(tmp_path_factory):
+    """prepare + tokenizer stages on a small synthetic corpus; returns (run_dir, base spec dict)."""
+    from orchestrator.spec import spec_from_dict
+    from orchestrator.stages import StageContext
+    from orchestrator.stages.prepare import prepare
+    from orchestrator.stages.tokenizer import tokenizer
+
+    run_dir = tmp_path_factory.mktemp("run")
+    raw = {"name": "t", "data": {"synthetic": {"train_size": 400, "valid_size": 60, "test_size": 40}},
+           "tokenizer": {"vocab_size": 400}, "model": MICRO_MODEL}
+    spec = spec_from_dict(raw)
+    for stage, fn in (("prepare", prepare), ("tokenizer", tokenizer)):
+        (run_dir / stage).mkdir(parents=True, exist_ok=True)
+        fn(StageContext(spec, run_dir, stage, progress=False))
+    return run_dir, raw

@@ -1,0 +1,108 @@
+"""The whole tiny pipeline through the real CLI (a subprocess, a local Ray cluster, MLflow on
+SQLite), shrunk with --set so it fits CI: every stage runs, MLflow holds a parent run with a
+nested run per stage, a rerun reuses everything, --force reruns from a stage, a failing
+stage exits non-zero with its MLflow run FAILED, and a bad spec exits 2 before Ray starts."""
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from orchestrator.stages import STAGES
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = ["data.synthetic.train_size=600", "data.synthetic.valid_size=60", "data.synthetic.test_size=40",
+         "tokenizer.vocab_size=400", "model.d_model=32", "model.n_heads=2", "model.d_ffn=64",
+         "model.n_actions=16", "teacher.max_steps=30", "student.max_steps=30", "teacher.eval_every=15",
+         "student.eval_every=15", "teacher.checkpoint_every=15", "student.checkpoint_every=15",
+         "distill.shards=4", "teacher.log_every=5", "eval.latency_sentences=3", "ray.num_cpus=2",
+         "ray.object_store_memory=150000000"]
+
+
+def cli(*args, workdir, timeout=600):
+    cmd = [sys.executable, "-m", "orchestrator.cli", *args]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def sets(workdir, *extra):
+    out = []
+    for s in [f"workdir={workdir}", *SMALL, *extra]:
+        out += ["--set", s]
+    return out
+
+
+def runs_of(workdir):
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    exp = client.get_experiment_by_name("tiny")
+    return client, client.search_runs([exp.experiment_id], max_results=200)
+
+
+def test_tiny_pipeline_end_to_end_then_resume_and_force(tmp_path):
+    wd = tmp_path / "runs"
+    r = cli("run", "jobs/tiny.yaml", *sets(wd), "--no-progress", workdir=wd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "imitate-NAT + LPD (ΔT = 3)" in r.stdout and "sacreBLEU: nrefs:1" in r.stdout
+    run_dir = wd / "tiny"
+    for stage in STAGES:
+        m = json.loads((run_dir / stage / "manifest.json").read_text())
+        assert m["status"] == "done", stage
+    summary = json.loads((run_dir / "evaluate" / "summary.json").read_text())
+    assert set(summary["rows"]) == {"at", "nat", "lpd"}
+    distilled = (run_dir / "distill" / "train.distilled.tgt").read_text().splitlines()
+    assert len(distilled) == len((run_dir / "prepare" / "train.src").read_text().splitlines())
+
+    client, runs = runs_of(wd)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and sorted(c.data.tags["stage"] for c in children) == sorted(STAGES)
+    by_stage = {c.data.tags["stage"]: c for c in children}
+    assert len(client.get_metric_history(by_stage["teacher"].info.run_id, "train/loss")) == 6
+    assert "test_bleu_lpd" in by_stage["evaluate"].data.metrics
+    assert parents[0].data.params["student.lambda2"] == "0.001"
+    assert all(r.info.status == "FINISHED" for r in [parents[0], *children])
+
+    # A rerun reuses every stage.
+    t0 = time.time()
+    r = cli("run", "jobs/tiny.yaml", *sets(wd), "--no-progress", workdir=wd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("done (reused)") == len(STAGES)
+    mtime = (run_dir / "teacher" / "model.pt").stat().st_mtime
+
+    # --force student reruns student and evaluate only.
+    r = cli("run", "jobs/tiny.yaml", *sets(wd), "--no-progress", "--force", "student", workdir=wd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("done (reused)") == 4 and "student   running" in r.stderr
+    assert (run_dir / "teacher" / "model.pt").stat().st_mtime == mtime
+
+    st = cli("status", "jobs/tiny.yaml", *sets(wd), workdir=wd)
+    assert st.returncode == 0 and st.stdout.count(" done ") == len(STAGES)
+
+
+def test_a_failing_stage_exits_nonzero_and_marks_its_run_failed(tmp_path):
+    wd = tmp_path / "runs"
+    # SentencePiece cannot build a 5-piece vocabulary: the tokenizer stage fails at run time.
+    r = cli("run", "jobs/tiny.yaml", *sets(wd, "tokenizer.vocab_size=5"), "--no-progress", workdir=wd)
+    assert r.returncode == 1
+    assert "stage 'tokenizer' failed" in r.stderr and "rerun the same command" in r.stderr
+    assert json.loads((wd / "tiny" / "tokenizer" / "manifest.json").read_text())["status"] == "failed"
+    assert json.loads((wd / "tiny" / "prepare" / "manifest.json").read_text())["status"] == "done"
+    _, runs = runs_of(wd)
+    failed = [r for r in runs if r.data.tags.get("stage") == "tokenizer"]
+    assert failed[0].info.status == "FAILED" and failed[0].data.tags.get("error")
+
+
+@pytest.mark.parametrize("override, field", [("teacher.lrr=1", "teacher.lrr"),
+                                             ("distill.shards=-1", "distill.shards"),
+                                             ("student.copy=hard", "student.copy")])
+def test_bad_spec_exits_2_naming_the_field_before_anything_starts(tmp_path, override, field):
+    wd = tmp_path / "runs"
+    r = cli("run", "jobs/tiny.yaml", "--set", f"workdir={wd}", "--set", override, workdir=wd, timeout=60)
+    assert r.returncode == 2 and field in r.stderr
+    assert not wd.exists()          # nothing was started or written
