@@ -165,7 +165,7 @@ def main(argv=None) -> dict:
           f"tokens), beam {a.beam}, output {a.out_len} tokens + EOS, vocab {tok.vocab_size}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}")
     print(f"# load average before {load_before[0]:.2f}, after {load_after[0]:.2f}"
-          + ("   (CONTENDED before the run: rerun on an idle machine)" if load_before[0] > 0.5 else ""))
+          + ("   (CONTENDED before the run: rerun on an idle machine)" if load_before[0] > 1.0 else ""))
     print(f"{'method':<40}{'sentences/s':>12}")
     labels = {"per-sentence": "in-process, 1 sentence per batch", "batched": "in-process, one big batch",
               f"batched-{a.batch_tokens}": f"in-process, batch_tokens={a.batch_tokens}",

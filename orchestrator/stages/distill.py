@@ -167,6 +167,16 @@ def _check_plan(shard_dir: Path, plan: dict) -> None:
     artifacts.atomic_write_json(path, plan)
 
 
+def _warn_if_unschedulable(n: int, cpus: float, gpus: float) -> None:
+    # An actor asking for more than the cluster has waits for ever (or for an autoscaler).
+    have = ray.cluster_resources()
+    for name, need in (("CPU", cpus), ("GPU", gpus)):
+        if need and have.get(name, 0) < need * n:
+            log.warning("distill: %d actors x %s %s requested, the Ray cluster has %s; actors that do "
+                        "not fit wait for resources (an autoscaler may add them)", n, need, name,
+                        have.get(name, 0))
+
+
 def distill(ctx: StageContext) -> StageResult:
     t_start = time.perf_counter()
     spec, ds = ctx.spec, ctx.spec.distill
@@ -185,6 +195,8 @@ def distill(ctx: StageContext) -> StageResult:
             "decode": {k: v for k, v in decode.items() if k != "batch_tokens"},
             "bounds": [list(b) for b in bounds]}
     _check_plan(shard_dir, plan)
+    for debris in shard_dir.glob(".shard-*.tmp"):    # left by a write killed mid-way
+        debris.unlink(missing_ok=True)
 
     todo = [(i, lines[a:b]) for i, (a, b) in enumerate(bounds)
             if not artifacts.shard_done(shard_dir, i, b - a)]
@@ -194,6 +206,7 @@ def distill(ctx: StageContext) -> StageResult:
     seconds, translated = 0.0, 0
     if todo:
         _ensure_ray(spec)
+        _warn_if_unschedulable(min(ds.actors, len(todo)), ds.cpus_per_actor, ds.gpus_per_actor)
         workers = make_workers(min(ds.actors, len(todo)), model_path, spm_path, shard_dir, decode,
                                ds.cpus_per_actor, ds.gpus_per_actor)
         bar = tqdm(total=len(bounds), initial=reused, unit="shard", desc="distill",
