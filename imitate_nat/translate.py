@@ -27,15 +27,17 @@ def translate(lines: Sequence[str], tok: Tokenizer, decoder: Decoder, batch_toke
         idx = [todo[j] for j in batch]
         src = source_tensor([ids[i] for i in idx]).to(device)
         for i, hyp in zip(idx, decoder(src)):
-            out[i] = tok.decode(hyp)
+            # One output line per input line, always: a line break would shift every later line.
+            out[i] = tok.decode(hyp).replace("\r", " ").replace("\n", " ")
     return out
 
 
-def at_beam(at, beam_size: int = 4, length_penalty: float = 1.0, max_len_a: float = 1.5, max_len_b: int = 10) -> Decoder:
+def at_beam(at, beam_size: int = 4, length_penalty: float = 1.0, max_len_a: float = 1.5, max_len_b: int = 10,
+            min_len: int = 0) -> Decoder:
     if beam_size == 1:
-        return partial(greedy_search, at, max_len_a=max_len_a, max_len_b=max_len_b)
+        return partial(greedy_search, at, max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len)
     return partial(beam_search, at, beam_size=beam_size, length_penalty=length_penalty,
-                   max_len_a=max_len_a, max_len_b=max_len_b)
+                   max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len)
 
 
 def nat_one_pass(nat) -> Decoder:

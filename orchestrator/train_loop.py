@@ -151,7 +151,8 @@ def train_loop(config: dict) -> None:
         return  # the restored checkpoint is already the final one (driver killed after training)
 
     tracker = config["tracker"].handle(config["run_id"]) if rank == 0 and config.get("tracker") else None
-    bar = tqdm(total=t["max_steps"], desc=kind, position=0) if rank == 0 and config.get("progress") else None
+    name = "teacher" if kind == "at" else "student"
+    bar = tqdm(total=t["max_steps"], desc=name, position=0) if rank == 0 and config.get("progress") else None
     if bar:
         bar.update(start_step)
     loss_fn = (lambda m, b: at_loss(m, b, losses)) if kind == "at" else (lambda m, b: nat_loss(m, b, losses, teacher))
@@ -185,7 +186,7 @@ def train_loop(config: dict) -> None:
                 tracker.log_metrics({"train/loss": g[0], "train/nll": g[1], "train/lr": lr,
                                      **{f"train/{k}": v for k, v in stats.items() if k not in ("loss", "nll")}}, step=step)
             if bar:
-                bar.set_description(f"{kind} loss {g[0]:.3f}")
+                bar.set_description(f"{name} loss {g[0]:.3f}")
         if bar:
             bar.update(1)
 

@@ -28,9 +28,8 @@ import torch
 from tqdm.auto import tqdm
 
 from imitate_nat.checkpoint import load_model
-from imitate_nat.data import source_tensor, token_batches
-from imitate_nat.decode import beam_search
 from imitate_nat.tokenizer import Tokenizer
+from imitate_nat.translate import at_beam, translate
 
 from .. import artifacts
 from . import StageContext, StageResult
@@ -43,19 +42,11 @@ DECODE_KEYS = ("beam_size", "batch_tokens", "length_penalty", "max_len_a", "max_
 
 def translate_lines(model, tok, lines, beam_size=4, batch_tokens=4096, length_penalty=1.0,
                     max_len_a=1.5, max_len_b=10, device="cpu", min_len=0) -> list[str]:
-    """Beam-decode `lines` in token-bucketed batches (source length × beam ≤ batch_tokens, a
-    longer sentence alone); returns one detokenized line per input, in input order. Sources
-    longer than the positional table are truncated; an empty hypothesis is an empty string."""
-    ids = [s[: model.cfg.max_positions - 1] for s in tok.encode_batch(list(lines))]
-    out = [""] * len(ids)
-    for batch in token_batches([(len(s) + 1) * beam_size for s in ids], batch_tokens):
-        src = source_tensor([ids[i] for i in batch], model.cfg.eos_id, model.cfg.pad_id).to(device)
-        hyps = beam_search(model, src, beam_size=beam_size, length_penalty=length_penalty,
-                           max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len)
-        for i, h in zip(batch, hyps):
-            # A line break inside a hypothesis would shift every later line of the merge.
-            out[i] = tok.decode(h).replace("\r", " ").replace("\n", " ")
-    return out
+    """Beam-decode `lines` in token-bucketed batches (source length × beam ≤ batch_tokens);
+    one detokenized line per input, in input order (imitate_nat.translate does the work)."""
+    decoder = at_beam(model, beam_size, length_penalty, max_len_a, max_len_b, min_len)
+    return translate(list(lines), tok, decoder, batch_tokens=batch_tokens, device=device,
+                     max_src_len=model.cfg.max_positions, cost_factor=beam_size)
 
 
 @ray.remote(max_restarts=2, max_task_retries=-1)
