@@ -60,7 +60,7 @@ def test_multi30k_points_at_shared_data(monkeypatch):
         pytest.skip("shared multi30k data not present")
     monkeypatch.chdir(root)  # data.dir is relative to the CWD
     spec = load_spec("jobs/multi30k.yaml")
-    assert spec.data.dir == str((root.parent / "shared/data/multi30k").resolve())
+    assert Path(spec.data.dir).resolve() == (root.parent / "shared/data/multi30k").resolve()
     assert spec.data.test_prefix == "test2016"
 
 
