@@ -100,6 +100,52 @@ def status(job, overrides) -> None:
         click.echo(f"  {s.stage:<10} {s.state:<8} {when}{extra}")
 
 
+@main.command("eval")
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--src", "src_path", required=True, type=click.Path(dir_okay=False), help="Source sentences, one per line.")
+@click.option("--ref", "ref_path", required=True, type=click.Path(dir_okay=False), help="References, line-aligned with --src.")
+@click.option("--delta-t", type=click.IntRange(0, 20), default=3, show_default=True, help="LPD: lengths T̂-ΔT … T̂+ΔT.")
+@click.option("--beam", type=click.IntRange(1, 64), default=4, show_default=True, help="AT beam size.")
+@click.option("--batch-tokens", type=click.IntRange(1), default=4096, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
+def eval_cmd(run_dir, src_path, ref_path, delta_t, beam, batch_tokens, as_json) -> None:
+    """Score any parallel test set with a finished run's models: AT beam, NAT, NAT+LPD."""
+    import json
+    from pathlib import Path
+
+    from imitate_nat.checkpoint import CheckpointError, load_model
+    from imitate_nat.data import read_parallel
+    from imitate_nat.tokenizer import Tokenizer
+
+    from .stages.evaluate import score_all
+
+    import torch
+
+    rd = Path(run_dir)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        src, ref = read_parallel(src_path, ref_path)
+        tok = Tokenizer(rd / "tokenizer" / "spm.model")
+        at, _ = load_model(rd / "teacher" / "model.pt", device)
+        nat, _ = load_model(rd / "student" / "model.pt", device)
+    except (OSError, ValueError, CheckpointError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_BAD_SPEC)
+    if not src:
+        click.echo(f"error: {src_path} is empty", err=True)
+        sys.exit(EXIT_BAD_SPEC)
+    rows, _ = score_all(at, nat, tok, src, ref, beam, delta_t, batch_tokens, device)
+    if as_json:
+        click.echo(json.dumps({"run_dir": str(rd), "sentences": len(src), "beam": beam, "delta_t": delta_t,
+                               "rows": rows}, indent=2))
+        return
+    labels = {"at": f"AT beam {beam}", "nat": "NAT", "lpd": f"NAT+LPD ΔT={delta_t}"}
+    click.echo(f"{len(src)} sentences\n{'model':<16}{'BLEU':>8}{'chrF':>8}")
+    for name, r in rows.items():
+        click.echo(f"{labels[name]:<16}{r['bleu']:>8.2f}{r['chrf']:>8.2f}")
+    click.echo(f"BLEU: {rows['at']['bleu_signature']}\nchrF: {rows['at']['chrf_signature']}")
+
+
 @main.command()
 @click.argument("job", type=click.Path(dir_okay=False))
 @set_option

@@ -84,6 +84,22 @@ def test_tiny_pipeline_end_to_end_then_resume_and_force(tmp_path):
     st = cli("status", "jobs/tiny.yaml", *sets(wd), workdir=wd)
     assert st.returncode == 0 and st.stdout.count(" done ") == len(STAGES)
 
+    # `eval` on the run's own test set reproduces the evaluate stage's scores.
+    test_src, test_ref = run_dir / "prepare" / "test.src", run_dir / "prepare" / "test.tgt"
+    ev = cli("eval", str(run_dir), "--src", str(test_src), "--ref", str(test_ref), "--json", workdir=wd)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    scores = json.loads(ev.stdout)["rows"]
+    summary = json.loads((run_dir / "evaluate" / "summary.json").read_text())["rows"]
+    for name in ("at", "nat", "lpd"):
+        assert scores[name]["bleu"] == pytest.approx(summary[name]["bleu"])
+        assert scores[name]["chrf_signature"].startswith("nrefs:1")
+    plain = cli("eval", str(run_dir), "--src", str(test_src), "--ref", str(test_ref), "--delta-t", "0", workdir=wd)
+    assert plain.returncode == 0 and "NAT+LPD ΔT=0" in plain.stdout and "BLEU: nrefs:1" in plain.stdout
+    short = tmp_path / "short.tgt"
+    short.write_text("one line\n")
+    bad = cli("eval", str(run_dir), "--src", str(test_src), "--ref", str(short), workdir=wd)
+    assert bad.returncode == 2 and "lines" in bad.stderr
+
 
 def test_a_failing_stage_exits_nonzero_and_marks_its_run_failed(tmp_path):
     wd = tmp_path / "runs"
