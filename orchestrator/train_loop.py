@@ -205,14 +205,14 @@ def train_loop(config: dict) -> None:
                 dist.broadcast(flag, src=0)
             score, stop = float(flag[0]), bool(flag[1])
             best = max(best, score)
-            report_checkpoint(model, optimizer, use_ds, t, rank, step, best, score, kind, config)
+            report_checkpoint(model, optimizer, use_ds, t, rank, step, best, score, kind)
         if last or stop:
             break
     if bar:
         bar.close()
 
 
-def report_checkpoint(model, optimizer, use_ds, t, rank, step, best, score, kind, config) -> None:
+def report_checkpoint(model, optimizer, use_ds, t, rank, step, best, score, kind) -> None:
     """Every rank reports (a barrier); rank 0 writes the model file and progress, and under
     DeepSpeed every rank writes its partition. Ray merges the directories into one checkpoint."""
     import ray.train

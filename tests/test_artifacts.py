@@ -1,7 +1,6 @@
 """Atomic writes, manifests and shard markers: what lets a rerun trust (or redo) a stage."""
 
 import json
-import os
 
 import pytest
 

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -69,7 +68,6 @@ def test_tiny_pipeline_end_to_end_then_resume_and_force(tmp_path):
     assert all(r.info.status == "FINISHED" for r in [parents[0], *children])
 
     # A rerun reuses every stage.
-    t0 = time.time()
     r = cli("run", "jobs/tiny.yaml", *sets(wd), "--no-progress", workdir=wd)
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stderr.count("done (reused)") == len(STAGES)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 
 from imitate_nat.checkpoint import read_model_file
 from imitate_nat.config import LossConfig
