@@ -68,7 +68,8 @@ def beam_search(at: ATDemonstrator, src: torch.Tensor, beam_size: int = 4, lengt
     memory, src_keep = at.encode(src)
     B, V = src.size(0), cfg.vocab_size
     max_len = max_output_length(src, cfg.pad_id, max_len_a, max_len_b, cfg.max_positions)
-    memory, src_keep = memory.repeat_interleave(k, 0), src_keep.repeat_interleave(k, 0)
+    # memory is NOT repeated per beam: the decoder folds each sentence's k consecutive
+    # hypothesis rows onto one copy of its source (TransferLayer cross-attention).
     device = src.device
     tokens = torch.full((B * k, 1), cfg.bos_id, dtype=torch.long, device=device)
     scores = torch.full((B, k), float("-inf"), device=device)

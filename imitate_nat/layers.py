@@ -88,7 +88,9 @@ class TransferLayer(nn.Module):
     """Transfer(·) of eq 6: self-attention, encoder-decoder attention, FFN.
 
     `causal=True` for the AT demonstrator; the NAT learner attends to all target positions.
-    With a cache, `x` holds only the newest positions and keys/values are appended."""
+    With a cache, `x` holds only the newest positions and keys/values are appended.
+    `memory`/`src_mask` may hold one row per sentence while `x` holds g rows per sentence,
+    consecutively (beam search's hypotheses): the g rows then share one copy of the source."""
 
     def __init__(self, d_model: int, n_heads: int, d_ffn: int, dropout: float):
         super().__init__()
@@ -116,7 +118,14 @@ class TransferLayer(nn.Module):
             mkv = self.cross_attn.project_kv(memory)
             if cache is not None:
                 cache[f"cross{layer}"] = mkv
-        x = x + self.drop(self.cross_attn(h, mkv, src_mask))
+        if memory.size(0) != x.size(0):
+            # Beam search passes each source once for its k consecutive hypothesis rows: fold
+            # the k rows into one sentence's queries. Attention is per query, so this equals
+            # attending to k copies, but reads the source K/V once and runs k× bigger matmuls.
+            y = self.cross_attn(h.reshape(memory.size(0), -1, h.size(-1)), mkv, src_mask).view(h.shape)
+        else:
+            y = self.cross_attn(h, mkv, src_mask)
+        x = x + self.drop(y)
         return x + self.drop(self.ffn(self.norm3(x)))
 
 
