@@ -78,6 +78,12 @@ class DataSpec(_Section):
         # Resolved against the CWD now, so later stages on other processes see the same path.
         return os.path.abspath(os.path.expanduser(v)) if v else v
 
+    @field_validator("hf_name")
+    @classmethod
+    def _absolute_if_local(cls, v: Optional[str]) -> Optional[str]:
+        # A local save_to_disk folder is a path: pin it like data.dir. A hub name stays as is.
+        return os.path.abspath(os.path.expanduser(v)) if v and os.path.isdir(os.path.expanduser(v)) else v
+
     @model_validator(mode="after")
     def _check_source(self) -> "DataSpec":
         if self.src_lang == self.tgt_lang:

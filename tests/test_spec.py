@@ -313,3 +313,12 @@ def test_jobspec_is_plain_pydantic():
     # Stages may rebuild a spec from a manifest's dict without going through YAML.
     spec = JobSpec.model_validate({"name": "x"})
     assert JobSpec.model_validate(spec.model_dump()) == spec
+
+
+def test_local_hf_dataset_folder_is_pinned_but_hub_names_are_not(tmp_path, monkeypatch):
+    (tmp_path / "ds").mkdir()
+    monkeypatch.chdir(tmp_path)
+    local = spec_from_dict({"name": "x", "data": {"source": "huggingface", "hf_name": "ds"}})
+    assert local.data.hf_name == str(tmp_path / "ds")
+    hub = spec_from_dict({"name": "x", "data": {"source": "huggingface", "hf_name": "wmt14", "hf_config": "de-en"}})
+    assert hub.data.hf_name == "wmt14"
