@@ -74,8 +74,12 @@ def token_batches(lengths: Sequence[int], max_tokens: int, shuffle: bool = False
 
 
 def read_lines(path: str | Path) -> list[str]:
-    with open(path, encoding="utf-8") as f:
-        return [line.rstrip("\n") for line in f]
+    """Lines split on "\n" only (a stray "\r" inside a sentence must not add a line, or a
+    parallel file would lose its alignment); a UTF-8 byte-order mark is dropped."""
+    text = Path(path).read_bytes().decode("utf-8-sig")
+    if not text:
+        return []
+    return (text[:-1] if text.endswith("\n") else text).split("\n")
 
 
 def read_parallel(src_path: str | Path, tgt_path: str | Path) -> tuple[list[str], list[str]]:

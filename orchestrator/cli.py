@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import logging
-import os
 import sys
 
 import click
 
 from .spec import JobSpec, SpecError, dump_spec, load_spec
-from .stages import STAGES
+from .stages import STAGES, init_ray
 
 EXIT_BAD_SPEC = 2
 log = logging.getLogger("imitate_orch")
@@ -28,18 +27,6 @@ def setup_logging(verbose: bool) -> None:
                         stream=sys.stderr)
     for noisy in ("mlflow", "alembic", "urllib3", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-def init_ray(spec: JobSpec, address: str | None) -> None:
-    import ray
-
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    # Make the job's modules importable by Ray workers started from any directory.
-    kwargs = {"address": address or spec.ray.address, "log_to_driver": True}
-    if not kwargs["address"]:  # a local cluster: size it from the spec
-        kwargs.update(num_cpus=spec.ray.num_cpus, object_store_memory=spec.ray.object_store_memory)
-    ray.init(**{k: v for k, v in kwargs.items() if v is not None})
 
 
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
@@ -113,11 +100,10 @@ def eval_cmd(run_dir, src_path, ref_path, delta_t, beam, batch_tokens, as_json) 
     import json
     from pathlib import Path
 
-    from imitate_nat.checkpoint import CheckpointError, load_model
+    from imitate_nat.checkpoint import CheckpointError
     from imitate_nat.data import read_parallel
-    from imitate_nat.tokenizer import Tokenizer
 
-    from .stages.evaluate import score_all
+    from .stages.evaluate import load_run_models, score_all
 
     import torch
 
@@ -125,9 +111,7 @@ def eval_cmd(run_dir, src_path, ref_path, delta_t, beam, batch_tokens, as_json) 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         src, ref = read_parallel(src_path, ref_path)
-        tok = Tokenizer(rd / "tokenizer" / "spm.model")
-        at, _ = load_model(rd / "teacher" / "model.pt", device)
-        nat, _ = load_model(rd / "student" / "model.pt", device)
+        tok, at, nat = load_run_models(rd, device)
     except (OSError, ValueError, CheckpointError) as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_BAD_SPEC)

@@ -8,7 +8,8 @@ import pytest
 
 from orchestrator.spec import spec_from_dict
 from orchestrator.stages import StageContext
-from orchestrator.stages.prepare import prepare, read_text_lines
+from imitate_nat.data import read_lines
+from orchestrator.stages.prepare import prepare
 from orchestrator.stages.tokenizer import tokenizer
 
 SPLIT_FILES = [f"{s}.{e}" for s in ("train", "valid", "test") for e in ("src", "tgt")]
@@ -25,7 +26,7 @@ def _run(tmp_path, data, **extra):
 
 
 def _lines(d: Path, name: str) -> list[str]:
-    return read_text_lines(d / name)
+    return read_lines(d / name)
 
 
 def _write(path: Path, lines) -> None:

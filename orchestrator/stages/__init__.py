@@ -46,3 +46,20 @@ class StageContext:
 
     def stage_path(self, stage: str, name: str) -> Path:
         return self.run_dir / stage / name
+
+
+def init_ray(spec: JobSpec, address: str | None = None) -> None:
+    """Join the cluster at `address` (or spec.ray.address), else start a local one sized from
+    spec.ray. Does nothing when Ray is already initialized in this process."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
+    kwargs = {"address": address or spec.ray.address, "log_to_driver": True}
+    if not kwargs["address"]:
+        kwargs.update(num_cpus=spec.ray.num_cpus, object_store_memory=spec.ray.object_store_memory)
+    ray.init(**{k: v for k, v in kwargs.items() if v is not None})

@@ -28,11 +28,12 @@ import torch
 from tqdm.auto import tqdm
 
 from imitate_nat.checkpoint import load_model
+from imitate_nat.data import read_lines
 from imitate_nat.tokenizer import Tokenizer
 from imitate_nat.translate import at_beam, translate
 
 from .. import artifacts
-from . import StageContext, StageResult
+from . import StageContext, StageResult, init_ray
 
 log = logging.getLogger(__name__)
 
@@ -120,27 +121,6 @@ def run_pool(workers: list, jobs: list[tuple[int, list[str]]], on_done=None) -> 
     return (time.perf_counter() - t0 if t0 is not None else 0.0), sentences
 
 
-def _ensure_ray(spec) -> None:
-    """The pipeline normally started Ray; if not, start (or join) one from spec.ray."""
-    if ray.is_initialized():
-        return
-    kw = {}
-    if spec.ray.address:
-        kw["address"] = spec.ray.address
-    else:
-        if spec.ray.num_cpus:
-            kw["num_cpus"] = spec.ray.num_cpus
-        if spec.ray.object_store_memory:
-            kw["object_store_memory"] = spec.ray.object_store_memory
-    ray.init(**kw)
-
-
-def _read_source(path: Path) -> list[str]:
-    # Bytes and "\n" only: text mode would also split at a stray "\r" and change the count.
-    text = path.read_bytes().decode("utf-8")
-    return (text[:-1] if text.endswith("\n") else text).split("\n") if text else []
-
-
 def _check_plan(shard_dir: Path, plan: dict) -> None:
     """Discard existing shards unless they were made from exactly these inputs and bounds."""
     path = shard_dir / "plan.json"
@@ -177,7 +157,7 @@ def distill(ctx: StageContext) -> StageResult:
     shard_dir = (ctx.out_dir / "shards").resolve()
     shard_dir.mkdir(parents=True, exist_ok=True)
 
-    lines = _read_source(src_path)
+    lines = read_lines(src_path)
     bounds = shard_bounds(len(lines), ds.shards)
     decode = {k: getattr(ds, k) for k in DECODE_KEYS}
     plan = {"source_sha256": artifacts.sha256_file(src_path),
@@ -196,7 +176,7 @@ def distill(ctx: StageContext) -> StageResult:
 
     seconds, translated = 0.0, 0
     if todo:
-        _ensure_ray(spec)
+        init_ray(spec)
         _warn_if_unschedulable(min(ds.actors, len(todo)), ds.cpus_per_actor, ds.gpus_per_actor)
         workers = make_workers(min(ds.actors, len(todo)), model_path, spm_path, shard_dir, decode,
                                ds.cpus_per_actor, ds.gpus_per_actor)

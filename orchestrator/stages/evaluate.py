@@ -2,7 +2,6 @@
 speedups, written as summary.json / summary.md and the three test translations."""
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -67,13 +66,19 @@ def markdown_table(rows: dict, spec) -> str:
     return "\n".join(lines) + f"\n\nsacreBLEU: {sig}\n"
 
 
+def load_run_models(run_dir: Path, device: str):
+    """(tokenizer, AT, NAT) of a finished run directory."""
+    tok = Tokenizer(run_dir / "tokenizer" / "spm.model")
+    at, _ = load_model(run_dir / "teacher" / "model.pt", device)
+    nat, _ = load_model(run_dir / "student" / "model.pt", device)
+    return tok, at, nat
+
+
 def evaluate(ctx: StageContext) -> StageResult:
     spec, out = ctx.spec, ctx.out_dir
     out.mkdir(parents=True, exist_ok=True)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    tok = Tokenizer(ctx.stage_path("tokenizer", "spm.model"))
-    at, _ = load_model(ctx.stage_path("teacher", "model.pt"), device)
-    nat, _ = load_model(ctx.stage_path("student", "model.pt"), device)
+    tok, at, nat = load_run_models(ctx.run_dir, device)
     src, ref = read_lines(ctx.stage_path("prepare", "test.src")), read_lines(ctx.stage_path("prepare", "test.tgt"))
     e = spec.eval
     rows, hyps = score_all(at, nat, tok, src, ref, e.beam_size, e.delta_t, e.batch_tokens, device, e.length_penalty)
@@ -94,8 +99,3 @@ def evaluate(ctx: StageContext) -> StageResult:
                         f"latency_ms_{name}": r["latency_ms"], f"speedup_{name}": r["speedup"]})
     outputs = {n: n for n in ("summary.json", "summary.md", "test.at.txt", "test.nat.txt", "test.lpd.txt")}
     return StageResult(outputs=outputs, metrics=metrics)
-
-
-def load_summary(run_dir: Path) -> dict | None:
-    p = Path(run_dir) / "evaluate" / "summary.json"
-    return json.loads(p.read_text()) if p.is_file() else None

@@ -25,6 +25,8 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence
 
+from imitate_nat.data import read_parallel
+
 from ..artifacts import atomic_write_text
 from ..spec import DataSpec
 from . import StageContext, StageResult
@@ -41,21 +43,6 @@ Pairs = tuple[list[str], list[str]]
 def normalize(line: str) -> str:
     """Strip and collapse all whitespace (incl. tabs, CR, U+2028) to single spaces."""
     return " ".join(line.split())
-
-
-def read_text_lines(path: str | Path) -> list[str]:
-    """Lines split on "\\n" only (a stray "\\r" must not add a line); a UTF-8 BOM is dropped."""
-    text = Path(path).read_bytes().decode("utf-8-sig")
-    if not text:
-        return []
-    return (text[:-1] if text.endswith("\n") else text).split("\n")
-
-
-def _read_files(src_path: str, tgt_path: str) -> Pairs:
-    src, tgt = read_text_lines(src_path), read_text_lines(tgt_path)
-    if len(src) != len(tgt):
-        raise ValueError(f"{src_path} has {len(src)} lines but {tgt_path} has {len(tgt)}")
-    return src, tgt
 
 
 def _sample_indices(n: int, k: int, seed: int) -> list[int]:
@@ -93,23 +80,23 @@ def _load_synthetic(data: DataSpec, seed: int) -> dict[str, Pairs]:
     with tempfile.TemporaryDirectory(prefix="imitate-synthetic-") as tmp:
         paths = write_splits(tmp, syn.train_size, syn.valid_size, syn.test_size, seed=seed,
                              vocab_words=syn.vocab_words, src_lang=data.src_lang, tgt_lang=data.tgt_lang)
-        return {split: _read_files(*map(str, paths[split])) for split in SPLITS}
+        return {split: read_parallel(*map(str, paths[split])) for split in SPLITS}
 
 
 def _load_files(data: DataSpec, seed: int) -> dict[str, Pairs]:
-    train = _read_files(*data.split_files(data.train_prefix))
+    train = read_parallel(*data.split_files(data.train_prefix))
     cap = _cap_indices(len(train[0]), data.max_train, seed)
     if cap is not None:
         train = tuple([side[i] for i in cap] for side in train)
     valid_files = data.split_files(data.valid_prefix)
     if all(Path(p).is_file() for p in valid_files):
-        valid = _read_files(*valid_files)
+        valid = read_parallel(*valid_files)
     elif data.valid_size:
         valid, train = _carve(train, data.valid_size, seed)
     else:
         raise FileNotFoundError(f"missing valid file(s) {', '.join(valid_files)} "
                                 "(or set data.valid_size to carve valid from train)")
-    return {"train": train, "valid": valid, "test": _read_files(*data.split_files(data.test_prefix))}
+    return {"train": train, "valid": valid, "test": read_parallel(*data.split_files(data.test_prefix))}
 
 
 def _import_datasets():

@@ -9,9 +9,9 @@ from __future__ import annotations
 import logging
 import random
 
+from imitate_nat.data import read_lines
 from imitate_nat.tokenizer import train_sentencepiece
 
-from .prepare import read_text_lines
 from . import StageContext, StageResult
 
 log = logging.getLogger("imitate_orch")
@@ -31,10 +31,10 @@ def tokenizer(ctx: StageContext) -> StageResult:
                               model_type=spec.model_type, character_coverage=spec.character_coverage,
                               max_sentences=spec.max_sentences, seed=ctx.spec.seed)
 
-    src = read_text_lines(ctx.stage_path(prep, "valid.src"))
-    tgt = read_text_lines(ctx.stage_path(prep, "valid.tgt"))
+    src = read_lines(ctx.stage_path(prep, "valid.src"))
+    tgt = read_lines(ctx.stage_path(prep, "valid.tgt"))
     if not src:
-        src, tgt = (read_text_lines(p) for p in train_files)
+        src, tgt = (read_lines(p) for p in train_files)
         if len(src) > SAMPLE:
             idx = sorted(random.Random(ctx.spec.seed).sample(range(len(src)), SAMPLE))
             src, tgt = [src[i] for i in idx], [tgt[i] for i in idx]
