@@ -56,7 +56,8 @@ def stage_hashes(spec: JobSpec) -> dict[str, str]:
 
 
 def run_dir(spec: JobSpec) -> Path:
-    return Path(spec.workdir) / spec.name
+    # Absolute: Ray workers and actors run with another working directory.
+    return Path(spec.workdir).resolve() / spec.name
 
 
 @dataclass
@@ -135,7 +136,7 @@ def run_pipeline(spec: JobSpec, job_yaml: str, force: str | None = None, until: 
                 manifest.status, manifest.error, manifest.finished = "failed", f"{type(e).__name__}: {e}", utc_now()
                 write_manifest(d, manifest)
                 raise StageFailed(stage, e) from e
-            manifest.outputs = record_outputs(d, {n: d / p for n, p in result.outputs.items()})
+            manifest.outputs = record_outputs(d, result.outputs)  # paths relative to the stage dir
             manifest.metrics, manifest.status, manifest.finished = result.metrics, "done", utc_now()
             write_manifest(d, manifest)
             results[stage] = result.metrics

@@ -23,11 +23,11 @@ SMALL = ["data.synthetic.train_size=600", "data.synthetic.valid_size=60", "data.
          "ray.object_store_memory=150000000"]
 
 
-def cli(*args, workdir, timeout=600):
+def cli(*args, workdir, timeout=600, cwd=ROOT):
     cmd = [sys.executable, "-m", "orchestrator.cli", *args]
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def sets(workdir, *extra):
@@ -120,3 +120,16 @@ def test_bad_spec_exits_2_naming_the_field_before_anything_starts(tmp_path, over
     r = cli("run", "jobs/tiny.yaml", "--set", f"workdir={wd}", "--set", override, workdir=wd, timeout=60)
     assert r.returncode == 2 and field in r.stderr
     assert not wd.exists()          # nothing was started or written
+
+
+def test_relative_workdir_as_in_the_readme(tmp_path):
+    """The default workdir is ./runs, relative to where the user stands; Ray Train workers run
+    elsewhere, so every path handed to them must still point into the user's run dir."""
+    r = cli("run", str(ROOT / "jobs" / "tiny.yaml"), *sets("runs"), "--until", "teacher", "--no-progress",
+            workdir=None, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stage in ("prepare", "tokenizer", "teacher"):
+        m = json.loads((tmp_path / "runs" / "tiny" / stage / "manifest.json").read_text())
+        assert m["status"] == "done" and all((tmp_path / "runs" / "tiny" / stage / o["path"]).is_file()
+                                             for o in m["outputs"].values())
+    assert (tmp_path / "runs" / "mlflow.db").is_file()
