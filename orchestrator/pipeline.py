@@ -5,14 +5,23 @@ it, so a change anywhere upstream invalidates everything downstream. A stage who
 is done with the same hash and intact outputs (checksums) is skipped; a stage left running
 or failed with the same hash is resumed (its dir keeps finished shards and Ray Train
 checkpoints); a stage whose hash changed starts from an empty dir.
+
+Sharing work between runs (sweep trials, ablation variants): `run_pipeline(..., linked=...)`
+makes <run>/<stage> a symlink to another directory, typically a content-addressed one from
+`shared_stage_dirs` (<root>/<stage>/<hash>). Every stage runs under an exclusive file lock on
+its (resolved) directory, so two runs that need the same teacher train it once: the second
+waits, then finds it done and reuses it.
 """
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import shutil
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterable, Iterator
 
 from .artifacts import Manifest, is_complete, read_manifest, record_outputs, sha256_json, utc_now, write_manifest
 from .spec import JobSpec, dump_spec
@@ -55,6 +64,44 @@ def stage_hashes(spec: JobSpec) -> dict[str, str]:
     return hashes
 
 
+def shared_stage_dirs(spec: JobSpec, root: Path,
+                      stages: Iterable[str] = ("prepare", "tokenizer", "teacher", "distill")) -> dict[str, Path]:
+    """Content-addressed dirs for `stages`: runs whose specs agree up to a stage share its dir."""
+    hashes = stage_hashes(spec)
+    return {stage: Path(root).resolve() / stage / hashes[stage][:16] for stage in stages}
+
+
+def link_stage(run: Path, stage: str, target: Path) -> None:
+    """Make <run>/<stage> a symlink to `target` (replacing whatever was there)."""
+    link = run / stage
+    target.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink():
+        if link.resolve() == target.resolve():
+            return
+        link.unlink()
+    elif link.exists():
+        shutil.rmtree(link)
+    os.symlink(target.resolve(), link, target_is_directory=True)
+
+
+@contextmanager
+def stage_lock(d: Path, stage: str) -> Iterator[None]:
+    """Exclusive lock on a stage dir (its resolved path, so links share it) for as long as the
+    stage is checked and run. Another process holding it makes this one wait."""
+    real = d.resolve()
+    real.parent.mkdir(parents=True, exist_ok=True)
+    with open(real.parent / f".{real.name}.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            log.info("%-9s is being run by another process (%s); waiting", stage, real)
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
 def run_dir(spec: JobSpec) -> Path:
     # Absolute: Ray workers and actors run with another working directory.
     return Path(spec.workdir).resolve() / spec.name
@@ -94,13 +141,16 @@ def prepare_stage_dir(d: Path, input_hash: str, force: bool) -> None:
     """Keep a same-hash unfinished dir (resume); wipe a stale or forced one."""
     m = read_manifest(d)
     if d.exists() and (force or m is None or m.input_hash != input_hash):
-        shutil.rmtree(d)
+        for child in d.iterdir():  # the dir itself stays: it may be the target of links
+            shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     d.mkdir(parents=True, exist_ok=True)
 
 
 def run_pipeline(spec: JobSpec, job_yaml: str, force: str | None = None, until: str | None = None,
-                 progress: bool = True, tracker: Tracker | None = None) -> dict:
+                 progress: bool = True, tracker: Tracker | None = None,
+                 linked: dict[str, Path] | None = None) -> dict:
     """Run every stage that is not already done. Ray must be initialized by the caller.
+    `linked` maps stages to directories shared with other runs (see `shared_stage_dirs`).
     Returns {stage: metrics}. Raises StageFailed naming the failed stage."""
     funcs, hashes = stage_functions(), stage_hashes(spec)
     tracker = tracker or make_tracker(spec)
@@ -114,33 +164,42 @@ def run_pipeline(spec: JobSpec, job_yaml: str, force: str | None = None, until: 
         parent.log_text(Path(job_yaml).read_text() if Path(job_yaml).is_file() else "", "job.original.yaml")
         for stage in STAGES[: last + 1]:
             d = rd / stage
-            if stage not in forced and is_complete(d, hashes[stage]):
-                m = read_manifest(d)
-                log.info("%-9s done (reused)", stage)
-                with tracker.child(stage, {"reused": True}) as h:
-                    h.log_metrics(m.metrics)
-                results[stage] = m.metrics
-                continue
-            prepare_stage_dir(d, hashes[stage], force=stage in forced)
-            manifest = Manifest(stage=stage, input_hash=hashes[stage], status="running", started=utc_now())
-            write_manifest(d, manifest)
-            log.info("%-9s running", stage)
-            try:
-                with tracker.child(stage, {"reused": False}) as h:
-                    ctx = StageContext(spec, rd, stage, tracker=h, progress=progress, extra={"tracker": tracker})
-                    result = funcs[stage](ctx)
-                    h.log_metrics(result.metrics)
-                    for name in LOGGED_OUTPUTS.get(stage, ()):
-                        h.log_artifact(str(d / result.outputs[name]))
-            except Exception as e:
-                manifest.status, manifest.error, manifest.finished = "failed", f"{type(e).__name__}: {e}", utc_now()
-                write_manifest(d, manifest)
-                raise StageFailed(stage, e) from e
-            manifest.outputs = record_outputs(d, result.outputs)  # paths relative to the stage dir
-            manifest.metrics, manifest.status, manifest.finished = result.metrics, "done", utc_now()
-            write_manifest(d, manifest)
-            results[stage] = result.metrics
+            if linked and stage in linked:
+                link_stage(rd, stage, linked[stage])
+            with stage_lock(d, stage):
+                results[stage] = _run_stage(stage, d, hashes[stage], stage in forced, spec, rd, funcs[stage],
+                                            tracker, progress)
         summary = rd / "evaluate" / "summary.md"
         if summary.is_file():
             parent.log_artifact(str(summary))
     return results
+
+
+def _run_stage(stage: str, d: Path, input_hash: str, force: bool, spec: JobSpec, rd: Path, func,
+               tracker: Tracker, progress: bool) -> dict:
+    """Reuse the stage if it is done with this hash and intact, else (re)run it; returns its metrics."""
+    if not force and is_complete(d, input_hash):
+        m = read_manifest(d)
+        log.info("%-9s done (reused)", stage)
+        with tracker.child(stage, {"reused": True}) as h:
+            h.log_metrics(m.metrics)
+        return m.metrics
+    prepare_stage_dir(d, input_hash, force=force)
+    manifest = Manifest(stage=stage, input_hash=input_hash, status="running", started=utc_now())
+    write_manifest(d, manifest)
+    log.info("%-9s running", stage)
+    try:
+        with tracker.child(stage, {"reused": False}) as h:
+            ctx = StageContext(spec, rd, stage, tracker=h, progress=progress, extra={"tracker": tracker})
+            result = func(ctx)
+            h.log_metrics(result.metrics)
+            for name in LOGGED_OUTPUTS.get(stage, ()):
+                h.log_artifact(str(d / result.outputs[name]))
+    except Exception as e:
+        manifest.status, manifest.error, manifest.finished = "failed", f"{type(e).__name__}: {e}", utc_now()
+        write_manifest(d, manifest)
+        raise StageFailed(stage, e) from e
+    manifest.outputs = record_outputs(d, result.outputs)  # paths relative to the stage dir
+    manifest.metrics, manifest.status, manifest.finished = result.metrics, "done", utc_now()
+    write_manifest(d, manifest)
+    return result.metrics

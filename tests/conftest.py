@@ -46,3 +46,32 @@ def prepared_run(tmp_path_factory):
         (run_dir / stage).mkdir(parents=True, exist_ok=True)
         fn(StageContext(spec, run_dir, stage, progress=False))
     return run_dir, raw
+
+
+# tiny.yaml shrunk so the whole pipeline runs in about a minute on 2 cores.
+MICRO_JOB_SETS = ["data.synthetic.train_size=600", "data.synthetic.valid_size=60", "data.synthetic.test_size=40",
+                  "tokenizer.vocab_size=400", "model.d_model=32", "model.n_heads=2", "model.d_ffn=64",
+                  "model.n_actions=16", "teacher.max_steps=30", "student.max_steps=30", "teacher.eval_every=15",
+                  "student.eval_every=15", "teacher.checkpoint_every=15", "student.checkpoint_every=15",
+                  "distill.shards=4", "teacher.log_every=5", "eval.latency_sentences=3"]
+
+
+def micro_job_spec(workdir, *extra):
+    """jobs/tiny.yaml with MICRO_JOB_SETS and `extra` overrides, working in `workdir`."""
+    from pathlib import Path
+
+    from orchestrator.spec import load_spec
+
+    root = Path(__file__).resolve().parents[1]
+    return load_spec(str(root / "jobs" / "tiny.yaml"), [f"workdir={workdir}", *MICRO_JOB_SETS, *extra])
+
+
+@pytest.fixture(scope="session")
+def micro_run(ray_local, tmp_path_factory):
+    """A finished micro pipeline run (all six stages, in-process, MLflow on SQLite).
+    Returns (run_dir, spec). Read-only for tests: copy it before changing anything."""
+    from orchestrator.pipeline import run_dir, run_pipeline
+
+    spec = micro_job_spec(tmp_path_factory.mktemp("micro") / "runs")
+    run_pipeline(spec, "jobs/tiny.yaml", progress=False)
+    return run_dir(spec), spec

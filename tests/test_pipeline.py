@@ -12,15 +12,11 @@ import pytest
 from mlflow import MlflowClient
 
 from orchestrator.stages import STAGES
+from conftest import MICRO_JOB_SETS
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-SMALL = ["data.synthetic.train_size=600", "data.synthetic.valid_size=60", "data.synthetic.test_size=40",
-         "tokenizer.vocab_size=400", "model.d_model=32", "model.n_heads=2", "model.d_ffn=64",
-         "model.n_actions=16", "teacher.max_steps=30", "student.max_steps=30", "teacher.eval_every=15",
-         "student.eval_every=15", "teacher.checkpoint_every=15", "student.checkpoint_every=15",
-         "distill.shards=4", "teacher.log_every=5", "eval.latency_sentences=3", "ray.num_cpus=2",
-         "ray.object_store_memory=150000000"]
+SMALL = [*MICRO_JOB_SETS, "ray.num_cpus=2", "ray.object_store_memory=150000000"]
 
 
 def cli(*args, workdir, timeout=600, cwd=ROOT):
@@ -133,3 +129,52 @@ def test_relative_workdir_as_in_the_readme(tmp_path):
         assert m["status"] == "done" and all((tmp_path / "runs" / "tiny" / stage / o["path"]).is_file()
                                              for o in m["outputs"].values())
     assert (tmp_path / "runs" / "mlflow.db").is_file()
+
+
+def test_runs_share_linked_stages_and_train_one_teacher(ray_local, tmp_path):
+    """Two specs that differ only in the student share prepare/tokenizer/teacher through
+    shared_stage_dirs: the second run links to the first one's teacher and trains nothing."""
+    from conftest import micro_job_spec
+
+    from orchestrator.artifacts import read_manifest
+    from orchestrator.pipeline import run_dir, run_pipeline, shared_stage_dirs
+
+    root = tmp_path / "shared"
+    a = micro_job_spec(tmp_path / "a")
+    b = micro_job_spec(tmp_path / "b", "student.lambda2=0.05")
+    links_a, links_b = shared_stage_dirs(a, root), shared_stage_dirs(b, root)
+    assert links_a["teacher"] == links_b["teacher"] and links_a["distill"] == links_b["distill"]
+    run_pipeline(a, "jobs/tiny.yaml", until="teacher", progress=False, linked=links_a)
+    started = read_manifest(links_a["teacher"]).started
+    run_pipeline(b, "jobs/tiny.yaml", until="teacher", progress=False, linked=links_b)
+    for stage in ("prepare", "tokenizer", "teacher"):
+        link = run_dir(b) / stage
+        assert link.is_symlink() and link.resolve() == links_a[stage].resolve()
+    assert read_manifest(run_dir(b) / "teacher").started == started  # reused, not retrained
+    # A spec with another teacher gets its own teacher dir but still shares the data stages.
+    c = shared_stage_dirs(micro_job_spec(tmp_path / "c", "teacher.lambda1=0.01"), root)
+    assert c["teacher"] != links_a["teacher"] and c["tokenizer"] == links_a["tokenizer"]
+
+
+def test_stage_lock_makes_a_second_runner_wait(tmp_path):
+    import threading
+    import time
+
+    from orchestrator.pipeline import stage_lock
+
+    d, events = tmp_path / "teacher", []
+    d.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(d, target_is_directory=True)
+
+    def second():
+        with stage_lock(link, "teacher"):  # same resolved dir: same lock
+            events.append("second")
+
+    with stage_lock(d, "teacher"):
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.3)
+        events.append("first done")
+    t.join(5)
+    assert events == ["first done", "second"]
