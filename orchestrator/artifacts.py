@@ -226,8 +226,9 @@ def _encode_lines(lines: Iterable[str]) -> tuple[bytes, int]:
     return text.encode("utf-8"), len(lines)
 
 
-def write_shard(directory: str | os.PathLike, index: int, lines: Iterable[str]) -> Path:
-    """Write ``shard-NNNNN.txt`` then its ``.done`` marker (sha256 + line count).
+def write_shard(directory: str | os.PathLike, index: int, lines: Iterable[str], **meta: Any) -> Path:
+    """Write ``shard-NNNNN.txt`` then its ``.done`` marker (sha256 + line count, plus `meta`,
+    e.g. the node that made it).
 
     The marker is written last, so a crash in between leaves a shard without a marker,
     which :func:`shard_done` reports as not done.
@@ -236,18 +237,28 @@ def write_shard(directory: str | os.PathLike, index: int, lines: Iterable[str]) 
     marker.unlink(missing_ok=True)  # a stale marker must not vouch for a new shard
     data, n = _encode_lines(lines)
     atomic_write_bytes(shard, data)
-    atomic_write_json(marker, {"sha256": hashlib.sha256(data).hexdigest(), "lines": n})
+    atomic_write_json(marker, {**meta, "sha256": hashlib.sha256(data).hexdigest(), "lines": n})
     return shard
 
 
-def shard_done(directory: str | os.PathLike, index: int, expected_lines: int) -> bool:
-    shard, marker = _shard_paths(directory, index)
+def shard_marker(directory: str | os.PathLike, index: int) -> dict | None:
+    """The shard's done marker (sha256, lines, meta), or None if absent or unreadable."""
     try:
-        info = json.loads(marker.read_text(encoding="utf-8"))
-        data = shard.read_bytes()
+        info = json.loads(_shard_paths(directory, index)[1].read_text(encoding="utf-8"))
     except (OSError, ValueError):
+        return None
+    return info if isinstance(info, dict) else None
+
+
+def shard_done(directory: str | os.PathLike, index: int, expected_lines: int) -> bool:
+    """True only if the marker exists and the shard has its line count and checksum: a
+    half-written, truncated or altered shard is redone, never merged."""
+    info = shard_marker(directory, index)
+    if info is None:
         return False
-    if not isinstance(info, dict):
+    try:
+        data = _shard_paths(directory, index)[0].read_bytes()
+    except OSError:
         return False
     return (info.get("lines") == expected_lines
             and data.count(b"\n") == expected_lines

@@ -22,6 +22,21 @@ def load_or_exit(job: str, overrides: tuple[str, ...]) -> JobSpec:
         sys.exit(EXIT_BAD_SPEC)
 
 
+def exit_if_it_does_not_fit(spec: JobSpec) -> None:
+    """Right after connecting to Ray: a worker group or actor the cluster cannot place would wait
+    for ever, so it is a bad spec (exit 2) and no stage starts."""
+    import ray
+
+    from .resources import check_fits_cluster
+
+    try:
+        check_fits_cluster(spec)
+    except SpecError as e:
+        ray.shutdown()   # a local cluster started for this run goes away; a joined one stays
+        click.echo(f"error: the job does not fit the Ray cluster (no stage was started)\n{e}", err=True)
+        sys.exit(EXIT_BAD_SPEC)
+
+
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="imitate-orch: %(message)s",
                         stream=sys.stderr)
@@ -57,6 +72,7 @@ def run(job, overrides, address, force, until, no_progress, verbose) -> None:
     from .pipeline import StageFailed, run_dir, run_pipeline
 
     init_ray(spec, address)
+    exit_if_it_does_not_fit(spec)
     try:
         run_pipeline(spec, job, force=force, until=until, progress=not no_progress)
     except StageFailed as e:
@@ -85,6 +101,47 @@ def status(job, overrides) -> None:
         when = (m.finished or m.started or "") if m else ""
         extra = f"  error: {m.error}" if m and m.error and s.state == "failed" else ""
         click.echo(f"  {s.stage:<10} {s.state:<8} {when}{extra}")
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--num-samples", type=click.IntRange(1), default=None, help="Trials (default: sweep.num_samples).")
+@click.option("--max-concurrent", type=click.IntRange(1), default=None,
+              help="Trials running at once (default: sweep.max_concurrent).")
+@click.option("--fresh", is_flag=True, help="Start over instead of resuming <workdir>/<job>-sweep "
+              "(teachers already trained there are kept and reused).")
+@click.option("--address", default=None, help="Join an existing Ray cluster (e.g. auto). Default: start a local one.")
+@click.option("--no-progress", is_flag=True, help="No Tune status tables (logs only).")
+@click.option("-v", "--verbose", is_flag=True)
+def sweep(job, overrides, num_samples, max_concurrent, fresh, address, no_progress, verbose) -> None:
+    """Tune λ1, λ2 and the action count of JOB with Ray Tune (ASHA), ΔT on every trained student.
+
+    The search space comes from the job's `sweep:` section. Trials share teachers by config hash;
+    results, plots and the best configuration as a ready-to-run job (best.yaml) go to
+    <workdir>/<job>-sweep/ and to MLflow. Rerunning the same command resumes an interrupted sweep."""
+    sets = [*([f"sweep.num_samples={num_samples}"] if num_samples else []),
+            *([f"sweep.max_concurrent={max_concurrent}"] if max_concurrent else [])]
+    spec = load_or_exit(job, (*overrides, *sets))
+    setup_logging(verbose)
+    from .sweep import SweepError, check_same_job, run_sweep, sweep_dir
+
+    try:
+        sweep_dir(spec).mkdir(parents=True, exist_ok=True)
+        check_same_job(sweep_dir(spec), spec, fresh)  # before Ray starts; run_sweep checks again
+    except SweepError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_BAD_SPEC)
+    init_ray(spec, address)
+    exit_if_it_does_not_fit(spec)  # trials use the job's teacher, distill and student resources
+    try:
+        out = run_sweep(spec, job, progress=not no_progress, echo=click.echo)
+    except KeyboardInterrupt:
+        click.echo(f"interrupted: rerun the same command to resume the sweep in {sweep_dir(spec)}", err=True)
+        sys.exit(130)
+    click.echo(f"sweep dir: {sweep_dir(spec)}")
+    if out["best"] is None:
+        sys.exit(1)
 
 
 @main.command("eval")
@@ -138,6 +195,126 @@ def validate(job: str, overrides: tuple[str, ...], show: bool) -> None:
     """Check a job spec (exit 2 if invalid) without running anything."""
     spec = load_or_exit(job, overrides)
     click.echo(dump_spec(spec) if show else f"{job}: valid job spec '{spec.name}'")
+
+
+@main.command()
+@click.argument("source")
+@set_option
+@click.option("--host", default=None, help="Bind address (default: serve.host = 127.0.0.1).")
+@click.option("--port", type=click.IntRange(1, 65535), default=None, help="HTTP port (default: serve.port = 8000).")
+@click.option("--replicas", type=click.IntRange(1), default=None, help="Replicas (default: serve.replicas).")
+@click.option("--delta-t", type=click.IntRange(0, 20), default=None, help="Default LPD ΔT (default: eval.delta_t).")
+@click.option("--max-batch-size", type=click.IntRange(1), default=None, help="Requests per batch (default: serve.max_batch_size).")
+@click.option("--tracking-uri", default=None, help="MLflow store for a run id (default: $MLFLOW_TRACKING_URI, else ./runs/mlflow.db).")
+@click.option("--address", default=None, help="Join an existing Ray cluster. Default: start a local one.")
+@click.option("-v", "--verbose", is_flag=True)
+def serve(source, overrides, host, port, replicas, delta_t, max_batch_size, tracking_uri, address, verbose) -> None:
+    """Serve a finished run's NAT + LPD over HTTP (Ray Serve) until Ctrl-C.
+
+    SOURCE: a run directory, a job YAML (its run directory) or an MLflow run id.
+    API: POST /translate {"text": ...} or {"texts": [...]}, GET /health, docs at /docs."""
+    from pathlib import Path
+
+    from .serve import ServeSetupError, flag_overrides, resolve_target, run_server
+
+    sets = (*overrides, *flag_overrides(host, port, replicas, delta_t, max_batch_size))
+    spec = load_or_exit(source, sets) if Path(source).is_file() else None
+    try:
+        target = resolve_target(source, sets, tracking_uri, spec)
+    except (ServeSetupError, SpecError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_BAD_SPEC)
+    setup_logging(verbose)
+    sys.exit(run_server(target, address))
+
+
+@main.command("translate")
+@click.argument("texts", nargs=-1)
+@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="The serve endpoint.")
+@click.option("--delta-t", type=click.IntRange(0), default=None, help="LPD ΔT (default: the server's).")
+@click.option("--retries", type=click.IntRange(0), default=5, show_default=True,
+              help="Retries on connection errors, 429 and 5xx (exponential backoff).")
+@click.option("--timeout", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
+              help="Seconds per attempt.")
+def translate_cmd(texts, url, delta_t, retries, timeout) -> None:
+    """Translate TEXTS (or stdin lines) with a running `imitate-orch serve`: one line out per text."""
+    from .client import ServeRequestError, translate_lines
+
+    stdin = "" if texts else sys.stdin.read()
+    lines = list(texts) if texts else stdin.removesuffix("\n").split("\n") if stdin else []
+    try:
+        for line in translate_lines(url, lines, delta_t, retries=retries, timeout_s=timeout):
+            click.echo(line)
+    except ServeRequestError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_BAD_SPEC if e.status and 400 <= e.status < 500 else 1)
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@set_option
+@click.option("--lambda1-zero-teacher", is_flag=True,
+              help="Also train a teacher with λ1 = 0, for the action-usage comparison (Figure 4) in `report`.")
+@click.option("--address", default=None, help="Join an existing Ray cluster. Default: start a local one.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
+@click.option("-v", "--verbose", is_flag=True)
+def ablate(job, overrides, lambda1_zero_teacher, address, no_progress, verbose) -> None:
+    """Run the paper's ablation (Table 2) of JOB: raw vs distilled targets, UniformCopy vs
+    SoftCopy, imitation on/off, LPD on/off.
+
+    Variants share one teacher and one distillation (the job's own, when done). Results go to
+    <workdir>/<job>-ablate/ (ablation.md, ablation.json, one run dir per variant) and MLflow."""
+    spec = load_or_exit(job, overrides)
+    setup_logging(verbose)
+    from .ablate import ablation_dir, markdown_table, run_ablation
+    from .pipeline import StageFailed
+
+    init_ray(spec, address)
+    exit_if_it_does_not_fit(spec)
+    try:
+        result = run_ablation(spec, job, lambda1_zero_teacher=lambda1_zero_teacher, progress=not no_progress,
+                              echo=lambda m: click.echo(m, err=True))
+    except StageFailed as e:
+        click.echo(f"\nerror: {e}\n  Finished stages and variants are kept: rerun the same command to resume.", err=True)
+        if verbose:
+            raise
+        sys.exit(1)
+    click.echo(f"\n{spec.name}: ablation (Table 2)\n\n{markdown_table(result)}\nwritten to {ablation_dir(spec)}")
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(file_okay=False))
+@click.option("--job", "job", type=click.Path(dir_okay=False, exists=True), default=None,
+              help="The job spec (default: the job.yaml of the run's MLflow run).")
+@set_option
+@click.option("--compare-teacher", type=click.Path(exists=True), default=None,
+              help="A teacher trained with λ1 = 0 (its run dir, or a model.pt using this run's tokenizer) for the "
+                   "action-usage comparison. Default: the one `ablate --lambda1-zero-teacher` trained, if any.")
+@click.option("--max-delta-t", type=click.IntRange(0, 20), default=None,
+              help="BLEU/latency vs ΔT for ΔT = 0..this (default: eval.delta_t).")
+@click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True,
+              help="Set decoded for the ΔT sweep and the action usage.")
+@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output dir (default: RUN_DIR/report).")
+@click.option("--tracking-uri", default=None,
+              help="MLflow store (default: the job's, else $MLFLOW_TRACKING_URI, else <workdir>/mlflow.db).")
+@click.option("--no-progress", is_flag=True, help="No progress bars.")
+def report(run_dir, job, overrides, compare_teacher, max_delta_t, split, out, tracking_uri, no_progress) -> None:
+    """Write RUN_DIR/report/report.md with PNG plots (also logged to MLflow): results (Table 1),
+    ablation (Table 2), training curves, BLEU and latency vs ΔT, action usage (Figure 4)."""
+    from .analysis import RunNotReady
+    from .report import write_report
+
+    if overrides and not job:
+        click.echo("error: --set needs --job", err=True)
+        sys.exit(EXIT_BAD_SPEC)
+    spec = load_or_exit(job, overrides) if job else None
+    try:
+        path = write_report(run_dir, out, spec, tracking_uri, compare_teacher, max_delta_t, split,
+                            progress=not no_progress, echo=lambda m: click.echo(m, err=True))
+    except (RunNotReady, ValueError, OSError) as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_BAD_SPEC)
+    click.echo(f"report: {path}")
 
 
 if __name__ == "__main__":

@@ -167,7 +167,7 @@ def run_pipeline(spec: JobSpec, job_yaml: str, force: str | None = None, until: 
             if linked and stage in linked:
                 link_stage(rd, stage, linked[stage])
             with stage_lock(d, stage):
-                results[stage] = _run_stage(stage, d, hashes[stage], stage in forced, spec, rd, funcs[stage],
+                results[stage] = run_stage(stage, d, hashes[stage], stage in forced, spec, rd, funcs[stage],
                                             tracker, progress)
         summary = rd / "evaluate" / "summary.md"
         if summary.is_file():
@@ -175,7 +175,7 @@ def run_pipeline(spec: JobSpec, job_yaml: str, force: str | None = None, until: 
     return results
 
 
-def _run_stage(stage: str, d: Path, input_hash: str, force: bool, spec: JobSpec, rd: Path, func,
+def run_stage(stage: str, d: Path, input_hash: str, force: bool, spec: JobSpec, rd: Path, func,
                tracker: Tracker, progress: bool) -> dict:
     """Reuse the stage if it is done with this hash and intact, else (re)run it; returns its metrics."""
     if not force and is_complete(d, input_hash):

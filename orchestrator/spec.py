@@ -15,6 +15,7 @@ import copy as _copy
 import difflib
 import hashlib
 import json
+import math
 import os
 import warnings
 from pathlib import Path
@@ -103,7 +104,7 @@ class DataSpec(_Section):
             missing = [p for p in self.split_files(getattr(self, field)) if not os.path.isfile(p)]
             if missing and not (field == "valid_prefix" and self.valid_size):
                 hint = " (or set data.valid_size to carve it from train)" if field == "valid_prefix" else ""
-                raise FieldError(field, f"missing file(s): {', '.join(missing)}{hint}")
+                raise FieldError(field, f"missing file(s) in data.dir: {', '.join(missing)}{hint}")
 
     def split_files(self, prefix: str) -> tuple[str, str]:
         """(source file, target file) of one split for source=files."""
@@ -228,22 +229,28 @@ class ServeSpec(_Section):
 
 
 class SweepSpec(_Section):
-    num_samples: int = Field(8, gt=0)
-    max_concurrent: int = Field(2, gt=0)
-    lambda1: tuple[float, float] = (1e-4, 1e-1)      # log-uniform [low, high]
+    """`imitate-orch sweep`: Ray Tune (random search + ASHA) over λ1, λ2 and the action count;
+    every trained student is then decoded at each ΔT of `delta_t` (ΔT is decoding only)."""
+
+    num_samples: int = Field(8, gt=0)                # trials
+    max_concurrent: int = Field(2, gt=0)             # trials running at once
+    lambda1: tuple[float, float] = (1e-4, 1e-1)      # log-uniform [low, high]; low == high: fixed
     lambda2: tuple[float, float] = (1e-4, 1e-1)
-    n_actions: list[int] = Field(default_factory=lambda: [64, 128, 256, 512], min_length=1)
+    n_actions: list[int] = Field(default_factory=lambda: [64, 128, 256, 512], min_length=1)  # uniform choice
     delta_t: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4, 5], min_length=1)
-    metric: str = Field("valid_bleu_lpd", min_length=1)
+    # What ranks the trials (valid set, final): NAT+LPD at its best ΔT, or the one-pass NAT.
+    metric: Literal["valid_bleu_lpd", "valid_bleu_nat"] = "valid_bleu_lpd"
     mode: Literal["max", "min"] = "max"
-    grace_period: int = Field(1, gt=0)               # ASHA, in eval rounds
+    # ASHA early stopping over student training, on the student's valid BLEU reported at every
+    # eval/checkpoint interval (its "rounds"); stop the worst 1 - 1/reduction_factor at each rung.
+    grace_period: int = Field(1, gt=0)               # rounds every trial gets before it can be stopped
     reduction_factor: int = Field(2, ge=2)
 
     @field_validator("lambda1", "lambda2")
     @classmethod
     def _log_bounds(cls, v: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < v[0] <= v[1]:
-            raise ValueError(f"need 0 < low <= high for a log-uniform range, got {list(v)}")
+        if not (0 < v[0] <= v[1] and math.isfinite(v[1])):
+            raise ValueError(f"need 0 < low <= high < inf for a log-uniform range, got {list(v)}")
         return v
 
     @field_validator("n_actions")
@@ -251,19 +258,27 @@ class SweepSpec(_Section):
     def _positive(cls, v: list[int]) -> list[int]:
         if any(x <= 0 for x in v):
             raise ValueError(f"action counts must be positive, got {v}")
-        return v
+        return sorted(set(v))
 
     @field_validator("delta_t")
     @classmethod
     def _delta_range(cls, v: list[int]) -> list[int]:
         if any(not 0 <= x <= 20 for x in v):
             raise ValueError(f"ΔT values must be in 0..20, got {v}")
-        return v
+        return sorted(set(v))
 
 
 class TrackingSpec(_Section):
     uri: Optional[str] = None                        # None: sqlite file under the work dir
     experiment: Optional[str] = None                 # None: the job name
+
+    @field_validator("uri")
+    @classmethod
+    def _has_scheme(cls, v: Optional[str]) -> Optional[str]:
+        # A bare path would be an MLflow file store, which MLflow 3 refuses at the first log call.
+        if v is not None and "://" not in v and not v.startswith("databricks"):
+            raise ValueError(f"needs a scheme, e.g. sqlite:///runs/mlflow.db or http://host:5000 (got {v!r})")
+        return v
 
 
 class RaySpec(_Section):
@@ -299,6 +314,14 @@ class JobSpec(_Section):
         if self.tracking.experiment is None:
             self.tracking.experiment = self.name
         return self
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir_usable(cls, v: str) -> str:
+        # Caught now rather than as a traceback when the first stage makes its directory.
+        if os.path.exists(v) and not os.path.isdir(v):
+            raise ValueError(f"exists and is not a directory: {v}")
+        return v
 
     def section_hash(self, *names: str) -> str:
         """sha256 of the named sections' JSON (all sections if none): a stage manifest key."""

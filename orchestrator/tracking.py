@@ -197,6 +197,8 @@ class Tracker:
         else:
             handle = RunHandle(self._client, run_id)
             self._client.update_run(run_id, status="RUNNING")
+            if "error" in self._client.get_run(run_id).data.tags:  # left by the interruption
+                self._client.delete_tag(run_id, "error")
             for k, v in tags.items():
                 handle.set_tag(k, v)
             handle.log_params(self._new_params(run_id, params))
@@ -242,12 +244,13 @@ class Tracker:
 
     @contextlib.contextmanager
     def _terminate(self, handle: RunHandle) -> Iterator[None]:
-        """FINISHED on success; FAILED (KILLED for Ctrl-C) with an ``error`` tag and the
-        traceback as an artifact on exception, which then propagates unchanged."""
+        """FINISHED on success; FAILED (KILLED for Ctrl-C, or SystemExit: how Ray ends a task
+        that Tune stops) with an ``error`` tag and the traceback as an artifact on exception,
+        which then propagates unchanged."""
         try:
             yield
         except BaseException as e:
-            status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+            status = "KILLED" if isinstance(e, (KeyboardInterrupt, SystemExit)) else "FAILED"
             try:  # never let a tracking failure mask the real error
                 handle.set_tag("error", f"{type(e).__name__}: {e}")
                 handle.log_text(traceback.format_exc(), "error.txt")

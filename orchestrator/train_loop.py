@@ -9,11 +9,19 @@ Strategies: `ddp` (torch DDP via ray.train.torch.prepare_model) or `deepspeed` (
 fp32/bf16/fp16, on Ray's process group). Checkpoints go to Ray Train every
 `checkpoint_every` steps (and at the end) with the valid score; Ray restores the latest on a
 worker failure or when the same run is started again.
+
+Every rank writes a `sha256-rank<r>.json` of the files it puts into a checkpoint. On restore
+they are verified first: a damaged checkpoint (bit rot, a partial copy) is never loaded; the
+newest intact older one is used instead (steps after it are trained again), and if none is
+intact the run fails naming the damaged files. Each rank records its Ray node and pid as an
+MLflow tag `worker.<rank>` of the stage's run (where the workers ran, which pid to look at).
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
+import posixpath
 import tempfile
 from pathlib import Path
 
@@ -32,6 +40,8 @@ from imitate_nat.translate import at_beam, nat_one_pass, translate
 STATE = "trainer_state.pt"   # DDP: model + optimizer + step (loaded with weights_only=True)
 DS_TAG = "ds"                # DeepSpeed checkpoint tag inside a Ray checkpoint
 MODEL = "model.pt"           # the model file (imitate_nat.checkpoint) the stage keeps
+CHECKSUMS = "sha256-rank{}.json"
+log = logging.getLogger("imitate_orch")
 
 
 def load_pairs(src_path, tgt_path, tok: Tokenizer, max_len: int):
@@ -134,23 +144,29 @@ def train_loop(config: dict) -> None:
     else:
         model = ray.train.torch.prepare_model(model)
 
+    def load(d: Path) -> tuple[int, float]:
+        meta = json.loads((d / "progress.json").read_text())
+        if use_ds:
+            model.load_checkpoint(str(d), tag=DS_TAG)
+        else:
+            state = torch.load(d / STATE, map_location=device, weights_only=True)
+            unwrap(model).load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        return meta["step"], meta["best"]
+
     start_step, best = 0, float("-inf")
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as d:
-            meta = json.loads((Path(d) / "progress.json").read_text())
-            start_step, best = meta["step"], meta["best"]
-            if use_ds:
-                model.load_checkpoint(d, tag=DS_TAG)
-            else:
-                state = torch.load(Path(d) / STATE, map_location=device, weights_only=True)
-                unwrap(model).load_state_dict(state["model"])
-                optimizer.load_state_dict(state["optimizer"])
+        start_step, best = restore_intact(checkpoint, load)
 
     if start_step >= t["max_steps"]:
         return  # the restored checkpoint is already the final one (driver killed after training)
 
-    tracker = config["tracker"].handle(config["run_id"]) if rank == 0 and config.get("tracker") else None
+    run_handle = config["tracker"].handle(config["run_id"]) if config.get("tracker") else None
+    if run_handle:  # where this rank runs: node id and pid (observability, fault tests)
+        run_handle.set_tag(f"worker.{rank}", json.dumps({"node": ray.get_runtime_context().get_node_id(),
+                                                          "pid": os.getpid()}))
+    tracker = run_handle if rank == 0 else None
     name = "teacher" if kind == "at" else "student"
     bar = tqdm(total=t["max_steps"], desc=name, position=0) if rank == 0 and config.get("progress") else None
     if bar:
@@ -232,5 +248,68 @@ def report_checkpoint(model, optimizer, use_ds, t, rank, step, best, score, kind
             save_model(model_file_source, os.path.join(d, MODEL), meta={"step": step, "valid_bleu": score, "kind": kind})
             Path(d, "progress.json").write_text(json.dumps({"step": step, "best": best}))
         has_files = any(Path(d).iterdir())
+        if has_files:
+            write_checksums(Path(d), rank)
         ckpt = ray.train.Checkpoint.from_directory(d) if has_files else None
         ray.train.report({"step": step, "valid_bleu": score}, checkpoint=ckpt)
+
+
+# ------------------------------------------------------------------- checkpoint integrity --
+
+def write_checksums(d: Path, rank: int) -> None:
+    """sha256 of every file this rank wrote into checkpoint dir `d` (Ray merges the ranks' dirs)."""
+    from .artifacts import atomic_write_json, sha256_file
+
+    files = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith("sha256-rank"))
+    atomic_write_json(d / CHECKSUMS.format(rank), {p.relative_to(d).as_posix(): sha256_file(p) for p in files})
+
+
+def checkpoint_problems(d: Path) -> list[str]:
+    """What is wrong with checkpoint dir `d`: missing or altered files; [] if intact."""
+    from .artifacts import sha256_file
+
+    lists = sorted(d.glob(CHECKSUMS.format("*")))
+    if not lists:  # written before checksum lists existed: all there is to check is its progress file
+        return [] if (d / "progress.json").is_file() else ["no progress.json"]
+    problems = []
+    for listing in lists:
+        try:
+            expected = json.loads(listing.read_text())
+        except (OSError, ValueError):
+            problems.append(f"{listing.name} unreadable")
+            continue
+        for name, digest in expected.items():
+            p = d / name
+            if not p.is_file():
+                problems.append(f"{name} missing")
+            elif sha256_file(p) != digest:
+                problems.append(f"{name} checksum mismatch")
+    return problems
+
+
+def older_checkpoints(checkpoint) -> list:
+    """The run's other checkpoints older than `checkpoint`, newest first (local or s3:// storage)."""
+    import pyarrow.fs as pafs
+    import ray.train
+
+    parent, name = posixpath.split(checkpoint.path.rstrip("/"))
+    infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent))
+    names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name < name), reverse=True)
+    return [ray.train.Checkpoint(posixpath.join(parent, n), filesystem=checkpoint.filesystem) for n in names]
+
+
+def restore_intact(checkpoint, load):
+    """load(dir) from the newest intact checkpoint, starting at `checkpoint` (Ray's latest)."""
+    damaged = []
+    for candidate in [checkpoint, *older_checkpoints(checkpoint)]:
+        with candidate.as_directory() as d:
+            problems = checkpoint_problems(Path(d))
+            if not problems:
+                if damaged:
+                    log.warning("restoring from %s: newer checkpoint(s) are damaged: %s", candidate.path,
+                                "; ".join(damaged))
+                return load(Path(d))
+        damaged.append(f"{candidate.path}: {', '.join(problems)}")
+    raise RuntimeError("every checkpoint of this training run is damaged, none was loaded: "
+                       f"{'; '.join(damaged)}. Delete {posixpath.dirname(checkpoint.path)} to train from scratch.")

@@ -4,6 +4,9 @@ import os
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray 2.60 turns token auth on for every later process once ~/.ray/auth_token exists (the
+# two-node script makes one): tests and their subprocesses run their local clusters without it.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 # DeepSpeed JIT-compiles a CPU comm op on first use; keep it across test runs.
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
@@ -75,3 +78,27 @@ def micro_run(ray_local, tmp_path_factory):
     spec = micro_job_spec(tmp_path_factory.mktemp("micro") / "runs")
     run_pipeline(spec, "jobs/tiny.yaml", progress=False)
     return run_dir(spec), spec
+
+
+def copy_micro_workdir(micro, dst):
+    """A writable copy of micro_run's work dir (run dir, MLflow SQLite store, artifacts) at
+    `dst`, with the store's artifact locations moved along so logging to the copy never writes
+    into the original. Returns (run_dir, spec) of the copy."""
+    import shutil
+    import sqlite3
+
+    rd, spec = micro
+    src = rd.parent
+    shutil.copytree(src, dst, symlinks=True)
+    con = sqlite3.connect(dst / "mlflow.db")
+    with con:
+        con.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (str(src), str(dst)))
+        con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(src), str(dst)))
+    con.close()
+    # MLflow caches each run's artifact store by run id for the whole process, and the copy's
+    # runs keep the original's ids: forget the cached stores (private, test-only) so that
+    # logging to a copied run resolves the copy's location.
+    from mlflow.tracking._tracking_service import utils as mlflow_tracking_utils
+
+    getattr(mlflow_tracking_utils, "_artifact_repos_cache", {}).clear()
+    return dst / rd.name, micro_job_spec(dst)

@@ -127,6 +127,15 @@ def test_shard_roundtrip_and_marker(tmp_path):
     assert _debris(tmp_path) == []
 
 
+def test_shard_marker_keeps_meta_and_checksum(tmp_path):
+    A.write_shard(tmp_path, 2, ["x", "y"], node="abc123")
+    info = A.shard_marker(tmp_path, 2)
+    assert info["node"] == "abc123" and info["lines"] == 2 and len(info["sha256"]) == 64
+    assert A.shard_marker(tmp_path, 3) is None
+    (tmp_path / "shard-00002.txt").write_bytes(b"x\n")       # truncated: half the lines
+    assert not A.shard_done(tmp_path, 2, 2)
+
+
 def test_shard_not_done_cases(tmp_path):
     A.write_shard(tmp_path, 0, ["a", "b"])
     assert not A.shard_done(tmp_path, 0, 3)  # wrong line count

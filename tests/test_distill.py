@@ -5,7 +5,6 @@ in, original order, which shards are redone), not translation quality. max_len_b
 decoding is fast.
 """
 import json
-import os
 
 import pytest
 import torch
@@ -36,21 +35,6 @@ class RecordingTracker:
         for k, v in metrics.items():
             self.log_metric(k, v, step)
 
-
-@pytest.fixture(scope="module")
-def ray_local():
-    env = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    ray.init(num_cpus=2, include_dashboard=False, object_store_memory=100 * 1024 * 1024,
-             log_to_driver=False, configure_logging=False)
-    yield
-    ray.shutdown()
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +219,24 @@ def test_actor_that_cannot_start_is_dropped_and_all_dead_is_an_error(ray_local, 
     finally:
         for w in bad + good:
             ray.kill(w)
+
+
+@pytest.mark.timeout(120)
+def test_an_actor_the_cluster_cannot_place_does_not_hold_up_the_pool(ray_local, run_dir, tmp_path):
+    """More actors than fit: the pool finishes with those that start (it used to wait for ever)."""
+    run, src = run_dir
+    from orchestrator.stages.distill import make_workers, run_pool
+    model, spm = run / "teacher" / "model.pt", run / "tokenizer" / "spm.model"
+    jobs = [(i, src[a:b]) for i, (a, b) in enumerate(shard_bounds(len(src), 4))]
+    workers = make_workers(1, model, spm, tmp_path, DECODE) + make_workers(1, model, spm, tmp_path, DECODE, cpus=64)
+    try:
+        _, sentences = run_pool(workers, jobs)
+    finally:
+        for w in workers:
+            ray.kill(w)
+    assert sentences == N_LINES
+    assert all(artifacts.shard_marker(tmp_path, i)["node"] == ray.get_runtime_context().get_node_id()
+               for i in range(4))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

@@ -9,7 +9,8 @@ concatenates shards in order: line i of train.distilled.tgt translates line i of
 
 Shards are written by the actors into `<run dir>/distill/shards/`, and the actors read the
 teacher and tokenizer from the run dir: on a multi-node cluster the run dir must be on storage
-every node sees (NFS, a mounted bucket); on one machine a local directory is fine.
+every node sees (NFS, a mounted bucket); on one machine a local directory is fine. Each done
+marker records the Ray node that made its shard (the stage's `nodes` metric counts them).
 
 `shards/plan.json` fingerprints what the shards depend on (input, teacher, tokenizer, decoding
 settings, shard bounds); if it changed since the shards were written, they are all discarded,
@@ -33,6 +34,7 @@ from imitate_nat.tokenizer import Tokenizer
 from imitate_nat.translate import at_beam, translate
 
 from .. import artifacts
+from ..resources import check_fits_cluster
 from . import StageContext, StageResult, init_ray
 
 log = logging.getLogger(__name__)
@@ -69,8 +71,9 @@ class DistillWorker:
     def translate_shard(self, index: int, lines: list[str]) -> dict:
         t0 = time.perf_counter()
         out = translate_lines(self.model, self.tok, lines, device=self.device, **self.decode)
-        artifacts.write_shard(self.shard_dir, index, out)
-        return {"index": index, "n": len(out), "seconds": time.perf_counter() - t0}
+        node = ray.get_runtime_context().get_node_id()   # kept in the marker: where each shard was made
+        artifacts.write_shard(self.shard_dir, index, out, node=node)
+        return {"index": index, "n": len(out), "seconds": time.perf_counter() - t0, "node": node}
 
 
 def shard_bounds(n_lines: int, shards: int) -> list[tuple[int, int]]:
@@ -89,13 +92,14 @@ def make_workers(n: int, model_path, spm_path, shard_dir, decode: dict, cpus: fl
 def run_pool(workers: list, jobs: list[tuple[int, list[str]]], on_done=None) -> tuple[float, int]:
     """Translate `jobs` [(shard index, lines)] on `workers`, one shard in flight per actor, each
     actor taking the next shard as soon as it is ready or done (load balancing). An actor that
-    dies for good (restarts exhausted) is dropped and its shard goes back in the queue. Returns
-    (seconds from the first ready actor to the last shard, sentences translated); calls
-    `on_done(result_dict)` after each shard."""
+    dies for good (restarts exhausted) is dropped and its shard goes back in the queue. An actor
+    that never starts (the cluster has no room for it) is not waited for once every shard is
+    done. Returns (seconds from the first ready actor to the last shard, sentences translated);
+    calls `on_done(result_dict)` after each shard."""
     queue, live, idle = list(reversed(jobs)), list(workers), []
     refs = {w.ready.remote(): (w, None) for w in live}
     t0, sentences = None, 0
-    while refs:
+    while queue or any(job is not None for _, job in refs.values()):
         [ref], _ = ray.wait(list(refs), num_returns=1)
         worker, job = refs.pop(ref)
         try:
@@ -138,16 +142,6 @@ def _check_plan(shard_dir: Path, plan: dict) -> None:
     artifacts.atomic_write_json(path, plan)
 
 
-def _warn_if_unschedulable(n: int, cpus: float, gpus: float) -> None:
-    # An actor asking for more than the cluster has waits for ever (or for an autoscaler).
-    have = ray.cluster_resources()
-    for name, need in (("CPU", cpus), ("GPU", gpus)):
-        if need and have.get(name, 0) < need * n:
-            log.warning("distill: %d actors x %s %s requested, the Ray cluster has %s; actors that do "
-                        "not fit wait for resources (an autoscaler may add them)", n, need, name,
-                        have.get(name, 0))
-
-
 def distill(ctx: StageContext) -> StageResult:
     t_start = time.perf_counter()
     spec, ds = ctx.spec, ctx.spec.distill
@@ -177,7 +171,7 @@ def distill(ctx: StageContext) -> StageResult:
     seconds, translated = 0.0, 0
     if todo:
         init_ray(spec)
-        _warn_if_unschedulable(min(ds.actors, len(todo)), ds.cpus_per_actor, ds.gpus_per_actor)
+        check_fits_cluster(spec, sections=("distill",))   # an actor no node can hold would wait for ever
         workers = make_workers(min(ds.actors, len(todo)), model_path, spm_path, shard_dir, decode,
                                ds.cpus_per_actor, ds.gpus_per_actor)
         bar = tqdm(total=len(bounds), initial=reused, unit="shard", desc="distill",
@@ -206,7 +200,9 @@ def distill(ctx: StageContext) -> StageResult:
         raise RuntimeError(f"distill: merged {len(merged)} lines, expected {len(lines)}")
     artifacts.atomic_write_text(ctx.out_dir / OUTPUT, "".join(line + "\n" for line in merged))
 
+    nodes = {(artifacts.shard_marker(shard_dir, i) or {}).get("node") for i in range(len(bounds))}
     metrics = {"lines": float(len(lines)), "shards": float(len(bounds)), "shards_reused": float(reused),
+               "nodes": float(len(nodes - {None})),   # distinct Ray nodes that made the shards
                "sentences_per_s": translated / seconds if seconds > 0 else 0.0,
                "seconds": time.perf_counter() - t_start}
     ctx.tracker.log_metrics({f"distill/{k}": v for k, v in metrics.items()})

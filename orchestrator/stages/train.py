@@ -56,7 +56,7 @@ def train_config(ctx: StageContext, kind: str) -> dict:
     }
 
 
-def run_trainer(ctx: StageContext, kind: str):
+def run_trainer(ctx: StageContext, kind: str, callbacks=()):
     import ray.train
     from ray.train.torch import TorchTrainer
 
@@ -76,15 +76,17 @@ def run_trainer(ctx: StageContext, kind: str):
             name=f"{ctx.spec.name}-{ctx.stage}", storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="valid_bleu",
-                                                         checkpoint_score_order="max")),
+                                                         checkpoint_score_order="max"),
+            callbacks=list(callbacks)),  # e.g. Tune's report callback in a sweep trial
     )
     return trainer.fit()
 
 
-def _train(ctx: StageContext, kind: str) -> StageResult:
+def train_model(ctx: StageContext, kind: str, callbacks=()) -> StageResult:
+    """Train the AT ("at") or NAT ("nat") of this stage; its best checkpoint becomes model.pt."""
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
-    result = run_trainer(ctx, kind)
+    result = run_trainer(ctx, kind, callbacks)
     best = result.get_best_checkpoint("valid_bleu", "max")
     if best is None:
         raise RuntimeError(f"{ctx.stage}: training reported no checkpoint")
@@ -99,10 +101,10 @@ def _train(ctx: StageContext, kind: str) -> StageResult:
 
 
 def teacher(ctx: StageContext) -> StageResult:
-    return _train(ctx, "at")
+    return train_model(ctx, "at")
 
 
 def student(ctx: StageContext) -> StageResult:
-    return _train(ctx, "nat")
+    return train_model(ctx, "nat")
 
 

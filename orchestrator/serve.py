@@ -1,0 +1,322 @@
+"""`imitate-orch serve`: find a finished run's models, deploy the Serve app, run until Ctrl-C.
+
+A model source is one of
+- a run directory (<workdir>/<job>) whose tokenizer, teacher and student stages are done;
+- a job YAML: its run directory (pipeline.run_dir(spec));
+- an MLflow run id: a pipeline's parent run; each replica downloads spm.model and the two
+  model.pt files from the stage runs that logged them. A stage reused from an earlier run
+  logs no artifact, so its files come from the newest earlier run of the same job that did
+  run that stage (they share a run directory, so that run produced what was reused).
+
+The job's spec gives the serve and eval sections (limits, replicas, GPUs, ΔT, beam settings):
+the job YAML itself, or the job.yaml logged on the MLflow parent run (for a run directory:
+the newest finished parent run of that job in the tracking store, if any; else defaults).
+CLI flags become `serve.*` / `eval.delta_t` overrides, validated like `--set`.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import signal
+import socket
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .artifacts import read_manifest
+from .spec import JobSpec, SpecError, apply_overrides, spec_from_dict
+from .tracking import resolve_tracking_uri
+
+log = logging.getLogger("imitate_orch")
+
+# What a replica loads: stage -> file (logged to MLflow by those stages, see pipeline.LOGGED_OUTPUTS).
+SERVED_FILES = {"tokenizer": "spm.model", "teacher": "model.pt", "student": "model.pt"}
+# Sections of a stored job.yaml that serving reads; the others (e.g. data.dir, which must
+# exist to validate) belong to training and may not hold on the serving machine.
+SERVE_SECTIONS = ("name", "eval", "serve", "ray")
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class ServeSetupError(Exception):
+    """The model source cannot be served (missing files, unfinished run, unknown run id)."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a replica finds its models: a run directory, or MLflow stage runs."""
+
+    job: str
+    run_id: str | None = None              # MLflow parent run (None if not tracked/found)
+    run_dir: str | None = None
+    tracking_uri: str | None = None
+    stage_runs: dict[str, str] = field(default_factory=dict)  # MLflow: stage -> run holding its file
+
+    def describe(self) -> dict:
+        where = self.run_dir if self.run_dir else f"mlflow:{self.run_id}"
+        return {"job": self.job, "run_id": self.run_id, "source": where}
+
+
+@dataclass(frozen=True)
+class ServeTarget:
+    source: ModelSource
+    spec: JobSpec
+
+
+def flag_overrides(host=None, port=None, replicas=None, delta_t=None, max_batch_size=None) -> list[str]:
+    """CLI flags as `--set` overrides (so they are validated and reported like the spec)."""
+    pairs = (("serve.host", host), ("serve.port", port), ("serve.replicas", replicas),
+             ("eval.delta_t", delta_t), ("serve.max_batch_size", max_batch_size))
+    return [f"{k}={v}" for k, v in pairs if v is not None]
+
+
+def check_run_dir(rd: Path) -> None:
+    for stage, name in SERVED_FILES.items():
+        m = read_manifest(rd / stage)
+        if m is None or m.status != "done":
+            state = m.status if m else "missing"
+            raise ServeSetupError(f"{rd}: stage '{stage}' is not finished ({state}); run the job first")
+        if not (rd / stage / name).is_file():
+            raise ServeSetupError(f"{rd}: {stage}/{name} not found")
+
+
+def _client(uri: str):
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _store_exists(uri: str) -> bool:
+    # Never create an empty SQLite store as a side effect of looking for a run.
+    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file()
+
+
+def latest_parent_run(uri: str, job: str):
+    """The newest finished pipeline (parent) run of `job`, or None."""
+    if not _store_exists(uri):
+        return None
+    client = _client(uri)
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exp_ids, f"tags.job = '{job}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1) if exp_ids else []
+    return runs[0] if runs else None
+
+
+def _stored_spec(client, run) -> dict:
+    """The serving sections of the job.yaml logged on a parent run ({} when absent)."""
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    if "job.yaml" not in names:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "job.yaml", tmp)).read_text()) or {}
+    return {k: v for k, v in raw.items() if k in SERVE_SECTIONS}
+
+
+def stage_runs(client, parent) -> dict[str, str]:
+    """stage -> the run holding its file for the pipeline run `parent` (see module doc)."""
+    job, exp = parent.data.tags.get("job"), parent.info.experiment_id
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    out = {}
+    for stage, name in SERVED_FILES.items():
+        own = [r for r in children if r.data.tags.get("stage") == stage and r.info.status == "FINISHED"]
+        if not own:
+            raise ServeSetupError(f"MLflow run {parent.info.run_id}: no finished '{stage}' stage run")
+        producers = client.search_runs(
+            [exp], f"tags.stage = '{stage}' and params.reused = 'False' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"])
+        for r in producers:
+            pid = r.data.tags.get("mlflow.parentRunId")
+            if r.info.start_time > own[0].info.start_time or pid is None:
+                continue
+            if pid == parent.info.run_id or client.get_run(pid).data.tags.get("job") == job:
+                if name not in {a.path for a in client.list_artifacts(r.info.run_id)}:
+                    raise ServeSetupError(f"MLflow run {r.info.run_id} ({stage}): artifact {name} missing")
+                out[stage] = r.info.run_id
+                break
+        else:
+            raise ServeSetupError(f"MLflow run {parent.info.run_id}: no run of job '{job}' logged {stage}/{name}")
+    return out
+
+
+def resolve_target(arg: str, overrides: Sequence[str] = (), tracking_uri: str | None = None,
+                   spec: JobSpec | None = None) -> ServeTarget:
+    """RUN_DIR | JOB.yaml (pass its validated `spec`) | MLflow run id -> what to serve, how.
+    Raises ServeSetupError or SpecError (both: exit 2 in the CLI) before anything starts."""
+    if spec is not None or Path(arg).is_file():
+        target = _from_job(arg, overrides, tracking_uri, spec)
+    elif Path(arg).is_dir():
+        target = _from_run_dir(Path(arg).resolve(), overrides, tracking_uri)
+    elif RUN_ID.match(arg):
+        target = _from_mlflow(arg, overrides, tracking_uri)
+    else:
+        raise ServeSetupError(f"{arg}: not a run directory, a job YAML or an MLflow run id")
+    e, s = target.spec.eval, target.spec.serve
+    if e.delta_t > s.max_delta_t:
+        raise SpecError([("eval.delta_t", f"default ΔT {e.delta_t} exceeds serve.max_delta_t {s.max_delta_t}")], arg)
+    return target
+
+
+def _from_job(path: str, overrides, tracking_uri, spec: JobSpec | None) -> ServeTarget:
+    from .pipeline import run_dir
+    from .spec import load_spec
+
+    spec = spec or load_spec(path, list(overrides))
+    rd = run_dir(spec)
+    check_run_dir(rd)
+    uri = tracking_uri or resolve_tracking_uri(spec.tracking.uri, spec.workdir)
+    run = latest_parent_run(uri, spec.name)
+    return ServeTarget(ModelSource(spec.name, run.info.run_id if run else None, str(rd), uri), spec)
+
+
+def _from_run_dir(rd: Path, overrides, tracking_uri) -> ServeTarget:
+    check_run_dir(rd)
+    uri = tracking_uri or resolve_tracking_uri(None, rd.parent)  # the default store of its workdir
+    run = latest_parent_run(uri, rd.name)
+    if not run:
+        log.info("no MLflow run of job '%s' in %s: serve/eval settings are the defaults", rd.name, uri)
+    raw = _stored_spec(_client(uri), run) if run else {}
+    spec = spec_from_dict(apply_overrides({**raw, "name": rd.name}, list(overrides)), f"{rd} (stored job.yaml)")
+    return ServeTarget(ModelSource(rd.name, run.info.run_id if run else None, str(rd), uri), spec)
+
+
+def _from_mlflow(run_id: str, overrides, tracking_uri) -> ServeTarget:
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri or resolve_tracking_uri(None, JobSpec.model_fields["workdir"].default)
+    if not _store_exists(uri):
+        raise ServeSetupError(f"MLflow store {uri} not found (set --tracking-uri or MLFLOW_TRACKING_URI)")
+    client = _client(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        raise ServeSetupError(f"MLflow run {run_id} not found in {uri}: {e.message}") from None
+    job = run.data.tags.get("job")
+    if not job:
+        raise ServeSetupError(f"MLflow run {run_id} is not a pipeline (parent) run: it has no 'job' tag")
+    raw = {**_stored_spec(client, run), "name": job}
+    spec = spec_from_dict(apply_overrides(raw, list(overrides)), f"mlflow:{run_id} job.yaml")
+    return ServeTarget(ModelSource(job, run_id, None, uri, stage_runs(client, run)), spec)
+
+
+def load_models(source: ModelSource, device: str):
+    """(tokenizer, AT, NAT) for a replica, from the run directory or downloaded from MLflow."""
+    from .stages.evaluate import load_run_models
+
+    if source.run_dir:
+        return load_run_models(Path(source.run_dir), device)
+    tmp = Path(tempfile.mkdtemp(prefix="imitate-serve-"))
+    try:
+        client = _client(source.tracking_uri)
+        for stage, name in SERVED_FILES.items():
+            (tmp / stage).mkdir()
+            client.download_artifacts(source.stage_runs[stage], name, str(tmp / stage))
+        return load_run_models(tmp, device)  # everything is in memory afterwards
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def serve_application(target: ServeTarget):
+    """The bound Serve application (deployment options from the job's serve section)."""
+    from .serve_app import Translator
+
+    s = target.spec.serve
+    return Translator.options(
+        num_replicas=s.replicas,
+        # One CPU thread per replica (Ray sets OMP_NUM_THREADS from num_cpus): scale with replicas.
+        ray_actor_options={"num_cpus": 1, "num_gpus": s.gpus_per_replica},
+        # Serve caps a batch at max_ongoing_requests: room for one batch decoding and the next
+        # filling; at least 32, so that requests wait in the replica's queue rather than in
+        # Serve's router, which backs off and retries while every replica is full.
+        max_ongoing_requests=max(2 * s.max_batch_size, 32),
+    ).bind(target.source, s.model_dump(), target.spec.eval.model_dump())
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise ServeSetupError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def start(target: ServeTarget) -> str:
+    """Start Serve's HTTP proxy on serve.host:serve.port (unless Serve already runs there on this
+    cluster) and deploy; returns the base URL once every replica is up. Ray must be initialized."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from .serve_app import APP_NAME
+
+    s = target.spec.serve
+    running = _get_global_client(raise_if_no_controller_running=False)
+    # Serve's HTTP options are fixed while it runs (serve.start would only warn): refuse rather
+    # than print a URL nothing listens on.
+    if running is not None and (running.http_config.host, running.http_config.port) != (s.host, s.port):
+        actual = running.http_config
+        raise ServeSetupError(f"Serve already runs on this Ray cluster at {actual.host}:{actual.port}; "
+                              f"use that host and port, or stop it (`serve shutdown`)")
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run(serve_application(target), name=APP_NAME, route_prefix="/")
+    host = f"[{s.host}]" if ":" in s.host else s.host
+    return f"http://{host}:{s.port}"
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def run_server(target: ServeTarget, address: str | None = None) -> int:
+    """The `serve` command after validation: start Ray and Serve, block until Ctrl-C or
+    SIGTERM, then remove what it started (all of Serve, or only its application when it
+    joined a cluster where Serve already ran). Returns the exit code."""
+    import ray
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from .serve_app import APP_NAME
+    from .stages import init_ray
+
+    s = target.spec.serve
+    try:
+        check_port_free(s.host, s.port)
+    except ServeSetupError as e:
+        log.error("%s", e)
+        return 2
+    init_ray(target.spec, address)
+    # After ray.init, which installs its own SIGTERM handler (sys.exit): `kill` stops the
+    # server as cleanly as Ctrl-C, exit code 0.
+    signal.signal(signal.SIGTERM, _interrupt)
+    serve_was_running = _get_global_client(raise_if_no_controller_running=False) is not None
+    code, ours = 0, True
+    try:
+        url = start(target)
+        info = target.source.describe()
+        log.info("serving job '%s' (run %s) from %s with %d replica(s)", info["job"], info["run_id"],
+                 info["source"], s.replicas)
+        print(f"{url}/translate  (docs: {url}/docs, health: {url}/health); Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log.info("stopping")
+    except ServeSetupError as e:
+        log.error("%s", e)
+        code, ours = 2, False  # nothing was started
+    except RuntimeError as e:  # a deployment that cannot start (e.g. a replica constructor error)
+        log.error("serve failed: %s", e)
+        code = 1
+    finally:
+        if ours:
+            serve.delete(APP_NAME) if serve_was_running else serve.shutdown()
+        ray.shutdown()
+    return code
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port nothing listens on now (for tests and benchmarks; the OS picks it)."""
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
