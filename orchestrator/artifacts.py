@@ -144,6 +144,9 @@ class Manifest:
     started: str | None = None  # ISO-8601 UTC
     finished: str | None = None
     error: str | None = None
+    # earlier stage -> sha256 of its recorded outputs when this stage ran: a stage redone with
+    # different bytes makes every stage after it stale (empty in manifests from before this field)
+    consumed: dict[str, str] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

@@ -102,6 +102,21 @@ def stage_lock(d: Path, stage: str) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def consumed_digests(rd: Path, stage: str) -> dict[str, str]:
+    """sha256 of each earlier finished stage's recorded outputs, as `stage` would read them now."""
+    out = {}
+    for earlier in STAGES[: STAGES.index(stage)]:
+        m = read_manifest(rd / earlier)
+        if m is not None and m.status == "done":
+            out[earlier] = sha256_json(m.outputs)
+    return out
+
+
+def upstream_changed(m: Manifest | None, consumed: dict[str, str]) -> bool:
+    """Did an earlier stage's output change since this stage (manifest `m`) ran on it?"""
+    return m is not None and bool(m.consumed) and m.consumed != consumed
+
+
 def run_dir(spec: JobSpec) -> Path:
     # Absolute: Ray workers and actors run with another working directory.
     return Path(spec.workdir).resolve() / spec.name
@@ -121,7 +136,7 @@ def stage_states(spec: JobSpec) -> list[StageState]:
         m = read_manifest(d)
         if m is None:
             state = "pending"
-        elif m.input_hash != hashes[stage]:
+        elif m.input_hash != hashes[stage] or upstream_changed(m, consumed_digests(run_dir(spec), stage)):
             state = "stale"
         elif m.status == "done":
             state = "done" if is_complete(d, hashes[stage]) else "damaged"
@@ -177,15 +192,20 @@ def run_pipeline(spec: JobSpec, job_yaml: str, force: str | None = None, until: 
 
 def run_stage(stage: str, d: Path, input_hash: str, force: bool, spec: JobSpec, rd: Path, func,
                tracker: Tracker, progress: bool) -> dict:
-    """Reuse the stage if it is done with this hash and intact, else (re)run it; returns its metrics."""
-    if not force and is_complete(d, input_hash):
+    """Reuse the stage if it is done with this hash, intact, and on the same upstream bytes, else
+    (re)run it; returns its metrics."""
+    consumed = consumed_digests(rd, stage)
+    stale = upstream_changed(read_manifest(d), consumed)
+    if stale:
+        log.info("%-9s an earlier stage's output changed since it ran: redoing it", stage)
+    if not force and not stale and is_complete(d, input_hash):
         m = read_manifest(d)
         log.info("%-9s done (reused)", stage)
         with tracker.child(stage, {"reused": True}) as h:
             h.log_metrics(m.metrics)
         return m.metrics
-    prepare_stage_dir(d, input_hash, force=force)
-    manifest = Manifest(stage=stage, input_hash=input_hash, status="running", started=utc_now())
+    prepare_stage_dir(d, input_hash, force=force or stale)
+    manifest = Manifest(stage=stage, input_hash=input_hash, status="running", started=utc_now(), consumed=consumed)
     write_manifest(d, manifest)
     log.info("%-9s running", stage)
     try:

@@ -174,6 +174,13 @@ class TrainSpec(_Section):
     max_failures: int = Field(0, ge=-1)              # Ray FailureConfig; -1: retry forever
     storage_path: Optional[str] = None               # local path or s3://...; None: the run dir
 
+    @model_validator(mode="after")
+    def _precision_needs_deepspeed(self) -> "TrainSpec":
+        # Mixed precision is DeepSpeed's (bf16/fp16 config); under ddp it would silently be fp32.
+        if self.precision != "fp32" and self.strategy != "deepspeed":
+            raise FieldError("precision", f"{self.precision} needs strategy: deepspeed (ddp trains in fp32)")
+        return self
+
 
 class TeacherSpec(TrainSpec):
     lambda1: float = Field(0.001, ge=0.0)            # eq 14: action-distribution regularizer

@@ -178,3 +178,43 @@ def test_stage_lock_makes_a_second_runner_wait(tmp_path):
         events.append("first done")
     t.join(5)
     assert events == ["first done", "second"]
+
+
+def test_a_stage_redone_with_new_bytes_makes_the_stages_after_it_stale(tmp_path, monkeypatch):
+    """Stages are cheap fakes here (the real ones are covered above): damage the teacher's
+    output; if its redo gives other bytes, distill/student/evaluate run again on them, and if
+    it gives the same bytes, nothing after it reruns."""
+    from orchestrator import pipeline
+    from orchestrator.spec import spec_from_dict
+    from orchestrator.stages import StageResult
+
+    version, calls = {"teacher": 0}, []
+
+    def fake(stage):
+        def run(ctx):
+            calls.append(stage)
+            upstream = "".join((ctx.run_dir / s / "out.txt").read_text() for s in STAGES[: STAGES.index(stage)])
+            (ctx.out_dir / "out.txt").write_text(f"{stage}{version.get(stage, 0)}({upstream})")
+            return StageResult(outputs={"out.txt": "out.txt"})
+        return run
+
+    monkeypatch.setattr(pipeline, "stage_functions", lambda: {s: fake(s) for s in STAGES})
+    monkeypatch.setattr(pipeline, "LOGGED_OUTPUTS", {})
+    spec = spec_from_dict({"name": "fake", "workdir": str(tmp_path)})
+    rd = pipeline.run_dir(spec)
+    pipeline.run_pipeline(spec, "", progress=False)
+    assert calls == list(STAGES)
+
+    calls.clear()
+    version["teacher"] = 1                           # its redo will write other bytes
+    (rd / "teacher" / "out.txt").write_text("bit rot")
+    assert [s.state for s in pipeline.stage_states(spec)][2] == "damaged"
+    pipeline.run_pipeline(spec, "", progress=False)
+    assert calls == ["teacher", "distill", "student", "evaluate"]
+    assert "teacher1" in (rd / "evaluate" / "out.txt").read_text()
+
+    calls.clear()
+    (rd / "teacher" / "out.txt").write_text("bit rot")  # the redo gives the same bytes again
+    pipeline.run_pipeline(spec, "", progress=False)
+    assert calls == ["teacher"]
+    assert {s.state for s in pipeline.stage_states(spec)} == {"done"}

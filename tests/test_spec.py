@@ -159,6 +159,12 @@ def test_architecture_errors_caught_early():
     assert fields(e) == ["model"] and "divisible" in str(e.value)
 
 
+def test_mixed_precision_needs_deepspeed():
+    with pytest.raises(SpecError, match=r"student.precision: bf16 needs strategy: deepspeed"):
+        spec_from_dict({"name": "x", "student": {"precision": "bf16"}})
+    assert spec_from_dict({"name": "x", "student": {"precision": "bf16", "strategy": "deepspeed"}})
+
+
 def test_name_required(tmp_path):
     with pytest.raises(SpecError) as e:
         load_spec(write(tmp_path, "seed: 3\n"))

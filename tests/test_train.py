@@ -87,3 +87,31 @@ def test_student_trains_from_teacher_with_imitation(ray_local, prepared_run, tmp
     assert isinstance(nat, NATLearner) and nat.cfg.copy == "uniform"
     assert all(v > 0 for _, v in history(tracker, run_id, "train/imitation"))
     assert "best_valid_bleu" in result.metrics
+
+
+def test_stage_model_comes_from_the_best_intact_checkpoint(tmp_path):
+    """The stage's model.pt is the best checkpoint by valid BLEU whose checksum lists verify;
+    a damaged best one is skipped for the next."""
+    import json
+    from types import SimpleNamespace
+
+    from ray.train import Checkpoint
+
+    from orchestrator.stages.train import best_intact_model
+    from orchestrator.train_loop import write_checksums
+
+    ranked = []
+    for name, bleu in (("good", 10.0), ("best", 20.0)):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "model.pt").write_bytes(name.encode())
+        (d / "progress.json").write_text(json.dumps({"step": 1, "best": bleu}))
+        write_checksums(d, 0)
+        ranked.append((Checkpoint.from_directory(str(d)), {"valid_bleu": bleu}))
+    result = SimpleNamespace(best_checkpoints=ranked)
+    assert best_intact_model(result, "teacher") == b"best"
+    (tmp_path / "best" / "model.pt").write_bytes(b"bit rot")
+    assert best_intact_model(result, "teacher") == b"good"
+    (tmp_path / "good" / "model.pt").write_bytes(b"bit rot too")
+    with pytest.raises(RuntimeError, match="no intact checkpoint"):
+        best_intact_model(result, "teacher")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 from imitate_nat.checkpoint import read_model_file
 from imitate_nat.config import LossConfig
@@ -87,17 +88,28 @@ def train_model(ctx: StageContext, kind: str, callbacks=()) -> StageResult:
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
     result = run_trainer(ctx, kind, callbacks)
-    best = result.get_best_checkpoint("valid_bleu", "max")
-    if best is None:
-        raise RuntimeError(f"{ctx.stage}: training reported no checkpoint")
-    with best.as_directory() as d:
-        data = open(os.path.join(d, "model.pt"), "rb").read()
-    atomic_write_bytes(ctx.out_dir / "model.pt", data)
+    atomic_write_bytes(ctx.out_dir / "model.pt", best_intact_model(result, ctx.stage))
     meta = read_model_file(ctx.out_dir / "model.pt")["meta"]
     log.info("%s: best valid BLEU %.2f at step %d", ctx.stage, meta["valid_bleu"], meta["step"])
     return StageResult(outputs={"model.pt": "model.pt"},
                        metrics={"best_valid_bleu": float(meta["valid_bleu"]), "best_step": float(meta["step"]),
                                 "final_valid_bleu": float(result.metrics.get("valid_bleu", float("nan")))})
+
+
+def best_intact_model(result, stage: str) -> bytes:
+    """model.pt of the best checkpoint by valid BLEU whose checksum lists verify (a damaged one
+    is skipped with a warning, as when resuming)."""
+    from ..train_loop import checkpoint_problems
+
+    ranked = sorted(result.best_checkpoints or [], key=lambda cm: cm[1].get("valid_bleu", float("-inf")),
+                    reverse=True)
+    for checkpoint, _ in ranked:
+        with checkpoint.as_directory() as d:
+            problems = checkpoint_problems(Path(d))
+            if not problems:
+                return Path(d, "model.pt").read_bytes()
+        log.warning("%s: skipping damaged checkpoint %s: %s", stage, checkpoint.path, ", ".join(problems))
+    raise RuntimeError(f"{stage}: training reported no intact checkpoint")
 
 
 def teacher(ctx: StageContext) -> StageResult:
