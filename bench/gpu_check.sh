@@ -37,5 +37,5 @@ print("deepspeed partitions:", sorted(p.split('/')[-1] for p in glob.glob(f"{sys
 PY
 
 step "distillation throughput on the GPU"
-timeout 60 python3 bench/distill_throughput.py --device cuda --no-actors --sentences 512 --json "$OUT/distill_gpu.json"
+timeout 150 python3 bench/distill_throughput.py --device cuda --no-actors --sentences 256 --json "$OUT/distill_gpu.json"
 echo; echo "=== done ($(date +%T))"

@@ -143,6 +143,12 @@ def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     return torch.arange(max_len, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
 
 
-def attention_mask(keep: torch.Tensor) -> torch.Tensor:
-    """(B, Tk) keep-mask -> (B, 1, 1, Tk), broadcast over heads and queries."""
+def attention_mask(keep: torch.Tensor) -> torch.Tensor | None:
+    """(B, Tk) keep-mask -> (B, 1, 1, Tk), broadcast over heads and queries.
+
+    While decoding (no autograd), a mask that masks nothing is dropped (None): attention then
+    takes its unmasked fast path, which on a GPU at batch 1 saves the mask-conversion kernels of
+    every attention call. Training always keeps the mask: deciding costs a host sync."""
+    if not torch.is_grad_enabled() and bool(keep.all()):
+        return None
     return keep[:, None, None, :]

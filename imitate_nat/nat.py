@@ -46,8 +46,9 @@ class NATLearner(EncoderDecoder):
         return self.log_tau.exp()
 
     # --- decoder inputs -------------------------------------------------------------------------
-    def copy_inputs(self, memory, src_keep, tgt_lengths: torch.Tensor) -> torch.Tensor:
-        T = int(tgt_lengths.max())
+    def copy_inputs(self, memory, src_keep, tgt_lengths: torch.Tensor, T: int | None = None) -> torch.Tensor:
+        """Decoder inputs for target lengths `tgt_lengths`, padded to T (default: their max)."""
+        T = int(tgt_lengths.max()) if T is None else T
         if self.cfg.copy == "soft":
             w = soft_copy_weights(src_keep, T, self.tau).to(memory.dtype)
             return w @ memory                                        # eq 11: y_j = Σ_i w_ji h_i
@@ -72,9 +73,10 @@ class NATLearner(EncoderDecoder):
     # --- decoding -------------------------------------------------------------------------------
     def decode(self, memory, src_keep, tgt_lengths: torch.Tensor):
         """All positions in parallel at the given lengths. Returns (logits (B,T',V), [log π_l])."""
-        if int(tgt_lengths.max()) > self.cfg.max_positions:
-            raise ValueError(f"target length {int(tgt_lengths.max())} exceeds max_positions={self.cfg.max_positions}")
-        x = self.copy_inputs(memory, src_keep, tgt_lengths)
+        T = int(tgt_lengths.max())  # host sync: the decoder's width
+        if T > self.cfg.max_positions:
+            raise ValueError(f"target length {T} exceeds max_positions={self.cfg.max_positions}")
+        x = self.copy_inputs(memory, src_keep, tgt_lengths, T)
         x = self.drop(x + self.positions[: x.size(1)].to(x.dtype))
         tgt_keep = padding_mask(tgt_lengths, x.size(1))
         h, log_pis = self.decoder(x, memory, src_keep, tgt_keep=tgt_keep, causal=False)
