@@ -5,8 +5,8 @@ token-bucketed batches and takes its slice of each (sentences rank, rank+W, …)
 loss is rescaled by (its tokens × W / the global batch's tokens), so after the gradient
 averaging of DDP or DeepSpeed the update is that of one worker on the whole batch.
 
-Strategies: `ddp` (torch DDP via ray.train.torch.prepare_model) or `deepspeed` (ZeRO 0-3,
-fp32/bf16/fp16, on Ray's process group). Checkpoints go to Ray Train every
+Strategies: `ddp` (torch DDP via ray.train.torch.prepare_model; fp32, or bf16 by torch
+autocast) or `deepspeed` (ZeRO 0-3, fp32/bf16/fp16, on Ray's process group). Checkpoints go to Ray Train every
 `checkpoint_every` steps (and at the end) with the valid score; Ray restores the latest on a
 worker failure or when the same run is started again.
 
@@ -137,6 +137,8 @@ def train_loop(config: dict) -> None:
     optimizer = make_optimizer(model.parameters(), t["lr"], t["weight_decay"])
 
     use_ds = t["strategy"] == "deepspeed"
+    # ddp + bf16: autocast the forward (and loss); weights, gradients and Adam stay fp32.
+    autocast_bf16 = not use_ds and t["precision"] == "bf16"
     if use_ds:
         import deepspeed
         model, optimizer, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
@@ -182,7 +184,8 @@ def train_loop(config: dict) -> None:
             batch, weight = make_batch(src[:1], tgt[:1]), 0.0
         else:
             weight = local_tokens * world / global_tokens
-        loss, stats = loss_fn(model, batch.to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
+            loss, stats = loss_fn(model, batch.to(device))
         scaled = loss * weight
         if use_ds:
             model.backward(scaled)

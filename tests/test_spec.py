@@ -159,10 +159,11 @@ def test_architecture_errors_caught_early():
     assert fields(e) == ["model"] and "divisible" in str(e.value)
 
 
-def test_mixed_precision_needs_deepspeed():
-    with pytest.raises(SpecError, match=r"student.precision: bf16 needs strategy: deepspeed"):
-        spec_from_dict({"name": "x", "student": {"precision": "bf16"}})
-    assert spec_from_dict({"name": "x", "student": {"precision": "bf16", "strategy": "deepspeed"}})
+def test_fp16_needs_deepspeed_bf16_does_not():
+    with pytest.raises(SpecError, match=r"student.precision: fp16 needs strategy: deepspeed"):
+        spec_from_dict({"name": "x", "student": {"precision": "fp16"}})
+    assert spec_from_dict({"name": "x", "student": {"precision": "fp16", "strategy": "deepspeed"}})
+    assert spec_from_dict({"name": "x", "student": {"precision": "bf16"}}).student.strategy == "ddp"  # autocast
 
 
 def test_name_required(tmp_path):

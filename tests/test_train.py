@@ -4,6 +4,7 @@ equivalence (two workers ≡ one worker on the same global batch)."""
 import shutil
 
 import pytest
+import torch
 from mlflow import MlflowClient
 
 from conftest import micro_train
@@ -62,19 +63,28 @@ def test_deepspeed_zero2_two_workers_trains_checkpoints_and_resumes(ray_local, p
     assert load_model(run_dir / "teacher" / "model.pt")[1]["step"] in (10, 20)
 
 
-def test_two_workers_follow_the_one_worker_loss_trajectory(ray_local, prepared_run, tmp_path, tracker):
+def test_two_workers_follow_the_one_worker_loss_trajectory_and_bf16_autocast_stays_close(
+        ray_local, prepared_run, tmp_path, tracker):
     curves = {}
-    for workers in (1, 2):
-        run_dir, raw = copy_run(prepared_run, tmp_path / f"w{workers}")
+    for workers, precision in ((1, "fp32"), (2, "fp32"), (1, "bf16")):
+        run_dir, raw = copy_run(prepared_run, tmp_path / f"w{workers}{precision}")
         raw["model"] = {**raw["model"], "dropout": 0.0}
-        raw["teacher"] = micro_train(max_steps=12, workers=workers, strategy="ddp", eval_every=12, checkpoint_every=12)
+        raw["teacher"] = micro_train(max_steps=12, workers=workers, strategy="ddp", eval_every=12, checkpoint_every=12,
+                                     precision=precision)
         _, run_id = run_stage(teacher, run_dir, raw, "teacher", tracker)
-        curves[workers] = [v for _, v in history(tracker, run_id, "train/loss")]
-    one, two = curves[1], curves[2]
-    assert len(one) == len(two) == 12
+        curves[workers, precision] = [v for _, v in history(tracker, run_id, "train/loss")]
+    one, two, bf16 = curves[1, "fp32"], curves[2, "fp32"], curves[1, "bf16"]
+    assert len(one) == len(two) == len(bf16) == 12
     assert one[-1] < one[0]                       # it learns
     for a, b in zip(one, two):                    # c (eq 7) is updated per worker: tiny drift only
         assert b == pytest.approx(a, rel=2e-3), (one, two)
+    # ddp + bf16 is torch autocast: bf16 matmuls change the losses (so it is really on), but only
+    # by rounding; the weights it trains, and the model file, stay fp32.
+    assert bf16 != one
+    for a, b in zip(one, bf16):
+        assert b == pytest.approx(a, rel=3e-2), (one, bf16)
+    model, _ = load_model(tmp_path / "w1bf16" / "run" / "teacher" / "model.pt")
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
 
 
 def test_student_trains_from_teacher_with_imitation(ray_local, prepared_run, tmp_path, tracker):
