@@ -1,0 +1,109 @@
+"""Training-step time, fp32 vs bf16 autocast, measured side by side in one run.
+
+One model of a named size, random weights and random token batches of --batch-tokens (sized
+as the train loop does: max(source, target) + 1 tokens per sentence), the AT demonstrator's loss (eq 14)
+and, with --student, the imitate-NAT's (eq 15, frozen AT forward included). Each precision is
+timed for --steps optimizer steps after --warmup untimed ones, alternating between the two
+precisions --rounds times; the median step time per precision is reported with the ratio.
+bf16 is what `precision: bf16` does under `strategy: ddp` (torch.autocast; weights and Adam
+stay fp32). A benchmark, not a test.
+
+    python bench/train_step.py                      # small preset, 2,048 tokens, CPU threads = cores
+    python bench/train_step.py --size tiny --threads 1 --student
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from imitate_nat import ATDemonstrator, LossConfig, NATLearner  # noqa: E402
+from imitate_nat.config import PRESETS, preset  # noqa: E402
+from imitate_nat.data import make_batch  # noqa: E402
+from imitate_nat.losses import at_loss, nat_loss  # noqa: E402
+from imitate_nat.optim import make_optimizer  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--size", default="small", choices=sorted(PRESETS))
+    p.add_argument("--vocab", type=int, default=8000)
+    p.add_argument("--batch-tokens", type=int, default=2048)
+    p.add_argument("--student", action="store_true", help="time the imitate-NAT step (with the frozen AT)")
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per round and precision")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+    return p.parse_args(argv)
+
+
+def random_batch(batch_tokens: int, vocab: int, rng: random.Random):
+    """Sentences of 8-20 source tokens, the target one longer, until the batch holds batch_tokens."""
+    srcs, tgts, n = [], [], 0
+    while n < batch_tokens:
+        length = rng.randint(8, 20)
+        srcs.append([rng.randint(4, vocab - 1) for _ in range(length)])
+        tgts.append([rng.randint(4, vocab - 1) for _ in range(length + 1)])
+        n += length + 2  # max(source, target) + 1, as train_loop.global_batches counts
+    return make_batch(srcs, tgts)
+
+
+def main(argv=None) -> dict:
+    a = parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    torch.manual_seed(a.seed)
+    device = torch.device(a.device)
+    cfg = preset(a.size, vocab_size=a.vocab)
+    batch = random_batch(a.batch_tokens, a.vocab, random.Random(a.seed)).to(device)
+    losses = LossConfig()
+    at = ATDemonstrator(cfg).to(device)
+    if a.student:
+        teacher = at.eval().requires_grad_(False)
+        model = NATLearner(cfg).to(device)
+        model.init_from_at(teacher)
+        loss_fn = lambda: nat_loss(model, batch, losses, teacher)[0]  # noqa: E731
+    else:
+        model = at
+        loss_fn = lambda: at_loss(model, batch, losses)[0]  # noqa: E731
+    optimizer = make_optimizer(model.parameters(), 5e-4)
+
+    def step(bf16: bool) -> float:
+        t0 = time.perf_counter()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - t0
+
+    for bf16 in (False, True):
+        for _ in range(a.warmup):
+            step(bf16)
+    times = {False: [], True: []}
+    for _ in range(a.rounds):
+        for bf16 in (False, True):
+            times[bf16] += [step(bf16) for _ in range(a.steps)]
+    fp32, bf16 = statistics.median(times[False]), statistics.median(times[True])
+    kind = "imitate-NAT (eq 15)" if a.student else "AT demonstrator (eq 14)"
+    print(f"# train step: {kind}, size={a.size}, vocab={a.vocab}, {a.batch_tokens} tokens, {a.device}, "
+          f"threads={torch.get_num_threads()}, {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    print(f"fp32            {fp32 * 1000:8.0f} ms/step")
+    print(f"bf16 autocast   {bf16 * 1000:8.0f} ms/step")
+    print(f"bf16 speedup    {fp32 / bf16:8.2f}x  (median of {len(times[False])} steps each, interleaved)")
+    return {"fp32_s": fp32, "bf16_s": bf16, "speedup": fp32 / bf16}
+
+
+if __name__ == "__main__":
+    main()
