@@ -258,7 +258,7 @@ class Translator:
         s["max_requests"] = max(s["max_requests"], len(items))
         return out
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)  # reset from the job in __init__
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # reset from the job in __init__
     async def translate_batch(self, items: list[tuple[tuple[str, ...], int]]) -> list[list[str]]:
         # Decoded on the replica's user event loop (Serve runs it in a thread of its own), not
         # in a worker thread: requests arriving meanwhile wait and then form the next batch

@@ -229,7 +229,10 @@ class ServeSpec(_Section):
     replicas: int = Field(1, gt=0)
     gpus_per_replica: float = Field(0, ge=0.0)
     max_batch_size: int = Field(16, gt=0)
-    batch_wait_timeout_s: float = Field(0.01, ge=0.0)
+    # 0: a batch takes whatever is queued when the replica is free. Decoding blocks the replica's
+    # event loop, so requests arriving meanwhile form the next batch anyway; a wait only adds
+    # latency at low load (BENCHMARKS.md, "Serving under load").
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0)
     max_texts: int = Field(64, gt=0)                 # per request
     max_chars: int = Field(2000, gt=0)               # per text
     max_delta_t: int = Field(10, ge=0)
