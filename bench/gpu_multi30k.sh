@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Multi30k on one GPU, end to end: the job (teacher, distillation, student, evaluation), the
-# paper's ablation (Table 2) and the report, in about 12 minutes on one H100/H200.
+# paper's ablation (Table 2) and the report; sized for ~12 minutes on one H100/H200 (an
+# estimate: so far only its CPU smoke run, GPUS=0 STEPS_SCALE=0.01 MAX_TRAIN=2000, has run).
 #
 # The GPU machine sees only this repository, so the data travels in an ignored folder:
 #   echo /.data/ >> .git/info/exclude; mkdir -p .data && cp -r ../shared/data/multi30k .data/
