@@ -38,8 +38,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from .artifacts import atomic_write_json, atomic_write_text, read_manifest
 from .pipeline import (
     make_tracker,
@@ -47,6 +45,7 @@ from .pipeline import (
     run_pipeline,
     shared_stage_dirs,
     stage_hashes,
+    stage_states,
 )
 from .spec import JobSpec, spec_from_dict
 from .stages import STAGES
@@ -183,13 +182,14 @@ def variant_result(v: Variant, rd: Path, spec: JobSpec, device: str) -> dict:
 
 
 def table_rows(variants: dict) -> list[dict]:
+    """Table 2's rows; a variant not run yet (`ablate --only`) has no scores (None)."""
     rows = []
     for i, (name, lpd) in enumerate(ROWS, 1):
-        v = variants[name]
-        kind = "lpd" if lpd else "nat"
-        rows.append({"row": i, "variant": name, "targets": v["targets"], "copy": v["copy"],
-                     "imitation": v["imitation"], "lpd": lpd, "valid_bleu": v["valid"][kind],
-                     "test_bleu": v["test"][kind]})
+        v, kind = variants.get(name), "lpd" if lpd else "nat"
+        spec = next(x for x in VARIANTS if x.name == name)
+        rows.append({"row": i, "variant": name, "targets": spec.targets, "copy": spec.copy,
+                     "imitation": spec.imitation, "lpd": lpd,
+                     "valid_bleu": v["valid"][kind] if v else None, "test_bleu": v["test"][kind] if v else None})
     return rows
 
 
@@ -199,26 +199,54 @@ def markdown_table(result: dict) -> str:
              "|---:|---|---|---|---|---|---:|---:|"]
     for r in result["rows"]:
         lpd = f"ΔT = {result['delta_t']}" if r["lpd"] else "–"
+        scores = "not run yet | not run yet" if r["valid_bleu"] is None else f"{r['valid_bleu']:.2f} | {r['test_bleu']:.2f}"
         lines.append(f"| {r['row']} | {r['variant']} | {r['targets']} | {COPY_NAMES[r['copy']]} | "
-                     f"{'w/' if r['imitation'] else 'w/o'} | {lpd} | {r['valid_bleu']:.2f} | {r['test_bleu']:.2f} |")
+                     f"{'w/' if r['imitation'] else 'w/o'} | {lpd} | {scores} |")
     return ("\n".join(lines) + f"\n\nJob `{result['job']}`; BLEU (sacreBLEU) on valid ({result['valid_sentences']} "
             f"sentences) and test ({result['test_sentences']}); NAT rows are one parallel pass, LPD rescored by the "
-            f"shared AT teacher. The AT teacher itself (beam {result['beam']}): test BLEU {result['test_at']:.2f}.\n")
+            f"shared AT teacher. The AT teacher itself (beam {result['beam']}): test BLEU {result['test_at']:.2f}.\n"
+            + (f"\nNot run yet: {', '.join(result['missing'])} (`imitate-orch ablate JOB --only VARIANT`).\n"
+               if result.get("missing") else ""))
+
+
+def variant_done(spec: JobSpec) -> bool:
+    return all(s.state == "done" for s in stage_states(spec))
+
+
+def write_results(out: Path, base: JobSpec, variants: dict, extra: dict) -> dict:
+    """ablation.json and ablation.md from the variants finished so far, rewritten after each."""
+    first = next(iter(variants.values()))
+    result = {"job": base.name, "job_run_dir": str(run_dir(base)), "delta_t": base.eval.delta_t,
+              "beam": base.eval.beam_size, "valid_sentences": first["valid_sentences"],
+              "test_sentences": first["test_sentences"], "test_at": first["test_at"],
+              "variants": variants, "missing": [v.name for v in VARIANTS if v.name not in variants], **extra}
+    result["rows"] = table_rows(variants)
+    atomic_write_json(out / "ablation.json", result)
+    atomic_write_text(out / "ablation.md", markdown_table(result))
+    return result
 
 
 def run_ablation(base: JobSpec, job_yaml: str, lambda1_zero_teacher: bool = False, progress: bool = True,
-                 echo=print) -> dict:
-    """Run every variant (reusing what is done), score them, write ablation.json/.md and log
-    to MLflow. Ray must be initialized by the caller. Raises pipeline.StageFailed."""
+                 echo=print, only: tuple[str, ...] = ()) -> dict:
+    """Run every variant (or those in `only`; the others are reported when already finished),
+    score them, write ablation.json/.md after each and log to MLflow. Ray must be initialized by
+    the caller. Raises pipeline.StageFailed."""
     out = ablation_dir(base)
     out.mkdir(parents=True, exist_ok=True)
+    import torch
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tracker = make_tracker(base)
     variants: dict[str, dict] = {}
+    extra: dict = {}
     with tracker.parent(f"{base.name}-ablate", base.flat_params(), tags={"ablation_of": base.name}) as parent:
         nested = NestedTracker(tracker, parent.run_id, {"ablation_of": base.name})
         for i, v in enumerate(VARIANTS, 1):
             spec = derived_spec(base, v.name, student=v.overrides())
+            if only and v.name not in only:
+                if variant_done(spec):  # finished by an earlier ablate: in the table, not rerun
+                    variants[v.name] = variant_result(v, run_dir(spec), spec, device)
+                continue
             links = stage_links(spec, base)
             echo(f"ablate [{i}/{len(VARIANTS)}] {v.name}: targets={v.targets} copy={v.copy} "
                  f"imitation={'on' if v.imitation else 'off'} ({describe_links(links, base)})")
@@ -227,22 +255,16 @@ def run_ablation(base: JobSpec, job_yaml: str, lambda1_zero_teacher: bool = Fals
             r = variants[v.name]
             tracker.handle(nested.last_run_id).log_metrics(
                 {f"{split}_bleu_{kind}": r[split][kind] for split in ("valid", "test") for kind in ("nat", "lpd")})
-        extra = {}
+            write_results(out, base, variants, extra)
         if lambda1_zero_teacher:
             spec = derived_spec(base, LAMBDA1_ZERO, teacher={"lambda1": 0.0})
             echo(f"ablate: teacher with λ1 = 0 for the action-usage comparison ({run_dir(spec)})")
             run_pipeline(spec, job_yaml, until="teacher", progress=progress, tracker=nested,
                          linked=stage_links(spec, base))
             extra["lambda1_zero_teacher"] = str(run_dir(spec) / "teacher" / "model.pt")
-        first = next(iter(variants.values()))
-        result = {"job": base.name, "job_run_dir": str(run_dir(base)), "delta_t": base.eval.delta_t,
-                  "beam": base.eval.beam_size, "valid_sentences": first["valid_sentences"],
-                  "test_sentences": first["test_sentences"], "test_at": first["test_at"],
-                  "variants": variants, **extra}
-        result["rows"] = table_rows(variants)
-        atomic_write_json(out / "ablation.json", result)
-        atomic_write_text(out / "ablation.md", markdown_table(result))
-        parent.log_metrics({f"row{r['row']}_{k}": r[k] for r in result["rows"] for k in ("valid_bleu", "test_bleu")})
+        result = write_results(out, base, variants, extra)
+        parent.log_metrics({f"row{r['row']}_{k}": r[k] for r in result["rows"] for k in ("valid_bleu", "test_bleu")
+                            if r[k] is not None})
         parent.log_artifact(str(out / "ablation.json"))
         parent.log_artifact(str(out / "ablation.md"))
     return result

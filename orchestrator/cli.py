@@ -6,6 +6,7 @@ import sys
 
 import click
 
+from .ablate import VARIANTS
 from .spec import JobSpec, SpecError, dump_spec, load_spec
 from .stages import STAGES, init_ray
 
@@ -255,10 +256,13 @@ def translate_cmd(texts, url, delta_t, retries, timeout) -> None:
 @set_option
 @click.option("--lambda1-zero-teacher", is_flag=True,
               help="Also train a teacher with λ1 = 0, for the action-usage comparison (Figure 4) in `report`.")
+@click.option("--only", multiple=True, type=click.Choice([v.name for v in VARIANTS]),
+              help="Run only this variant (repeatable); variants finished earlier still fill their rows. "
+                   "For splitting the ablation over several sittings.")
 @click.option("--address", default=None, help="Join an existing Ray cluster. Default: start a local one.")
 @click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
 @click.option("-v", "--verbose", is_flag=True)
-def ablate(job, overrides, lambda1_zero_teacher, address, no_progress, verbose) -> None:
+def ablate(job, overrides, lambda1_zero_teacher, only, address, no_progress, verbose) -> None:
     """Run the paper's ablation (Table 2) of JOB: raw vs distilled targets, UniformCopy vs
     SoftCopy, imitation on/off, LPD on/off.
 
@@ -273,7 +277,7 @@ def ablate(job, overrides, lambda1_zero_teacher, address, no_progress, verbose) 
     exit_if_it_does_not_fit(spec)
     try:
         result = run_ablation(spec, job, lambda1_zero_teacher=lambda1_zero_teacher, progress=not no_progress,
-                              echo=lambda m: click.echo(m, err=True))
+                              echo=lambda m: click.echo(m, err=True), only=only)
     except StageFailed as e:
         click.echo(f"\nerror: {e}\n  Finished stages and variants are kept: rerun the same command to resume.", err=True)
         if verbose:

@@ -87,11 +87,12 @@ def ablation_section(rd: Path, out: Path, ablation: dict | None) -> list[str]:
         return lines + [f"No ablation found ({path} does not exist): run `imitate-orch ablate JOB` to add "
                         "Table 2.", ""]
     ours = read_manifest(rd / "teacher").input_hash
-    theirs = read_manifest(Path(ablation["variants"][NO_IMITATION]["stages"]["teacher"]))
+    any_variant = next(iter(ablation["variants"].values()))  # all share one teacher
+    theirs = read_manifest(Path(any_variant["stages"]["teacher"]))
     if theirs is None or theirs.input_hash != ours:
         lines += [f"**Note:** the ablation in {path} was run with another teacher than this run's "
                   "(the job changed since); rerun `imitate-orch ablate JOB`.", ""]
-    rows = ablation["rows"]
+    rows = [r for r in ablation["rows"] if r["valid_bleu"] is not None]  # `ablate --only`: some not run yet
     plots.bar_plot(out / "ablation.png",
                    {"valid BLEU": [r["valid_bleu"] for r in rows], "test BLEU": [r["test_bleu"] for r in rows]},
                    "Ablation (Table 2)", "", "BLEU",
