@@ -115,7 +115,8 @@ def beam_search(at: ATDemonstrator, src: torch.Tensor, beam_size: int = 4, lengt
 def at_score(at: ATDemonstrator, memory, src_keep, hyps: torch.Tensor, hyp_lengths: torch.Tensor,
              length_penalty: float = 1.0) -> torch.Tensor:
     """Teacher-forced log p(y + EOS | x) / (|y| + 1)^length_penalty for padded hypotheses (N, T).
-    Used to rescore LPD candidates; the same normalization as beam_search's final choice."""
+    Used to rescore LPD candidates; the same normalization as beam_search's final choice.
+    `memory` holds one row per hypothesis, or one per source for N / B consecutive hypotheses."""
     cfg = at.cfg
     N, T = hyps.shape
     keep = torch.arange(T + 1, device=hyps.device).unsqueeze(0) <= hyp_lengths.unsqueeze(1)  # y + EOS
@@ -157,15 +158,16 @@ def lpd_decode(nat: NATLearner, at: ATDemonstrator, src: torch.Tensor, delta_t: 
         lengths = nat.predict_lengths(memory, src_keep)
     offsets = torch.arange(-delta_t, delta_t + 1, device=src.device)
     cand_len = (lengths.unsqueeze(1) + offsets).clamp(1, cfg.max_positions).view(-1)  # (B*C,)
-    logits, _ = nat.decode(memory.repeat_interleave(C, 0), src_keep.repeat_interleave(C, 0), cand_len)
+    # Each source's C candidates are consecutive rows: they share its memory (no per-candidate
+    # copies), so encoder keys/values are projected once per source in both passes.
+    logits, _ = nat.decode(memory, src_keep, cand_len)
     tokens = token_argmax(logits, cfg)
     tokens = tokens.masked_fill(torch.arange(tokens.size(1), device=src.device) >= cand_len.unsqueeze(1), cfg.pad_id)
     if C == 1:
         scores = torch.zeros(B, 1, device=src.device)
     else:
         at_memory, at_keep = at.encode(src)
-        scores = at_score(at, at_memory.repeat_interleave(C, 0), at_keep.repeat_interleave(C, 0),
-                          tokens, cand_len, length_penalty).view(B, C)
+        scores = at_score(at, at_memory, at_keep, tokens, cand_len, length_penalty).view(B, C)
     best = scores.argmax(-1)
     pick = torch.arange(B, device=src.device) * C + best
     out = [row[:n] for row, n in zip(tokens[pick].tolist(), cand_len[pick].tolist())]

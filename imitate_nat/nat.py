@@ -47,13 +47,19 @@ class NATLearner(EncoderDecoder):
 
     # --- decoder inputs -------------------------------------------------------------------------
     def copy_inputs(self, memory, src_keep, tgt_lengths: torch.Tensor, T: int | None = None) -> torch.Tensor:
-        """Decoder inputs for target lengths `tgt_lengths`, padded to T (default: their max)."""
+        """Decoder inputs for target lengths `tgt_lengths`, padded to T (default: their max).
+        `memory` may hold one row per source for g consecutive length candidates (LPD)."""
         T = int(tgt_lengths.max()) if T is None else T
+        g = tgt_lengths.size(0) // memory.size(0)
         if self.cfg.copy == "soft":
+            # eq 10 depends on the source and on j, not on T': one copy serves all g candidates.
             w = soft_copy_weights(src_keep, T, self.tau).to(memory.dtype)
-            return w @ memory                                        # eq 11: y_j = Σ_i w_ji h_i
-        idx = uniform_copy_index(src_keep.sum(1), tgt_lengths, T)
-        return memory.gather(1, idx.unsqueeze(-1).expand(-1, -1, memory.size(-1)))
+            y = w @ memory                                           # eq 11: y_j = Σ_i w_ji h_i
+            return y if g == 1 else y.repeat_interleave(g, 0)
+        src_len = src_keep.sum(1)
+        idx = uniform_copy_index(src_len if g == 1 else src_len.repeat_interleave(g), tgt_lengths, T)
+        idx = idx.view(memory.size(0), g * T, 1).expand(-1, -1, memory.size(-1))
+        return memory.gather(1, idx).view(-1, T, memory.size(-1))
 
     # --- target length --------------------------------------------------------------------------
     def length_logits(self, memory, src_keep) -> torch.Tensor:
@@ -72,7 +78,9 @@ class NATLearner(EncoderDecoder):
 
     # --- decoding -------------------------------------------------------------------------------
     def decode(self, memory, src_keep, tgt_lengths: torch.Tensor):
-        """All positions in parallel at the given lengths. Returns (logits (B,T',V), [log π_l])."""
+        """All positions in parallel at the given lengths. Returns (logits (B,T',V), [log π_l]).
+        `memory`/`src_keep` may hold one row per source for g consecutive rows of `tgt_lengths`:
+        the candidates then share the source's copy and cross-attention keys (see TransferLayer)."""
         T = int(tgt_lengths.max())  # host sync: the decoder's width
         if T > self.cfg.max_positions:
             raise ValueError(f"target length {T} exceeds max_positions={self.cfg.max_positions}")

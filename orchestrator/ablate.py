@@ -47,7 +47,8 @@ from .pipeline import (
     stage_hashes,
     stage_states,
 )
-from .spec import JobSpec, spec_from_dict
+from .spec import JobSpec
+from .spec_io import spec_from_dict
 from .stages import STAGES
 from .tracking import Tracker
 

@@ -25,8 +25,10 @@ import torch
 import yaml
 
 from .artifacts import atomic_write_json, read_manifest
-from .spec import JobSpec, spec_from_dict
+from .spec import JobSpec
+from .spec_io import spec_from_dict
 from .stages import STAGES
+from .tracking import store_client
 
 log = logging.getLogger("imitate_orch")
 
@@ -179,16 +181,6 @@ class JobRun:
     matches: bool           # the spec's evaluate hash equals the run dir's (it produced this run)
 
 
-def _client(uri: str):
-    """A client for the store at `uri`, or None for a SQLite file that does not exist (looking
-    for runs must not create an empty store as a side effect)."""
-    from mlflow import MlflowClient
-
-    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-        return None
-    return MlflowClient(tracking_uri=uri)
-
-
 def _experiment_ids(client) -> list[str]:
     return [e.experiment_id for e in client.search_experiments()]
 
@@ -206,7 +198,7 @@ def find_job_run(rd: Path, uri: str, spec: JobSpec | None = None) -> JobRun | No
     from .pipeline import stage_hashes
 
     want = read_manifest(rd / "evaluate").input_hash
-    client = _client(uri)
+    client = store_client(uri)
     if client is None:
         return None
     name = spec.name if spec else rd.name
@@ -236,7 +228,7 @@ def training_curves(rd: Path, uri: str, metrics=("train/loss", "valid/bleu")) ->
     """{stage: {"run_id": ..., metric: [[step, value], ...]}} for teacher and student, from the
     MLflow run that trained the stage dir's current model (start time inside the manifest's
     started..finished window; with several, the one whose job's run dir holds the stage)."""
-    client = _client(uri)
+    client = store_client(uri)
     out = {}
     for stage in ("teacher", "student") if client else ():
         m = read_manifest(rd / stage)

@@ -7,7 +7,8 @@ import sys
 import click
 
 from .ablate import VARIANTS
-from .spec import JobSpec, SpecError, dump_spec, load_spec
+from .spec import JobSpec
+from .spec_io import SpecError, dump_spec, load_spec
 from .stages import STAGES, init_ray
 
 EXIT_BAD_SPEC = 2

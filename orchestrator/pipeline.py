@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 from .artifacts import Manifest, is_complete, read_manifest, record_outputs, sha256_json, utc_now, write_manifest
-from .spec import JobSpec, dump_spec
+from .spec import JobSpec
+from .spec_io import dump_spec
 from .stages import STAGES, StageContext, StageResult
 from .tracking import Tracker, default_artifact_root, resolve_tracking_uri
 

@@ -23,7 +23,8 @@ import math
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from .spec import JobSpec, SpecError
+from .spec import JobSpec
+from .spec_io import SpecError
 
 log = logging.getLogger("imitate_orch")
 KINDS = ("CPU", "GPU")

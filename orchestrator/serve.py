@@ -29,8 +29,9 @@ from pathlib import Path
 import yaml
 
 from .artifacts import read_manifest
-from .spec import JobSpec, SpecError, apply_overrides, spec_from_dict
-from .tracking import resolve_tracking_uri
+from .spec import JobSpec
+from .spec_io import SpecError, apply_overrides, spec_from_dict
+from .tracking import resolve_tracking_uri, store_client
 
 log = logging.getLogger("imitate_orch")
 
@@ -84,22 +85,11 @@ def check_run_dir(rd: Path) -> None:
             raise ServeSetupError(f"{rd}: {stage}/{name} not found")
 
 
-def _client(uri: str):
-    from mlflow import MlflowClient
-
-    return MlflowClient(tracking_uri=uri)
-
-
-def _store_exists(uri: str) -> bool:
-    # Never create an empty SQLite store as a side effect of looking for a run.
-    return not uri.startswith("sqlite:///") or Path(uri[len("sqlite:///"):]).is_file()
-
-
 def latest_parent_run(uri: str, job: str):
     """The newest finished pipeline (parent) run of `job`, or None."""
-    if not _store_exists(uri):
+    client = store_client(uri)
+    if client is None:
         return None
-    client = _client(uri)
     exp_ids = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(exp_ids, f"tags.job = '{job}' and attributes.status = 'FINISHED'",
                               order_by=["attributes.start_time DESC"], max_results=1) if exp_ids else []
@@ -162,7 +152,7 @@ def resolve_target(arg: str, overrides: Sequence[str] = (), tracking_uri: str | 
 
 def _from_job(path: str, overrides, tracking_uri, spec: JobSpec | None) -> ServeTarget:
     from .pipeline import run_dir
-    from .spec import load_spec
+    from .spec_io import load_spec
 
     spec = spec or load_spec(path, list(overrides))
     rd = run_dir(spec)
@@ -178,7 +168,7 @@ def _from_run_dir(rd: Path, overrides, tracking_uri) -> ServeTarget:
     run = latest_parent_run(uri, rd.name)
     if not run:
         log.info("no MLflow run of job '%s' in %s: serve/eval settings are the defaults", rd.name, uri)
-    raw = _stored_spec(_client(uri), run) if run else {}
+    raw = _stored_spec(store_client(uri), run) if run else {}
     spec = spec_from_dict(apply_overrides({**raw, "name": rd.name}, list(overrides)), f"{rd} (stored job.yaml)")
     return ServeTarget(ModelSource(rd.name, run.info.run_id if run else None, str(rd), uri), spec)
 
@@ -187,9 +177,9 @@ def _from_mlflow(run_id: str, overrides, tracking_uri) -> ServeTarget:
     from mlflow.exceptions import MlflowException
 
     uri = tracking_uri or resolve_tracking_uri(None, JobSpec.model_fields["workdir"].default)
-    if not _store_exists(uri):
+    client = store_client(uri)
+    if client is None:
         raise ServeSetupError(f"MLflow store {uri} not found (set --tracking-uri or MLFLOW_TRACKING_URI)")
-    client = _client(uri)
     try:
         run = client.get_run(run_id)
     except MlflowException as e:
@@ -210,7 +200,9 @@ def load_models(source: ModelSource, device: str):
         return load_run_models(Path(source.run_dir), device)
     tmp = Path(tempfile.mkdtemp(prefix="imitate-serve-"))
     try:
-        client = _client(source.tracking_uri)
+        client = store_client(source.tracking_uri)
+        if client is None:
+            raise ServeSetupError(f"MLflow store {source.tracking_uri} is gone")
         for stage, name in SERVED_FILES.items():
             (tmp / stage).mkdir()
             client.download_artifacts(source.stage_runs[stage], name, str(tmp / stage))

@@ -39,7 +39,8 @@ from ray import tune
 
 from .artifacts import atomic_write_json, atomic_write_text, read_manifest
 from .pipeline import make_tracker, run_dir
-from .spec import JobSpec, dump_spec, spec_from_dict
+from .spec import JobSpec
+from .spec_io import dump_spec, spec_from_dict
 from .stages import STAGES
 from .sweep_trial import (SAMPLED, TRIAL_RESOURCES, TrialSetup, fail_hook_from_env, trial, trial_spec,
                           trial_workdir)

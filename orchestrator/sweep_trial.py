@@ -41,7 +41,8 @@ import ray
 
 from .artifacts import atomic_write_text
 from .pipeline import run_dir, run_pipeline, run_stage, shared_stage_dirs, stage_hashes, stage_lock
-from .spec import JobSpec, spec_from_dict
+from .spec import JobSpec
+from .spec_io import spec_from_dict
 from .stages import StageContext, StageResult
 from .tracking import RunHandle, Tracker
 

@@ -39,6 +39,16 @@ def resolve_tracking_uri(spec_uri: str | None, workdir: str | os.PathLike) -> st
     return f"sqlite:///{Path(workdir).resolve() / 'mlflow.db'}"
 
 
+def store_client(uri: str):
+    """An MlflowClient for the store at `uri`, or None for a SQLite file that does not exist:
+    looking for runs (serve, eval, report) must not create an empty store as a side effect."""
+    from mlflow import MlflowClient
+
+    if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        return None
+    return MlflowClient(tracking_uri=uri)
+
+
 def default_artifact_root(workdir: str | os.PathLike) -> Path:
     return Path(workdir).resolve() / "mlartifacts"
 

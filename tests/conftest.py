@@ -36,7 +36,7 @@ def ray_local():
 @pytest.fixture(scope="session")
 def prepared_run(tmp_path_factory):
     """prepare + tokenizer stages on a small synthetic corpus; returns (run_dir, base spec dict)."""
-    from orchestrator.spec import spec_from_dict
+    from orchestrator.spec_io import spec_from_dict
     from orchestrator.stages import StageContext
     from orchestrator.stages.prepare import prepare
     from orchestrator.stages.tokenizer import tokenizer
@@ -63,7 +63,7 @@ def micro_job_spec(workdir, *extra):
     """jobs/tiny.yaml with MICRO_JOB_SETS and `extra` overrides, working in `workdir`."""
     from pathlib import Path
 
-    from orchestrator.spec import load_spec
+    from orchestrator.spec_io import load_spec
 
     root = Path(__file__).resolve().parents[1]
     return load_spec(str(root / "jobs" / "tiny.yaml"), [f"workdir={workdir}", *MICRO_JOB_SETS, *extra])

@@ -71,9 +71,22 @@ def test_ablate_after_run_trains_no_second_teacher_and_fills_table_2(micro_run, 
     rd, spec = copy_micro_workdir(micro_run, tmp_path / "runs")
     teacher_started = read_manifest(rd / "teacher").started
     sets = [a for s in [f"workdir={tmp_path / 'runs'}", *MICRO_JOB_SETS] for a in ("--set", s)]
+    out = ablation_dir(spec)
+
+    # In sittings: `--only` trains that variant; the table says which rows are not run yet,
+    # and `report` takes the partial table.
+    r = CliRunner().invoke(main, ["ablate", "jobs/tiny.yaml", *sets, "--only", "distilled-soft", "--no-progress"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    partial = json.loads((out / "ablation.json").read_text())
+    assert list(partial["variants"]) == ["distilled-soft"] and len(partial["missing"]) == 5
+    assert [row["valid_bleu"] is None for row in partial["rows"]] == [True, True, False, True, True, True, True]
+    assert (out / "ablation.md").read_text().count("not run yet | not run yet") == 6
+    r = CliRunner().invoke(main, ["report", str(rd), "--max-delta-t", "0", "--no-progress", "--out", str(tmp_path / "p")])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert "| 3 | distilled-soft |" in (tmp_path / "p" / "report.md").read_text()
+
     r = CliRunner().invoke(main, ["ablate", "jobs/tiny.yaml", *sets, "--no-progress"])
     assert r.exit_code == 0, r.output + repr(r.exception)
-    out = ablation_dir(spec)
     result = json.loads((out / "ablation.json").read_text())
     assert [row["row"] for row in result["rows"]] == list(range(1, 8))
     assert all(f"| {i} | " in r.output for i in range(1, 8)) and (out / "ablation.md").is_file()
@@ -90,9 +103,11 @@ def test_ablate_after_run_trains_no_second_teacher_and_fills_table_2(micro_run, 
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow.db'}")
     exp = client.get_experiment_by_name(spec.tracking.experiment).experiment_id
-    (abl,) = [r for r in client.search_runs([exp], "tags.ablation_of = 'tiny'") if "mlflow.parentRunId" not in r.data.tags]
+    first, abl = sorted((r for r in client.search_runs([exp], "tags.ablation_of = 'tiny'")
+                         if "mlflow.parentRunId" not in r.data.tags), key=lambda r: r.info.start_time)
     variants = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{abl.info.run_id}'")
     assert sorted(v.info.run_name for v in variants) == sorted(v.name for v in VARIANTS)
+    variants += client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{first.info.run_id}'")
     trained = {}
     for v in variants:
         for stage_run in client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{v.info.run_id}'"):

@@ -25,7 +25,7 @@ import yaml
 from conftest import MICRO_JOB_SETS
 
 from orchestrator.resources import ClusterCapacity, autoscaler_adds_nodes, fit_errors
-from orchestrator.spec import load_spec
+from orchestrator.spec_io import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 PLACEHOLDERS = {"IMITATE_S3": "s3://my-bucket/imitate-nat",

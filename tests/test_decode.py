@@ -1,5 +1,6 @@
 """Decoding: beam search against exhaustive search, the KV cache against recomputation,
 greedy against beam 1, NAT and Length Parallel Decoding (LPD)."""
+import dataclasses
 import itertools
 
 import pytest
@@ -148,6 +149,22 @@ def test_lpd_keeps_the_candidate_the_at_scores_best():
         assert best[b] == cands[b, c, : int(cand_len[b, c])].tolist()
     # The candidates differ in length, so the choice really depends on the AT's scores.
     assert len({len(x) for x in best}) > 1 or len(set(map(tuple, best))) > 1
+
+
+@pytest.mark.parametrize("copy", ["soft", "uniform"])
+def test_candidates_sharing_one_memory_row_equal_per_candidate_copies(copy):
+    """LPD passes each source's memory once for its C consecutive length candidates (copy inputs
+    and cross-attention fold them): the logits equal those of C repeated copies."""
+    at, _ = model_pair(vocab=15, seed=23)
+    nat = NATLearner(dataclasses.replace(at.cfg, copy=copy)).eval()
+    nat.init_from_at(at)
+    src, C = sources(15, n=3, seed=24), 5
+    memory, keep = nat.encode(src)
+    cand_len = torch.tensor([[1, 2, 3, 4, 5], [4, 5, 6, 7, 8], [2, 3, 4, 5, 6]]).view(-1)
+    shared, _ = nat.decode(memory, keep, cand_len)
+    copied, _ = nat.decode(memory.repeat_interleave(C, 0), keep.repeat_interleave(C, 0), cand_len)
+    real = torch.arange(shared.size(1)) < cand_len.unsqueeze(1)
+    assert torch.allclose(shared[real], copied[real], atol=1e-5)
 
 
 def test_lpd_sends_all_candidates_through_one_nat_and_one_at_pass():

@@ -16,7 +16,7 @@ from imitate_nat.checkpoint import load_model, save_model  # noqa: E402
 from imitate_nat.synthetic import generate_corpus  # noqa: E402
 from imitate_nat.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 from orchestrator import artifacts  # noqa: E402
-from orchestrator.spec import spec_from_dict  # noqa: E402
+from orchestrator.spec_io import spec_from_dict  # noqa: E402
 from orchestrator.stages import StageContext  # noqa: E402
 from orchestrator.stages.distill import distill, shard_bounds, translate_lines  # noqa: E402
 

@@ -33,7 +33,7 @@ from conftest import MICRO_JOB_SETS, micro_train
 from mlflow import MlflowClient
 
 from orchestrator import artifacts
-from orchestrator.spec import spec_from_dict
+from orchestrator.spec_io import spec_from_dict
 from orchestrator.stages import StageContext
 from orchestrator.stages.distill import OUTPUT, distill, shard_bounds
 from orchestrator.stages.train import teacher

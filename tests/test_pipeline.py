@@ -185,7 +185,7 @@ def test_a_stage_redone_with_new_bytes_makes_the_stages_after_it_stale(tmp_path,
     output; if its redo gives other bytes, distill/student/evaluate run again on them, and if
     it gives the same bytes, nothing after it reruns."""
     from orchestrator import pipeline
-    from orchestrator.spec import spec_from_dict
+    from orchestrator.spec_io import spec_from_dict
     from orchestrator.stages import StageResult
 
     version, calls = {"teacher": 0}, []

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.spec import spec_from_dict
+from orchestrator.spec_io import spec_from_dict
 from orchestrator.stages import StageContext
 from imitate_nat.data import read_lines
 from orchestrator.stages.prepare import prepare

@@ -24,7 +24,7 @@ from orchestrator.serve import (
     stage_runs,
     start,
 )
-from orchestrator.spec import SpecError
+from orchestrator.spec_io import SpecError
 from orchestrator.stages.evaluate import decoders, load_run_models
 
 # Small limits so that every limit is cheap to cross.

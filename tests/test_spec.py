@@ -4,8 +4,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.spec import (JobSpec, SpecError, apply_overrides, dump_spec, load_spec,
-                               spec_from_dict)
+from orchestrator.spec import JobSpec
+from orchestrator.spec_io import SpecError, apply_overrides, dump_spec, load_spec, spec_from_dict
 
 JOBS = sorted((Path(__file__).resolve().parents[1] / "jobs").glob("*.yaml"))
 

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from conftest import MICRO_JOB_SETS, micro_job_spec
 from orchestrator.artifacts import read_manifest
-from orchestrator.spec import SpecError, load_spec, spec_from_dict
+from orchestrator.spec_io import SpecError, load_spec, spec_from_dict
 from orchestrator.sweep import (SweepError, TrialRunCloser, best_spec, check_same_job, root_error, search_space,
                                 student_rounds)
 from orchestrator.sweep_trial import FAIL_HOOK_ENV, trial_spec

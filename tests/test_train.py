@@ -10,7 +10,7 @@ from mlflow import MlflowClient
 from conftest import micro_train
 from imitate_nat import ATDemonstrator, NATLearner
 from imitate_nat.checkpoint import load_model
-from orchestrator.spec import spec_from_dict
+from orchestrator.spec_io import spec_from_dict
 from orchestrator.stages import StageContext
 from orchestrator.stages.train import student, teacher
 from orchestrator.tracking import Tracker
