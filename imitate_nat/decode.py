@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .at import ATDemonstrator
-from .layers import reorder_cache
+from .layers import prune_cache, reorder_cache
 from .nat import NATLearner, token_argmax
 
 
@@ -55,15 +55,28 @@ def greedy_search(at: ATDemonstrator, src: torch.Tensor, max_len_a: float = 1.5,
     return [_strip(r, cfg.eos_id, cfg.pad_id) for r in tokens[:, 1:].tolist()]
 
 
+def _best_hypotheses(tokens, scores, lengths, finished, k: int, length_penalty: float):
+    """Each sentence's winner among its k rows: max log p(y|x) / |y|^length_penalty over ended
+    hypotheses. Returns (token rows without BOS, normalized scores), as lists."""
+    norm = (scores / lengths.clamp_min(1).pow(length_penalty)).masked_fill(~finished, float("-inf"))
+    best = norm.argmax(-1)
+    n = best.size(0)
+    chosen = tokens.view(n, k, -1)[torch.arange(n, device=tokens.device), best, 1:]
+    return chosen.tolist(), norm.gather(1, best.unsqueeze(1)).squeeze(1).tolist()
+
+
 @torch.no_grad()
 def beam_search(at: ATDemonstrator, src: torch.Tensor, beam_size: int = 4, length_penalty: float = 1.0,
                 max_len_a: float = 1.5, max_len_b: int = 10, min_len: int = 0, return_scores: bool = False):
     """Batched beam search with a KV cache.
 
     Hypotheses that produced EOS stay in the beam with a frozen score (they extend only with
-    PAD at zero cost), so B·k rows move in lockstep and the cache is reordered with one index.
-    The winner maximizes log p(y|x) / |y|^length_penalty, |y| counting EOS. `min_len` forbids EOS
-    before that many tokens (the benchmark uses it to fix output lengths)."""
+    PAD at zero cost), so a sentence's k rows move in lockstep and the cache is reordered with
+    one index. A sentence whose k hypotheses have all ended leaves the batch (rows dropped from
+    the cache): nothing can change its result any more, so later steps compute only for the
+    sentences still decoding. The winner maximizes log p(y|x) / |y|^length_penalty, |y|
+    counting EOS. `min_len` forbids EOS before that many tokens (the benchmark uses it to fix
+    output lengths)."""
     cfg, k = at.cfg, beam_size
     memory, src_keep = at.encode(src)
     B, V = src.size(0), cfg.vocab_size
@@ -78,10 +91,14 @@ def beam_search(at: ATDemonstrator, src: torch.Tensor, beam_size: int = 4, lengt
     lengths = torch.zeros(B, k, device=device)  # tokens emitted incl. EOS
     frozen = torch.full((V,), float("-inf"), device=device)
     frozen[cfg.pad_id] = 0.0
+    ids = torch.arange(B, device=device)  # original index of each sentence still decoding
+    hyps: list = [None] * B
+    best_scores: list = [None] * B
     cache: dict = {}
     for step in range(max_len):
+        n = ids.size(0)  # sentences still decoding
         logits, _ = at.decode(tokens[:, -1:], memory, src_keep, cache=cache, start=step)
-        lp = torch.log_softmax(logits[:, -1].float(), dim=-1).view(B, k, V)
+        lp = torch.log_softmax(logits[:, -1].float(), dim=-1).view(n, k, V)
         lp[..., [cfg.pad_id, cfg.bos_id]] = float("-inf")
         if step < min_len:
             lp[..., cfg.eos_id] = float("-inf")
@@ -89,25 +106,34 @@ def beam_search(at: ATDemonstrator, src: torch.Tensor, beam_size: int = 4, lengt
             eos_only = torch.full_like(lp, float("-inf"))
             eos_only[..., cfg.eos_id] = lp[..., cfg.eos_id]
             lp = eos_only
-        lp = torch.where(finished.unsqueeze(-1), frozen.expand(B, k, V), lp)
-        cand = (scores.unsqueeze(-1) + lp).view(B, k * V)
+        lp = torch.where(finished.unsqueeze(-1), frozen.expand(n, k, V), lp)
+        cand = (scores.unsqueeze(-1) + lp).view(n, k * V)
         scores, flat = cand.topk(k, dim=-1)
         origin, token = flat // V, flat % V
-        row = (origin + torch.arange(B, device=device).unsqueeze(1) * k).view(-1)
+        row = (origin + torch.arange(n, device=device).unsqueeze(1) * k).view(-1)
         was_finished = finished.gather(1, origin)
         lengths = lengths.gather(1, origin) + (~was_finished).float()
         finished = was_finished | token.eq(cfg.eos_id)
         tokens = torch.cat([tokens.index_select(0, row), token.view(-1, 1)], dim=1)
         reorder_cache(cache, row)
-        if bool(finished.all()):
+        # Done: every hypothesis ended, or out of room (rows that could never score stay unended).
+        done = finished.all(1) | (step == max_len - 1)
+        n_done = int(done.sum())  # the one host sync per step
+        if n_done == 0:
+            continue
+        rows, best = _best_hypotheses(tokens.view(n, k, -1)[done].view(-1, tokens.size(1)), scores[done],
+                                      lengths[done], finished[done], k, length_penalty)
+        for i, r, sc in zip(ids[done].tolist(), rows, best):
+            hyps[i], best_scores[i] = _strip(r, cfg.eos_id, cfg.pad_id), sc
+        if n_done == n:
             break
-    norm = scores / lengths.clamp_min(1).pow(length_penalty)
-    norm = norm.masked_fill(~finished, float("-inf"))
-    best = norm.argmax(-1)
-    chosen = tokens.view(B, k, -1)[torch.arange(B, device=device), best, 1:]
-    hyps = [_strip(r, cfg.eos_id, cfg.pad_id) for r in chosen.tolist()]
+        keep = (~done).nonzero().squeeze(1)
+        keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
+        tokens, scores, finished, lengths, ids = tokens[keep_rows], scores[keep], finished[keep], lengths[keep], ids[keep]
+        memory, src_keep = memory[keep], src_keep[keep]
+        prune_cache(cache, keep_rows, keep)
     if return_scores:
-        return hyps, norm.gather(1, best.unsqueeze(1)).squeeze(1).tolist()
+        return hyps, best_scores
     return hyps
 
 

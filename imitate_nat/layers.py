@@ -138,6 +138,14 @@ def reorder_cache(cache: Cache, index: torch.Tensor) -> None:
             cache[key] = (k.index_select(0, index), v.index_select(0, index))
 
 
+def prune_cache(cache: Cache, rows: torch.Tensor, sentences: torch.Tensor) -> None:
+    """Keep self-attention rows `rows` (k per sentence) and cross-attention rows `sentences`
+    (one per sentence): beam search drops the sentences whose hypotheses have all ended."""
+    for key, (k, v) in cache.items():
+        index = rows if key.startswith("self") else sentences
+        cache[key] = (k.index_select(0, index), v.index_select(0, index))
+
+
 def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     """(B,) lengths -> (B, max_len) bool, True at real positions."""
     return torch.arange(max_len, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)

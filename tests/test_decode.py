@@ -8,7 +8,9 @@ import torch
 
 from imitate_nat import ATDemonstrator, NATLearner, preset
 from imitate_nat.data import source_tensor
+from imitate_nat import decode
 from imitate_nat.decode import at_score, beam_search, greedy_search, lpd_decode, nat_decode
+from imitate_nat.layers import prune_cache
 
 SPECIALS = 4  # pad, unk, bos, eos
 
@@ -96,14 +98,29 @@ def test_greedy_equals_beam_one():
     assert any(len(h) > 0 for h in g)
 
 
-def test_batched_search_equals_one_sentence_at_a_time():
+def test_batched_search_equals_one_sentence_at_a_time(monkeypatch):
     at, nat = model_pair(vocab=15, seed=9)
     src = sources(15, n=5, seed=10)
-    batched = beam_search(at, src, beam_size=3, max_len_a=0, max_len_b=7, min_len=2)
+    # A random model ends every sentence at max length. Push EOS up once a step passes the
+    # sentence's source length, so sentences end at different steps and leave the batch early.
+    at_decode = at.decode
+
+    def decode_with_eos_push(tgt, memory, keep, cache=None, start=0):
+        logits, pis = at_decode(tgt, memory, keep, cache=cache, start=start)
+        push = (start + 1 - keep.sum(1).float()).clamp_min(0) * 10.0  # per sentence
+        logits[..., 3] += push.repeat_interleave(logits.size(0) // memory.size(0)).unsqueeze(1)
+        return logits, pis
+
+    monkeypatch.setattr(at, "decode", decode_with_eos_push)
+    left = []  # sentences still decoding after each early exit from the batch
+    monkeypatch.setattr(decode, "prune_cache", lambda c, rows, sents: left.append(len(sents)) or prune_cache(c, rows, sents))
+    batched = beam_search(at, src, beam_size=3, max_len_a=0, max_len_b=10, min_len=2)
+    assert left and left[0] < 5, left  # sentences did leave the batch early: the comparison covers it
+    assert len(set(map(len, batched))) > 1
     nat_batched = lpd_decode(nat, at, src, delta_t=2)
     for i in range(src.size(0)):
         one = src[i:i + 1, : int(src[i].ne(0).sum())]
-        assert beam_search(at, one, beam_size=3, max_len_a=0, max_len_b=7, min_len=2) == [batched[i]]
+        assert beam_search(at, one, beam_size=3, max_len_a=0, max_len_b=10, min_len=2) == [batched[i]]
         assert lpd_decode(nat, at, one, delta_t=2) == [nat_batched[i]]
 
 
