@@ -15,8 +15,14 @@ targets (≥ 1.8× for 2 actors on 2 cores, ≥ 10× for batching) are printed f
 Run it on an otherwise idle machine: the 1-minute load average is printed before (should be
 ~0) and after (raised by this run's own actors).
 
+`--run RUN_DIR` measures the same on real data instead: the run's trained teacher and
+tokenizer, the first --sentences of its training sources, and natural output lengths (the
+stage's defaults: up to 1.5·S + 10 tokens, stopping at EOS). There a batch also pays for its
+longest output, which a finished sentence leaving the batch early (beam_search) cuts back.
+
     python bench/distill_throughput.py                        # tiny model, 256 sentences
     python bench/distill_throughput.py --sentences 512 --json out.json
+    python bench/distill_throughput.py --run runs/multi30k    # a trained teacher, real sentences
 """
 from __future__ import annotations
 
@@ -38,12 +44,13 @@ import torch  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from imitate_nat import ATDemonstrator  # noqa: E402
-from imitate_nat.checkpoint import save_model  # noqa: E402
+from imitate_nat.checkpoint import load_model, save_model  # noqa: E402
 from imitate_nat.config import PRESETS, preset  # noqa: E402
 from imitate_nat.data import source_tensor  # noqa: E402
 from imitate_nat.decode import beam_search  # noqa: E402
 from imitate_nat.synthetic import generate_corpus  # noqa: E402
-from imitate_nat.tokenizer import train_sentencepiece  # noqa: E402
+from imitate_nat.data import read_lines  # noqa: E402
+from imitate_nat.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 from orchestrator.stages.distill import make_workers, run_pool, shard_bounds, translate_lines  # noqa: E402
 
 TARGETS = {"2 actors / 1 actor": 1.8, "batched / per-sentence": 10.0}
@@ -63,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="device of the in-process comparison (the actors always run on CPU)")
     p.add_argument("--no-actors", action="store_true", help="skip the 1 vs 2 actors comparison")
+    p.add_argument("--run", metavar="RUN_DIR", help="a finished run: its teacher, tokenizer and train sources, "
+                                                     "natural output lengths (--size/--out-len/--vocab unused)")
     p.add_argument("--json", metavar="PATH", help="also write all figures as JSON")
     a = p.parse_args(argv)
     if a.device == "cuda" and not torch.cuda.is_available():
@@ -73,6 +82,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def setup(a, work: Path):
+    """(tokenizer, model, sentences, model file, tokenizer file)."""
+    if a.run:
+        rd = Path(a.run)
+        model, _ = load_model(rd / "teacher" / "model.pt", "cpu")
+        sents = read_lines(rd / "prepare" / "train.src")[: a.sentences]
+        return Tokenizer(rd / "tokenizer" / "spm.model"), model.eval(), sents, rd / "teacher" / "model.pt", rd / "tokenizer" / "spm.model"
     pairs = generate_corpus(max(a.sentences, 2000), seed=a.seed)
     corpus = work / "corpus.txt"
     corpus.write_text("".join(f"{s}\n{t}\n" for s, t in pairs), encoding="utf-8")
@@ -84,10 +99,12 @@ def setup(a, work: Path):
     kw = {k: v for k, v in decode_kw(a, 0).items() if k != "batch_tokens"}
     hyps = beam_search(model, source_tensor(tok.encode_batch(s for s, _ in pairs[:8])), **kw)
     assert all(len(h) == a.out_len for h in hyps), [len(h) for h in hyps]
-    return tok, model, [s for s, _ in pairs[: a.sentences]]
+    return tok, model, [s for s, _ in pairs[: a.sentences]], work / "model.pt", work / "spm.model"
 
 
 def decode_kw(a, batch_tokens: int) -> dict:
+    if a.run:  # natural lengths: beam_search's defaults, as the stage decodes
+        return dict(beam_size=a.beam, batch_tokens=batch_tokens, length_penalty=1.0)
     return dict(beam_size=a.beam, batch_tokens=batch_tokens, length_penalty=1.0,
                 max_len_a=0, max_len_b=a.out_len + 1, min_len=a.out_len)
 
@@ -120,11 +137,10 @@ def in_process(a, tok, model, sents) -> dict:
         torch.set_num_threads(threads)
 
 
-def actor_pool(a, work: Path, sents, n_actors: int) -> float:
+def actor_pool(a, work: Path, files: tuple[Path, Path], sents, n_actors: int) -> float:
     jobs = [(i, sents[s:e]) for i, (s, e) in enumerate(shard_bounds(len(sents), a.shards))]
     shard_dir = work / f"shards-{n_actors}"
-    workers = make_workers(n_actors, work / "model.pt", work / "spm.model", shard_dir,
-                           decode_kw(a, a.batch_tokens), cpus=1)
+    workers = make_workers(n_actors, *files, shard_dir, decode_kw(a, a.batch_tokens), cpus=1)
     try:
         ray.get([w.ready.remote() for w in workers])          # model loading is not timed
         run_pool(workers, jobs[:n_actors])                    # warm-up: one shard per actor
@@ -144,7 +160,7 @@ def main(argv=None) -> dict:
     load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="distill-bench-") as d:
         work = Path(d)
-        tok, model, sents = setup(a, work)
+        tok, model, sents, model_file, spm_file = setup(a, work)
         src_tokens = sum(len(s) for s in tok.encode_batch(sents)) / len(sents)
         rates = in_process(a, tok, model, sents)
         if not a.no_actors:
@@ -152,7 +168,7 @@ def main(argv=None) -> dict:
                      object_store_memory=100 * 1024 * 1024, configure_logging=False)
             try:
                 for n in (1, 2):
-                    rates[f"{n} actor" + ("s" if n > 1 else "")] = actor_pool(a, work, sents, n)
+                    rates[f"{n} actor" + ("s" if n > 1 else "")] = actor_pool(a, work, (model_file, spm_file), sents, n)
             finally:
                 ray.shutdown()
     load_after = os.getloadavg()
@@ -161,8 +177,9 @@ def main(argv=None) -> dict:
     if not a.no_actors:
         ratios["2 actors / 1 actor"] = rates["2 actors"] / rates["1 actor"]
 
-    print(f"# distill throughput: --size {a.size}, in-process on {a.device}, {len(sents)} sentences (avg {src_tokens:.1f} source "
-          f"tokens), beam {a.beam}, output {a.out_len} tokens + EOS, vocab {tok.vocab_size}, "
+    what = (f"teacher of {a.run}, natural output lengths" if a.run else f"--size {a.size}, output {a.out_len} tokens + EOS")
+    print(f"# distill throughput: {what}, in-process on {a.device}, {len(sents)} sentences (avg {src_tokens:.1f} source "
+          f"tokens), beam {a.beam}, vocab {tok.vocab_size}, "
           f"{os.cpu_count()} CPUs, torch {torch.__version__}, ray {ray.__version__}")
     print(f"# load average before {load_before[0]:.2f}, after {load_after[0]:.2f}"
           + ("   (CONTENDED before the run: rerun on an idle machine)" if load_before[0] > 1.0 else ""))
