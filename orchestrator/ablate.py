@@ -187,9 +187,9 @@ def table_rows(variants: dict) -> list[dict]:
     rows = []
     for i, (name, lpd) in enumerate(ROWS, 1):
         v, kind = variants.get(name), "lpd" if lpd else "nat"
-        spec = next(x for x in VARIANTS if x.name == name)
-        rows.append({"row": i, "variant": name, "targets": spec.targets, "copy": spec.copy,
-                     "imitation": spec.imitation, "lpd": lpd,
+        switches = next(x for x in VARIANTS if x.name == name)
+        rows.append({"row": i, "variant": name, "targets": switches.targets, "copy": switches.copy,
+                     "imitation": switches.imitation, "lpd": lpd,
                      "valid_bleu": v["valid"][kind] if v else None, "test_bleu": v["test"][kind] if v else None})
     return rows
 
@@ -232,10 +232,10 @@ def run_ablation(base: JobSpec, job_yaml: str, lambda1_zero_teacher: bool = Fals
     """Run every variant (or those in `only`; the others are reported when already finished),
     score them, write ablation.json/.md after each and log to MLflow. Ray must be initialized by
     the caller. Raises pipeline.StageFailed."""
+    import torch  # here, not at module level: the CLI imports VARIANTS from this module
+
     out = ablation_dir(base)
     out.mkdir(parents=True, exist_ok=True)
-    import torch
-
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tracker = make_tracker(base)
     variants: dict[str, dict] = {}
