@@ -1,5 +1,7 @@
 """Decoding speed, measured side by side in one run: AT beam-4 and greedy (KV cache), NAT one
-pass, NAT+LPD(ΔT), and a Hugging Face MarianMT peer at the same dimensions (beam 4).
+pass, NAT+LPD(ΔT), and a Hugging Face MarianMT peer at the same dimensions (beam 4). On CUDA,
+NAT and NAT+LPD also run as CUDA graphs (imitate_nat/graphs.py; the AT and the peer stay eager),
+and the graphs' outputs are compared with the eager ones.
 
 Random weights (seeded); every method sees the same random sources and decodes exactly
 --tgt-len tokens (+ EOS for the autoregressive ones; LPD: its 2ΔT+1 candidate lengths around it),
@@ -27,6 +29,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from imitate_nat.at import ATDemonstrator  # noqa: E402
 from imitate_nat.config import PRESETS, preset  # noqa: E402
 from imitate_nat.decode import beam_search, greedy_search, lpd_decode, nat_decode  # noqa: E402
+from imitate_nat.graphs import GraphedLPD  # noqa: E402
 from imitate_nat.nat import NATLearner  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -56,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's); on a CPU "
                    "shared with other jobs, 1 gives far steadier figures")
     p.add_argument("--no-peer", action="store_true", help="skip the MarianMT peer")
+    p.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, skip the CUDA-graph NAT and LPD rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write all figures as JSON")
     a = p.parse_args(argv)
@@ -119,6 +123,12 @@ def methods(at, nat, marian, a):
         f"NAT+LPD(dT={a.delta_t})": lambda src: mean_len(lpd_decode(nat, at, src, delta_t=a.delta_t,
                                                                      lengths=full(src))),
     }
+    if a.device == "cuda" and not a.no_cuda_graphs:
+        biggest = max(a.batch_sizes)
+        nat_graph = GraphedLPD(nat, at, delta_t=0, max_batch=biggest)
+        lpd_graph = GraphedLPD(nat, at, delta_t=a.delta_t, max_batch=biggest)
+        out["NAT graph"] = lambda src: mean_len(nat_graph(src, full(src)))
+        out[f"NAT+LPD(dT={a.delta_t}) graph"] = lambda src: mean_len(lpd_graph(src, full(src)))
     if marian is not None:
         model, gen = marian
 
@@ -127,6 +137,20 @@ def methods(at, nat, marian, a):
             seqs = model.generate(input_ids=src, attention_mask=src.ne(at.cfg.pad_id), generation_config=gen)
             return float(seqs.size(1) - 2)  # minus decoder start and the final EOS
         out["Marian beam-4 (HF)"] = run_marian
+    return out
+
+
+def graph_agreement(at, nat, srcs: list[torch.Tensor], a) -> dict:
+    """Share of sentences whose CUDA-graph output equals eager decoding's, for NAT and LPD."""
+    out = {}
+    for name, dt in (("NAT", 0), (f"NAT+LPD(dT={a.delta_t})", a.delta_t)):
+        graphed = GraphedLPD(nat, at, delta_t=dt, max_batch=max(a.batch_sizes))
+        same = total = 0
+        for src in srcs:
+            lengths = torch.full((src.size(0),), a.tgt_len, dtype=torch.long, device=src.device)
+            g, e = graphed(src, lengths), lpd_decode(nat, at, src, delta_t=dt, lengths=lengths)
+            same, total = same + sum(x == y for x, y in zip(g, e)), total + len(e)
+        out[name] = same / total
     return out
 
 
@@ -175,7 +199,7 @@ def print_table(bs: int, rows: dict, a, n_sent: int) -> None:
     print(f"  {'method':<22}{'ms/sent':>11}{'speedup':>10}{'out len':>9}   paper target (GPU, batch 1)")
     for name, r in rows.items():
         note = ""
-        key = "NAT+LPD" if name.startswith("NAT+LPD") else name
+        key = "NAT+LPD" if name.startswith("NAT+LPD") else "NAT" if name.startswith("NAT") else name
         if bs == 1 and key in PAPER_TARGETS:
             tgt = PAPER_TARGETS[key]
             verdict = ("PASS" if r["speedup"] >= tgt else "MISS") if a.device == "cuda" else "n/a on CPU"
@@ -221,6 +245,10 @@ def main(argv=None) -> dict:
         if peer:
             results[bs]["ours_beam4_vs_marian_beam4"] = peer["ms_per_sentence"] / rows[BASELINE]["ms_per_sentence"]
         print_table(bs, rows, a, n_batches * bs)
+        if a.device == "cuda" and not a.no_cuda_graphs:
+            agree = graph_agreement(at, nat, srcs, a)
+            results[bs]["graph_equals_eager"] = agree
+            print("  CUDA graph outputs equal to eager: " + ", ".join(f"{k} {v:.1%}" for k, v in agree.items()))
         sys.stdout.flush()
     report = {"machine": info, "args": {k: v for k, v in vars(a).items() if k != "json"},
               "paper_targets_gpu_batch1": PAPER_TARGETS, "peer_skipped": skip_reason,

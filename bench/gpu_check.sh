@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The GPU check, one script for one H100/H200 (≤ 8 minutes): decoding speed at base size
-# (fp32 and bf16, with the MarianMT peer), teacher training with Ray Train + DeepSpeed
+# The GPU check, one script for one H100/H200 (≤ 8 minutes): the CUDA-graph decoding tests,
+# decoding speed at base size (fp32 and bf16, eager and CUDA graphs, with the MarianMT peer), teacher training with Ray Train + DeepSpeed
 # (ZeRO-2, bf16) on the GPU, and distillation throughput on the GPU.
 #
 # On the lent GPU machine (no registry there): build the pack here first,
@@ -16,6 +16,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT
 python3 -c "import torch, ray, deepspeed; print('torch', torch.__version__, 'ray', ray.__version__, 'deepspeed', deepspeed.__version__)" | tee -a "$OUT/gpu.txt"
 step() { echo; echo "=== $1 ($(date +%T))"; }
 
+step "CUDA graph decoding tests"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_decode.py 2>&1 | tail -5 | tee "$OUT/graph_tests.txt"
 step "decode speed, base size, fp32"
 timeout 120 python3 bench/decode_speed.py --device cuda --dtype fp32 --repeats 3 --sentences 32 --json "$OUT/decode_fp32.json"
 step "decode speed, base size, bf16"
@@ -24,7 +26,7 @@ timeout 90 python3 bench/decode_speed.py --device cuda --dtype bf16 --repeats 3 
 step "teacher: Ray Train + DeepSpeed ZeRO-2 bf16 on the GPU"
 WD=$(mktemp -d)
 timeout 180 python3 -m orchestrator.cli run jobs/tiny.yaml --until teacher --no-progress \
-  --set workdir="$WD" --set data.synthetic.train_size=5000 \
+  --set workdir="$WD" --set data.synthetic.train_size=5000 --set ray.include_dashboard=false \
   --set teacher.strategy=deepspeed --set teacher.zero_stage=2 --set teacher.precision=bf16 \
   --set teacher.gpus_per_worker=1 --set teacher.workers=1 --set teacher.max_steps=300 \
   --set teacher.eval_every=150 --set teacher.checkpoint_every=150 2>&1 | grep -v PlacementGroupCleaner | tail -20

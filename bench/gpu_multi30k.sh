@@ -9,6 +9,8 @@
 # then, on the machine, from the repo root:  bash bench/gpu_multi30k.sh
 # Results land in $OUT (default bench/results/gpu_multi30k): summary, ablation and report markdown.
 # STEPS_SCALE (default 1) multiplies the teacher and student steps, for a longer or shorter run;
+# ABLATE=0 runs the job only (no ablation, no report); JOB_TIMEOUT (seconds, default none) stops
+# the job early and still copies what it finished.
 # GPUS=0 runs the same flow on the CPU (with STEPS_SCALE=0.01 and MAX_TRAIN=2000: a smoke test).
 set -uo pipefail
 OUT=${OUT:-bench/results/gpu_multi30k}
@@ -25,7 +27,9 @@ steps() { python3 -c "print(max(1, round($1 * $SCALE)))"; }
 
 # GPU settings over jobs/multi30k.yaml: one GPU for every stage, bigger batches (the GPU is
 # launch-bound at 2,048 tokens); precision stays the job's bf16 (torch autocast).
-SETS=(--set workdir="$WD" --set data.dir="$DATA"
+# ray.include_dashboard=false: the pack's slim Ray has no dashboard front end, and starting a
+# local Ray that tries to serve it waits ~60 s before it gives up.
+SETS=(--set workdir="$WD" --set data.dir="$DATA" --set ray.include_dashboard=false
       --set teacher.gpus_per_worker="$GPUS" --set student.gpus_per_worker="$GPUS"
       --set teacher.batch_tokens=4096 --set student.batch_tokens=4096
       --set teacher.max_steps="$(steps 2400)" --set student.max_steps="$(steps 1600)"
@@ -35,8 +39,14 @@ SETS=(--set workdir="$WD" --set data.dir="$DATA"
 if [ -n "${MAX_TRAIN:-}" ]; then SETS+=(--set data.max_train="$MAX_TRAIN" --set eval.latency_sentences=5); fi
 
 step "multi30k job"
-python3 -m orchestrator.cli run jobs/multi30k.yaml "${SETS[@]}" --no-progress 2>&1 | grep -v PlacementGroupCleaner | tail -25
+T0=$(date +%s)
+${JOB_TIMEOUT:+timeout $JOB_TIMEOUT} python3 -m orchestrator.cli run jobs/multi30k.yaml "${SETS[@]}" --no-progress 2>&1 \
+  | grep -v PlacementGroupCleaner | tee "$OUT/job.log" | grep -v "^\s*$" | tail -40
+echo "job wall time: $(( $(date +%s) - T0 )) s"
+python3 -m orchestrator.cli status jobs/multi30k.yaml "${SETS[@]}" 2>&1 | tail -12
 cp "$WD/multi30k/evaluate/summary.md" "$OUT/summary.md" 2>/dev/null
+for m in "$WD"/multi30k/*/manifest.json; do s=$(basename "$(dirname "$m")"); cp "$m" "$OUT/manifest.$s.json"; done
+[ "${ABLATE:-1}" = 0 ] && { echo; echo "=== done, job only ($(date +%T))"; exit 0; }
 
 step "ablation (Table 2)"
 python3 -m orchestrator.cli ablate jobs/multi30k.yaml "${SETS[@]}" --no-progress 2>&1 | grep -v PlacementGroupCleaner | tail -20

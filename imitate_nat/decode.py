@@ -170,6 +170,33 @@ def nat_decode(nat: NATLearner, src: torch.Tensor, lengths: torch.Tensor | None 
     return [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
 
 
+def lpd_candidates(nat: NATLearner, at: ATDemonstrator, nat_enc, at_enc, lengths: torch.Tensor, delta_t: int,
+                   length_penalty: float = 1.0, width: int | None = None):
+    """The core of LPD, free of host syncs when `width` is given (CUDA graphs, graphs.py): decode
+    the 2ΔT+1 lengths around each T̂ in ONE NAT pass, score them in ONE teacher-forced AT pass.
+    nat_enc / at_enc: (memory, src_keep) of each model's encoder (at_enc unused when ΔT = 0).
+    Returns tokens (B·C, W) padded, candidate lengths (B·C,), AT scores (B, C)."""
+    cfg, B, C = nat.cfg, lengths.size(0), 2 * delta_t + 1
+    offsets = torch.arange(-delta_t, delta_t + 1, device=lengths.device)
+    cand_len = (lengths.unsqueeze(1) + offsets).clamp(1, cfg.max_positions).view(-1)  # (B*C,)
+    # Each source's C candidates are consecutive rows: they share its memory (no per-candidate
+    # copies), so encoder keys/values are projected once per source in both passes.
+    logits, _ = nat.decode(*nat_enc, cand_len, width=width)
+    tokens = token_argmax(logits, cfg)
+    tokens = tokens.masked_fill(torch.arange(tokens.size(1), device=tokens.device) >= cand_len.unsqueeze(1),
+                                cfg.pad_id)
+    if C == 1:
+        return tokens, cand_len, torch.zeros(B, 1, device=tokens.device)
+    return tokens, cand_len, at_score(at, *at_enc, tokens, cand_len, length_penalty).view(B, C)
+
+
+def pick_best(tokens: torch.Tensor, cand_len: torch.Tensor, scores: torch.Tensor):
+    """Each source's best-scoring candidate: (tokens (B, W), lengths (B,))."""
+    B, C = scores.shape
+    pick = torch.arange(B, device=scores.device) * C + scores.argmax(-1)
+    return tokens[pick], cand_len[pick]
+
+
 @torch.no_grad()
 def lpd_decode(nat: NATLearner, at: ATDemonstrator, src: torch.Tensor, delta_t: int = 3,
                lengths: torch.Tensor | None = None, length_penalty: float = 1.0, return_all: bool = False):
@@ -178,25 +205,14 @@ def lpd_decode(nat: NATLearner, at: ATDemonstrator, src: torch.Tensor, delta_t: 
     With ΔT = 0 this is exactly nat_decode."""
     if delta_t < 0:
         raise ValueError(f"delta_t must be >= 0, got {delta_t}")
-    cfg, B, C = nat.cfg, src.size(0), 2 * delta_t + 1
-    memory, src_keep = nat.encode(src)
+    nat_enc = nat.encode(src)
     if lengths is None:
-        lengths = nat.predict_lengths(memory, src_keep)
-    offsets = torch.arange(-delta_t, delta_t + 1, device=src.device)
-    cand_len = (lengths.unsqueeze(1) + offsets).clamp(1, cfg.max_positions).view(-1)  # (B*C,)
-    # Each source's C candidates are consecutive rows: they share its memory (no per-candidate
-    # copies), so encoder keys/values are projected once per source in both passes.
-    logits, _ = nat.decode(memory, src_keep, cand_len)
-    tokens = token_argmax(logits, cfg)
-    tokens = tokens.masked_fill(torch.arange(tokens.size(1), device=src.device) >= cand_len.unsqueeze(1), cfg.pad_id)
-    if C == 1:
-        scores = torch.zeros(B, 1, device=src.device)
-    else:
-        at_memory, at_keep = at.encode(src)
-        scores = at_score(at, at_memory, at_keep, tokens, cand_len, length_penalty).view(B, C)
-    best = scores.argmax(-1)
-    pick = torch.arange(B, device=src.device) * C + best
-    out = [row[:n] for row, n in zip(tokens[pick].tolist(), cand_len[pick].tolist())]
+        lengths = nat.predict_lengths(*nat_enc)
+    at_enc = at.encode(src) if delta_t > 0 else None
+    tokens, cand_len, scores = lpd_candidates(nat, at, nat_enc, at_enc, lengths, delta_t, length_penalty)
+    best, best_len = pick_best(tokens, cand_len, scores)
+    out = [row[:n] for row, n in zip(best.tolist(), best_len.tolist())]
     if return_all:
+        B, C = scores.shape
         return out, tokens.view(B, C, -1), cand_len.view(B, C), scores
     return out

@@ -151,12 +151,18 @@ def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:
     return torch.arange(max_len, device=lengths.device).unsqueeze(0) < lengths.unsqueeze(1)
 
 
+def capturing(t: torch.Tensor) -> bool:
+    """True while a CUDA graph is being recorded on t's device (no host syncs allowed then)."""
+    return t.is_cuda and torch.cuda.is_current_stream_capturing()
+
+
 def attention_mask(keep: torch.Tensor) -> torch.Tensor | None:
     """(B, Tk) keep-mask -> (B, 1, 1, Tk), broadcast over heads and queries.
 
     While decoding (no autograd), a mask that masks nothing is dropped (None): attention then
     takes its unmasked fast path, which on a GPU at batch 1 saves the mask-conversion kernels of
-    every attention call. Training always keeps the mask: deciding costs a host sync."""
-    if not torch.is_grad_enabled() and bool(keep.all()):
+    every attention call. Training always keeps the mask: deciding costs a host sync, which a
+    CUDA graph capture (graphs.py) cannot have either."""
+    if not torch.is_grad_enabled() and not capturing(keep) and bool(keep.all()):
         return None
     return keep[:, None, None, :]

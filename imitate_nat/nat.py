@@ -77,11 +77,12 @@ class NATLearner(EncoderDecoder):
         return (src_keep.sum(1) + offset).clamp(1, self.cfg.max_positions)
 
     # --- decoding -------------------------------------------------------------------------------
-    def decode(self, memory, src_keep, tgt_lengths: torch.Tensor):
+    def decode(self, memory, src_keep, tgt_lengths: torch.Tensor, width: int | None = None):
         """All positions in parallel at the given lengths. Returns (logits (B,T',V), [log π_l]).
         `memory`/`src_keep` may hold one row per source for g consecutive rows of `tgt_lengths`:
-        the candidates then share the source's copy and cross-attention keys (see TransferLayer)."""
-        T = int(tgt_lengths.max())  # host sync: the decoder's width
+        the candidates then share the source's copy and cross-attention keys (see TransferLayer).
+        `width` ≥ max length pads the decoder wider (masked: same outputs), without a host sync."""
+        T = int(tgt_lengths.max()) if width is None else width  # host sync: the decoder's width
         if T > self.cfg.max_positions:
             raise ValueError(f"target length {T} exceeds max_positions={self.cfg.max_positions}")
         x = self.copy_inputs(memory, src_keep, tgt_lengths, T)

@@ -8,6 +8,7 @@ import torch
 
 from .data import source_tensor, token_batches
 from .decode import beam_search, greedy_search, lpd_decode, nat_decode
+from .graphs import GraphedLPD
 from .tokenizer import Tokenizer
 
 Decoder = Callable[[torch.Tensor], list[list[int]]]
@@ -40,9 +41,19 @@ def at_beam(at, beam_size: int = 4, length_penalty: float = 1.0, max_len_a: floa
                    max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len)
 
 
-def nat_one_pass(nat) -> Decoder:
+def _graphs_apply(model, cuda_graphs: bool) -> bool:
+    return cuda_graphs and next(model.parameters()).is_cuda and not model.training
+
+
+def nat_one_pass(nat, cuda_graphs: bool = False) -> Decoder:
+    """cuda_graphs: on a GPU, small batches replay CUDA graphs (graphs.py; same outputs). For
+    decoders that are kept and called many times (evaluation, serving), not one-off calls."""
+    if _graphs_apply(nat, cuda_graphs):
+        return GraphedLPD(nat, None, delta_t=0)
     return partial(nat_decode, nat)
 
 
-def nat_lpd(nat, at, delta_t: int = 3, length_penalty: float = 1.0) -> Decoder:
+def nat_lpd(nat, at, delta_t: int = 3, length_penalty: float = 1.0, cuda_graphs: bool = False) -> Decoder:
+    if _graphs_apply(nat, cuda_graphs) and not at.training:
+        return GraphedLPD(nat, at, delta_t=delta_t, length_penalty=length_penalty)
     return partial(lpd_decode, nat, at, delta_t=delta_t, length_penalty=length_penalty)

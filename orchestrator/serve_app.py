@@ -220,6 +220,7 @@ class Translator:
         self.limits = {k: serve_cfg[k] for k in ("max_texts", "max_chars", "max_delta_t", "max_body_bytes")}
         self.default_delta_t = eval_cfg["delta_t"]
         self.eval_cfg = eval_cfg
+        self.lpd_decoders: dict[int, tuple] = {}  # ΔT -> (LPD decoder, batching cost factor)
         self.batch_stats = {"count": 0, "requests": 0, "texts": 0, "max_requests": 0}
         self.replica = serve.get_replica_context().replica_id.to_full_id_str()
         self.translate_batch.set_max_batch_size(serve_cfg["max_batch_size"])
@@ -235,7 +236,9 @@ class Translator:
         from .stages.evaluate import decoders
 
         e = self.eval_cfg
-        decoder, cost = decoders(self.at, self.nat, e["beam_size"], delta_t, e["length_penalty"])["lpd"]
+        if delta_t not in self.lpd_decoders:  # kept: on a GPU each holds its recorded CUDA graphs
+            self.lpd_decoders[delta_t] = decoders(self.at, self.nat, e["beam_size"], delta_t, e["length_penalty"])["lpd"]
+        decoder, cost = self.lpd_decoders[delta_t]
         return translate(texts, self.tok, decoder, batch_tokens=e["batch_tokens"], device=self.device,
                          max_src_len=self.at.cfg.max_positions, cost_factor=cost)
 

@@ -293,6 +293,7 @@ class RaySpec(_Section):
     address: Optional[str] = None                    # None: start a local Ray; "auto": join
     num_cpus: Optional[int] = Field(None, gt=0)
     object_store_memory: Optional[int] = Field(None, gt=0)
+    include_dashboard: Optional[bool] = None         # local Ray only; None: Ray decides (on if installed)
 
 
 # ------------------------------------------------------------------------------- the job --

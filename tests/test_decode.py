@@ -189,7 +189,7 @@ def test_lpd_sends_all_candidates_through_one_nat_and_one_at_pass():
     src = sources(15, n=3, seed=20)
     calls = {"nat": [], "at": []}
     nat_decode_fn, at_decode_fn = nat.decode, at.decode
-    nat.decode = lambda memory, keep, lengths: calls["nat"].append(len(lengths)) or nat_decode_fn(memory, keep, lengths)
+    nat.decode = lambda memory, keep, lengths, **k: calls["nat"].append(len(lengths)) or nat_decode_fn(memory, keep, lengths, **k)
     at.decode = lambda *a, **k: calls["at"].append(a[0].size(0)) or at_decode_fn(*a, **k)
     lpd_decode(nat, at, src, delta_t=3)
     assert calls == {"nat": [3 * 7], "at": [3 * 7]}

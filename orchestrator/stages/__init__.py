@@ -61,5 +61,6 @@ def init_ray(spec: JobSpec, address: str | None = None) -> None:
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
     kwargs = {"address": address or spec.ray.address, "log_to_driver": True}
     if not kwargs["address"]:
-        kwargs.update(num_cpus=spec.ray.num_cpus, object_store_memory=spec.ray.object_store_memory)
+        kwargs.update(num_cpus=spec.ray.num_cpus, object_store_memory=spec.ray.object_store_memory,
+                      include_dashboard=spec.ray.include_dashboard)
     ray.init(**{k: v for k, v in kwargs.items() if v is not None})

@@ -21,11 +21,14 @@ log = logging.getLogger("imitate_orch")
 
 
 def decoders(at, nat, beam_size: int, delta_t: int, length_penalty: float = 1.0) -> dict:
-    """name -> (decoder, cost factor for batching). The rows of Table 1."""
+    """name -> (decoder, cost factor for batching). The rows of Table 1. On a GPU the NAT
+    decoders replay CUDA graphs at small batches (imitate_nat/graphs.py: same outputs); the
+    AT's beam search stays eager."""
     return {
         "at": (at_beam(at, beam_size=beam_size, length_penalty=length_penalty), beam_size),
-        "nat": (nat_one_pass(nat), 1),
-        "lpd": (nat_lpd(nat, at, delta_t=delta_t, length_penalty=length_penalty), 2 * delta_t + 1),
+        "nat": (nat_one_pass(nat, cuda_graphs=True), 1),
+        "lpd": (nat_lpd(nat, at, delta_t=delta_t, length_penalty=length_penalty, cuda_graphs=True),
+                2 * delta_t + 1),
     }
 
 
