@@ -175,9 +175,14 @@ def action_section(rd: Path, out: Path, spec: JobSpec, split: str, compare: Path
         per_layer = ", ".join(f"{h:.2f}" for h in u["per_layer_entropy"])
         lines.append(f"| {name} | {u['used']} / {u['n_actions']} | {u['entropy']:.2f} (max {u['max_entropy']:.2f}) | "
                      f"{math.exp(u['entropy']):.1f} | {per_layer} |")
-    shares = {name: sorted((c / max(1, sum(u["counts"])) for c in u["counts"]), reverse=True)
-              for name, u in teachers.items()}
-    plots.bar_plot(out / "action_usage.png", shares, "Action usage", "actions, most used first", "share of positions")
+    # Sorted shares of the used actions on a log scale: a balanced usage is a long, flat curve;
+    # a collapsed one drops fast and ends early (grouped bars over 512 slots hide each other).
+    shares = {}
+    for name, u in teachers.items():
+        used = sorted((c / max(1, sum(u["counts"])) for c in u["counts"] if c), reverse=True)
+        shares[name] = (range(1, len(used) + 1), used)
+    plots.line_plot(out / "action_usage.png", shares, f"Action usage ({split} set)", "action rank (most used first)",
+                    "share of positions", logy=True)
     return lines + ["", "![action usage](action_usage.png)", ""]
 
 
