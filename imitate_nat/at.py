@@ -11,7 +11,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .imitation import ImitationModule
-from .layers import Cache, EncoderLayer, TransferLayer, attention_mask, sinusoidal_positions
+from .layers import Cache, Dropout, EncoderLayer, TransferLayer, attention_mask, sinusoidal_positions
 
 
 class Encoder(nn.Module):
@@ -62,7 +62,7 @@ class EncoderDecoder(nn.Module):
             self.embed.weight[cfg.pad_id].zero_()
         self.encoder = Encoder(cfg)
         self.decoder = ImitationDecoder(cfg)
-        self.drop = nn.Dropout(cfg.dropout)
+        self.drop = Dropout(cfg.dropout)
         self.register_buffer("positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
 
     def embed_tokens(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:

@@ -89,8 +89,8 @@ def beam_search(at: ATDemonstrator, src: torch.Tensor, beam_size: int = 4, lengt
     scores[:, 0] = 0.0  # all beams start identical: keep one so the first step yields distinct ones
     finished = torch.zeros(B, k, dtype=torch.bool, device=device)
     lengths = torch.zeros(B, k, device=device)  # tokens emitted incl. EOS
-    frozen = torch.full((V,), float("-inf"), device=device)
-    frozen[cfg.pad_id] = 0.0
+    frozen = torch.full((min(k, V),), float("-inf"), device=device)
+    frozen[0] = 0.0  # an ended hypothesis's candidates: PAD at zero cost (column 0), nothing else
     ids = torch.arange(B, device=device)  # original index of each sentence still decoding
     hyps: list = [None] * B
     best_scores: list = [None] * B
@@ -98,18 +98,21 @@ def beam_search(at: ATDemonstrator, src: torch.Tensor, beam_size: int = 4, lengt
     for step in range(max_len):
         n = ids.size(0)  # sentences still decoding
         logits, _ = at.decode(tokens[:, -1:], memory, src_keep, cache=cache, start=step)
-        lp = torch.log_softmax(logits[:, -1].float(), dim=-1).view(n, k, V)
-        lp[..., [cfg.pad_id, cfg.bos_id]] = float("-inf")
+        lp = torch.log_softmax(logits[:, -1].float(), dim=-1)  # (n·k, V)
+        lp[:, [cfg.pad_id, cfg.bos_id]] = float("-inf")
         if step < min_len:
-            lp[..., cfg.eos_id] = float("-inf")
+            lp[:, cfg.eos_id] = float("-inf")
         if step == max_len - 1:  # out of room: every live hypothesis must end now
-            eos_only = torch.full_like(lp, float("-inf"))
-            eos_only[..., cfg.eos_id] = lp[..., cfg.eos_id]
-            lp = eos_only
-        lp = torch.where(finished.unsqueeze(-1), frozen.expand(n, k, V), lp)
-        cand = (scores.unsqueeze(-1) + lp).view(n, k * V)
-        scores, flat = cand.topk(k, dim=-1)
-        origin, token = flat // V, flat % V
+            top, top_tok = lp[:, cfg.eos_id:cfg.eos_id + 1], torch.full_like(lp[:, :1], cfg.eos_id, dtype=torch.long)
+        else:
+            # A sentence's k best extensions are among each row's k best tokens, so only those
+            # k·k candidates are ranked, not k·V.
+            top, top_tok = lp.topk(min(k, V), dim=-1)
+        top = torch.where(finished.view(-1, 1), frozen[: top.size(1)], top)  # ended: PAD at zero cost
+        top_tok = top_tok.masked_fill(finished.view(-1, 1), cfg.pad_id)
+        kk = top.size(1)
+        scores, flat = (scores.view(-1, 1) + top).view(n, k * kk).topk(k, dim=-1)
+        origin, token = flat // kk, top_tok.view(n, k * kk).gather(1, flat)
         row = (origin + torch.arange(n, device=device).unsqueeze(1) * k).view(-1)
         was_finished = finished.gather(1, origin)
         lengths = lengths.gather(1, origin) + (~was_finished).float()
