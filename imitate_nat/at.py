@@ -39,13 +39,18 @@ class ImitationDecoder(nn.Module):
                                     for _ in range(cfg.dec_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
 
-    def forward(self, o, memory, src_keep, tgt_keep=None, causal=False, cache: Cache | None = None):
+    def forward(self, o, memory, src_keep, tgt_keep=None, causal=False, cache: Cache | None = None,
+                policies_only: bool = False):
+        """Returns (top states after the final norm, [log π_l]). policies_only: stop once the last
+        layer's π is known (its Transfer layer cannot change any π) and return (None, [log π_l])."""
         src_mask = attention_mask(src_keep)
         tgt_mask = None if tgt_keep is None else attention_mask(tgt_keep)
         log_pis = []
         for l, (imitate, transfer) in enumerate(zip(self.imitations, self.layers)):
             o, log_pi = imitate(o)
             log_pis.append(log_pi)
+            if policies_only and l == len(self.layers) - 1:
+                return None, log_pis
             o = transfer(o, memory, src_mask, tgt_mask, causal=causal, cache=cache, layer=l)
         return self.norm(o), log_pis
 
@@ -91,6 +96,12 @@ class ATDemonstrator(EncoderDecoder):
         """Teacher forcing: tgt_in = BOS + y. Returns (logits, [log π_l] per decoder layer)."""
         memory, src_keep = self.encode(src)
         return self.decode(tgt_in, memory, src_keep)
+
+    def policies(self, src: torch.Tensor, tgt_in: torch.Tensor) -> list[torch.Tensor]:
+        """Teacher-forced [log π_l] only (the demonstrator's side of eq 12-13): the same values as
+        forward()'s, without the last Transfer layer and the vocabulary projection."""
+        memory, src_keep = self.encode(src)
+        return self.decoder(self.embed_tokens(tgt_in), memory, src_keep, causal=True, policies_only=True)[1]
 
     def imitation_modules(self) -> list[ImitationModule]:
         return list(self.decoder.imitations)

@@ -67,7 +67,7 @@ def demonstrator_policies(at: ATDemonstrator, batch: Batch) -> list[torch.Tensor
     is aligned with NAT position t; the last AT position (predicting EOS) has no NAT partner."""
     was_training = at.training
     at.eval()  # frozen: no dropout, and no update of its action usage c
-    _, log_pis = at(batch.src, batch.tgt_in)
+    log_pis = at.policies(batch.src, batch.tgt_in)
     at.train(was_training)
     T = batch.tgt.size(1)
     return [lp[:, :T] for lp in log_pis]

@@ -247,6 +247,16 @@ def test_eq12_13_imitation_loss_equals_cross_entropy_by_hand():
     assert torch.allclose(imitation_loss(at_lp, nat_lp, mask), torch.tensor(float(by_hand)), atol=1e-5)
 
 
+def test_demonstrator_policies_equal_the_full_forward_passes():
+    torch.manual_seed(10)
+    at = ATDemonstrator(tiny(dec_layers=3)).eval()
+    batch = toy_batch(seed=3)
+    _, full = at(batch.src, batch.tgt_in)
+    short = at.policies(batch.src, batch.tgt_in)
+    assert len(short) == 3
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(short, full))
+
+
 def test_imitation_trains_nat_but_never_the_frozen_at():
     torch.manual_seed(9)
     at = ATDemonstrator(tiny())
