@@ -10,8 +10,10 @@ waits for the answer, sends the next. Reports requests/s, p50/p99 latency and th
 batch size, then the two targets:
 - batching: batched ÷ unbatched requests/s at the highest concurrency (target ≥ 3×);
 - overhead at concurrency 1: (Serve p50 − bare p50) ÷ bare p50, where "bare" is the same
-  LPD decoding in this process with 1 thread (translate() one sentence at a time), measured
-  before Ray starts (target ≤ 20 %). Computed for the unbatched deployment (pure Serve and
+  LPD decoding in this process with 1 thread (translate() one sentence at a time, the first
+  128 sentences, which are also the ones the concurrency-1 clients send), measured before Ray
+  starts and again after it stops; the mean of the two is used, so that a machine whose speed
+  drifts during the run (shared CPUs) shifts both sides alike (target ≤ 20 %). Computed for the unbatched deployment (pure Serve and
   HTTP overhead) and shown for the batched one, which also waits up to batch_wait_timeout_s
   for a batch to fill.
 Also printed: the bare decoding in batches of --max-batch-size, i.e. the most batching can
@@ -156,10 +158,14 @@ def main(argv=None) -> int:
     if not src or not os.path.isfile(src):
         sys.exit("error: no sentences: pass --src FILE")
     lines = [l for l in read_lines(src) if l.strip()]
-    bare, bare_batched = bare_lpd_ms(target, lines[:128], a.max_batch_size)
-    print(f"bare LPD (ΔT={target.spec.eval.delta_t}, 1 thread): batch 1 {bare:.2f} ms/sentence, batch "
-          f"{a.max_batch_size} {bare_batched:.2f} ms/sentence (in-model batching gain "
-          f"{bare / bare_batched:.2f}×)", flush=True)
+    def measure_bare(when: str) -> tuple[float, float]:
+        single, batched = bare_lpd_ms(target, lines[:128], a.max_batch_size)
+        print(f"bare LPD {when} (ΔT={target.spec.eval.delta_t}, 1 thread): batch 1 {single:.2f} ms/sentence, "
+              f"batch {a.max_batch_size} {batched:.2f} ms/sentence (in-model batching gain "
+              f"{single / batched:.2f}×)", flush=True)
+        return single, batched
+
+    bare_before = measure_bare("before Serve")
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
@@ -174,12 +180,14 @@ def main(argv=None) -> int:
     finally:
         serve.shutdown()
         ray.shutdown()
+    bare_after = measure_bare("after Serve")
+    bare, bare_batched = ((x + y) / 2 for x, y in zip(bare_before, bare_after))
 
     top = max(a.concurrency)
     rps = {m: next(r["rps"] for r in results[m]["rows"] if r["concurrency"] == top) for m in modes}
     ratio = rps["batched"] / rps["unbatched"]
     summary = {"batching_ratio": ratio, "at_concurrency": top, "bare_lpd_ms": bare,
-               "bare_lpd_batched_ms": bare_batched}
+               "bare_lpd_batched_ms": bare_batched, "bare_lpd_ms_before_after": [bare_before[0], bare_after[0]]}
     print(f"\nbatched ÷ unbatched at concurrency {top}: {ratio:.2f}× (target ≥ {TARGET_BATCHING:.0f}×: "
           f"{'met' if ratio >= TARGET_BATCHING else 'NOT met'})")
     if 1 in a.concurrency:
@@ -188,7 +196,8 @@ def main(argv=None) -> int:
             summary[f"overhead_{m}"] = over = (p50 - bare) / bare
             verdict = f"target ≤ {TARGET_OVERHEAD:.0%}: {'met' if over <= TARGET_OVERHEAD else 'NOT met'}"
             print(f"Serve overhead at concurrency 1, {m}: p50 {p50:.2f} ms vs bare {bare:.2f} ms = "
-                  f"{over:+.0%} ({verdict if m == 'unbatched' else 'includes the batch wait'})")
+                  f"{over:+.0%} ({verdict if m == 'unbatched' else 'includes the batch wait'}; bare = mean of before "
+                  f"{bare_before[0]:.2f} and after {bare_after[0]:.2f})")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"source": a.source, "machine": platform.platform(), "cpus": os.cpu_count(),

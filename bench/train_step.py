@@ -1,15 +1,18 @@
-"""Training-step time, fp32 vs bf16 autocast, measured side by side in one run.
+"""Training-step time, two variants measured side by side in one run: fp32 vs bf16 autocast
+(--compare precision, the default), or our CPU dropout mask (layers.Dropout) vs F.dropout
+(--compare dropout, fp32).
 
 One model of a named size, random weights and random token batches of --batch-tokens (sized
 as the train loop does: max(source, target) + 1 tokens per sentence), the AT demonstrator's loss (eq 14)
 and, with --student, the imitate-NAT's (eq 15, frozen AT forward included). Each precision is
 timed for --steps optimizer steps after --warmup untimed ones, alternating between the two
-precisions --rounds times; the median step time per precision is reported with the ratio.
+variants --rounds times; the median step time per variant is reported with the ratio.
 bf16 is what `precision: bf16` does under `strategy: ddp` (torch.autocast; weights and Adam
 stay fp32). A benchmark, not a test.
 
     python bench/train_step.py                      # small preset, 2,048 tokens, CPU threads = cores
     python bench/train_step.py --size tiny --threads 1 --student
+    python bench/train_step.py --size tiny --vocab 1000 --threads 2 --compare dropout
 """
 from __future__ import annotations
 
@@ -22,9 +25,11 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from imitate_nat import ATDemonstrator, LossConfig, NATLearner  # noqa: E402
+from imitate_nat import layers  # noqa: E402
 from imitate_nat.config import PRESETS, preset  # noqa: E402
 from imitate_nat.data import make_batch  # noqa: E402
 from imitate_nat.losses import at_loss, nat_loss  # noqa: E402
@@ -37,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, default=8000)
     p.add_argument("--batch-tokens", type=int, default=2048)
     p.add_argument("--student", action="store_true", help="time the imitate-NAT step (with the frozen AT)")
+    p.add_argument("--compare", default="precision", choices=["precision", "dropout"],
+                   help="precision: fp32 vs bf16 autocast; dropout: F.dropout vs layers.Dropout's CPU mask (fp32)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--steps", type=int, default=3, help="timed steps per round and precision")
@@ -77,7 +84,17 @@ def main(argv=None) -> dict:
         loss_fn = lambda: at_loss(model, batch, losses)[0]  # noqa: E731
     optimizer = make_optimizer(model.parameters(), 5e-4)
 
-    def step(bf16: bool) -> float:
+    fast_dropout = layers.Dropout.forward
+
+    def torch_dropout(self, x):
+        return F.dropout(x, self.p, self.training)
+
+    # variant name -> (bf16 autocast, Dropout.forward)
+    variants = ({"fp32": (False, fast_dropout), "bf16 autocast": (True, fast_dropout)} if a.compare == "precision"
+                else {"F.dropout": (False, torch_dropout), "CPU mask": (False, fast_dropout)})
+
+    def step(name: str) -> float:
+        bf16, layers.Dropout.forward = variants[name]
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
             loss = loss_fn()
@@ -88,21 +105,22 @@ def main(argv=None) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - t0
 
-    for bf16 in (False, True):
+    for name in variants:
         for _ in range(a.warmup):
-            step(bf16)
-    times = {False: [], True: []}
+            step(name)
+    times = {name: [] for name in variants}
     for _ in range(a.rounds):
-        for bf16 in (False, True):
-            times[bf16] += [step(bf16) for _ in range(a.steps)]
-    fp32, bf16 = statistics.median(times[False]), statistics.median(times[True])
+        for name in variants:
+            times[name] += [step(name) for _ in range(a.steps)]
+    layers.Dropout.forward = fast_dropout
+    (base, base_s), (new, new_s) = ((n, statistics.median(t)) for n, t in times.items())
     kind = "imitate-NAT (eq 15)" if a.student else "AT demonstrator (eq 14)"
     print(f"# train step: {kind}, size={a.size}, vocab={a.vocab}, {a.batch_tokens} tokens, {a.device}, "
           f"threads={torch.get_num_threads()}, {platform.processor() or platform.machine()}, torch {torch.__version__}")
-    print(f"fp32            {fp32 * 1000:8.0f} ms/step")
-    print(f"bf16 autocast   {bf16 * 1000:8.0f} ms/step")
-    print(f"bf16 speedup    {fp32 / bf16:8.2f}x  (median of {len(times[False])} steps each, interleaved)")
-    return {"fp32_s": fp32, "bf16_s": bf16, "speedup": fp32 / bf16}
+    print(f"{base:15} {base_s * 1000:8.0f} ms/step")
+    print(f"{new:15} {new_s * 1000:8.0f} ms/step")
+    print(f"speedup         {base_s / new_s:8.2f}x  (median of {len(times[base])} steps each, interleaved)")
+    return {"variants": [base, new], "base_s": base_s, "new_s": new_s, "speedup": base_s / new_s}
 
 
 if __name__ == "__main__":
