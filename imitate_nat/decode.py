@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .at import ATDemonstrator
-from .layers import prune_cache, reorder_cache
+from .layers import select_cache
 from .nat import NATLearner, token_argmax
 
 
@@ -27,32 +27,11 @@ def _strip(row: list[int], eos_id: int, pad_id: int) -> list[int]:
     return out
 
 
-@torch.no_grad()
 def greedy_search(at: ATDemonstrator, src: torch.Tensor, max_len_a: float = 1.5, max_len_b: int = 10,
                   min_len: int = 0):
-    """Argmax at every step with a KV cache; equals beam_search with beam_size=1."""
-    cfg = at.cfg
-    memory, src_keep = at.encode(src)
-    B, max_len = src.size(0), max_output_length(src, cfg.pad_id, max_len_a, max_len_b, cfg.max_positions)
-    tokens = torch.full((B, 1), cfg.bos_id, dtype=torch.long, device=src.device)
-    done = torch.zeros(B, dtype=torch.bool, device=src.device)
-    cache: dict = {}
-    for step in range(max_len):
-        logits, _ = at.decode(tokens[:, -1:], memory, src_keep, cache=cache, start=step)
-        lp = logits[:, -1].float()
-        lp[:, [cfg.pad_id, cfg.bos_id]] = float("-inf")
-        if step < min_len:
-            lp[:, cfg.eos_id] = float("-inf")
-        if step == max_len - 1:  # out of room: end here
-            nxt = torch.full_like(done, cfg.eos_id, dtype=torch.long)
-        else:
-            nxt = lp.argmax(-1)
-        nxt = nxt.masked_fill(done, cfg.pad_id)
-        tokens = torch.cat([tokens, nxt.unsqueeze(1)], dim=1)
-        done |= nxt.eq(cfg.eos_id)
-        if bool(done.all()):
-            break
-    return [_strip(r, cfg.eos_id, cfg.pad_id) for r in tokens[:, 1:].tolist()]
+    """Argmax at every step with a KV cache: beam_search with one hypothesis per sentence
+    (sentences that ended leave the batch, as there)."""
+    return beam_search(at, src, beam_size=1, max_len_a=max_len_a, max_len_b=max_len_b, min_len=min_len)
 
 
 def _best_hypotheses(tokens, scores, lengths, finished, k: int, length_penalty: float):
@@ -117,8 +96,10 @@ def beam_search(at: ATDemonstrator, src: torch.Tensor, beam_size: int = 4, lengt
         was_finished = finished.gather(1, origin)
         lengths = lengths.gather(1, origin) + (~was_finished).float()
         finished = was_finished | token.eq(cfg.eos_id)
-        tokens = torch.cat([tokens.index_select(0, row), token.view(-1, 1)], dim=1)
-        reorder_cache(cache, row)
+        if k > 1:  # with one hypothesis per sentence the order never changes
+            tokens = tokens.index_select(0, row)
+            select_cache(cache, row)
+        tokens = torch.cat([tokens, token.view(-1, 1)], dim=1)
         # Done: every hypothesis ended, or out of room (rows that could never score stay unended).
         done = finished.all(1) | (step == max_len - 1)
         n_done = int(done.sum())  # the one host sync per step
@@ -134,7 +115,7 @@ def beam_search(at: ATDemonstrator, src: torch.Tensor, beam_size: int = 4, lengt
         keep_rows = (keep.unsqueeze(1) * k + torch.arange(k, device=device)).view(-1)
         tokens, scores, finished, lengths, ids = tokens[keep_rows], scores[keep], finished[keep], lengths[keep], ids[keep]
         memory, src_keep = memory[keep], src_keep[keep]
-        prune_cache(cache, keep_rows, keep)
+        select_cache(cache, keep_rows, keep)
     if return_scores:
         return hyps, best_scores
     return hyps

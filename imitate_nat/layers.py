@@ -157,21 +157,15 @@ class TransferLayer(nn.Module):
         return x + self.drop(self.ffn(self.norm3(x)))
 
 
-def reorder_cache(cache: Cache, index: torch.Tensor) -> None:
-    """Select rows `index` of the self-attention caches (beam search keeps the chosen
-    hypotheses). Cross-attention K/V are the same for every beam of a sentence and beams
-    never move between sentences, so those entries are left as they are."""
-    for key, (k, v) in cache.items():
-        if key.startswith("self"):
-            cache[key] = (k.index_select(0, index), v.index_select(0, index))
-
-
-def prune_cache(cache: Cache, rows: torch.Tensor, sentences: torch.Tensor) -> None:
-    """Keep self-attention rows `rows` (k per sentence) and cross-attention rows `sentences`
-    (one per sentence): beam search drops the sentences whose hypotheses have all ended."""
+def select_cache(cache: Cache, rows: torch.Tensor, sentences: torch.Tensor | None = None) -> None:
+    """Keep self-attention rows `rows` (beam search: the chosen hypotheses, k per sentence) and,
+    when given, cross-attention rows `sentences` (one per sentence: those still decoding).
+    Cross-attention K/V are the same for every hypothesis of a sentence and hypotheses never
+    move between sentences, so a beam reorder alone (no `sentences`) leaves them as they are."""
     for key, (k, v) in cache.items():
         index = rows if key.startswith("self") else sentences
-        cache[key] = (k.index_select(0, index), v.index_select(0, index))
+        if index is not None:
+            cache[key] = (k.index_select(0, index), v.index_select(0, index))
 
 
 def padding_mask(lengths: torch.Tensor, max_len: int) -> torch.Tensor:

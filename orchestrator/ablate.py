@@ -145,8 +145,8 @@ class NestedTracker(Tracker):
 def valid_scores(rd: Path, spec: JobSpec, device: str) -> dict:
     """Valid BLEU of the run's NAT and NAT+LPD, cached in <run>/ablation_valid.json under the
     student and teacher checksums and the eval settings."""
-    from .analysis import cached, decode_and_score
-    from .stages.evaluate import decoders, load_run_models
+    from .analysis import cached
+    from .stages.evaluate import decoders, load_run_models, translate_and_score
 
     key = {"student": read_manifest(rd / "student").outputs["model.pt"]["sha256"],
            "teacher": read_manifest(rd / "teacher").outputs["model.pt"]["sha256"],
@@ -161,7 +161,8 @@ def valid_scores(rd: Path, spec: JobSpec, device: str) -> dict:
         decs = decoders(at, nat, e.beam_size, e.delta_t, e.length_penalty)
         out = {"sentences": len(src)}
         for name in ("nat", "lpd"):
-            out[name] = decode_and_score(decs[name], tok, src, ref, e.batch_tokens, device, at.cfg.max_positions)["bleu"]
+            out[name] = translate_and_score(decs[name], tok, src, ref, e.batch_tokens, device,
+                                            at.cfg.max_positions)[0]["bleu"]
         return out
 
     return cached(rd / "ablation_valid.json", key, compute)

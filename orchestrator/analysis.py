@@ -69,18 +69,6 @@ def model_sha(rd: Path, stage: str) -> str:
 
 # ------------------------------------------------------------------------------ decoding --
 
-def decode_and_score(decoder_and_cost, tok, src, ref, batch_tokens: int, device, max_src_len: int) -> dict:
-    """Translate src with one entry of evaluate.decoders() and score it against ref."""
-    from imitate_nat.metrics import bleu, chrf
-    from imitate_nat.translate import translate
-
-    decoder, cost = decoder_and_cost
-    hyps = translate(src, tok, decoder, batch_tokens=batch_tokens, device=device, max_src_len=max_src_len,
-                     cost_factor=cost)
-    b = bleu(hyps, ref)
-    return {"bleu": b.score, "chrf": chrf(hyps, ref).score, "bleu_signature": b.signature}
-
-
 def read_split(rd: Path, split: str) -> tuple[list[str], list[str]]:
     from imitate_nat.data import read_parallel
 
@@ -93,7 +81,7 @@ def delta_t_sweep(rd: Path, spec: JobSpec, split: str, max_delta_t: int, device:
     NAT+LPD at each ΔT on `split`, beside the AT (beam) and the one-pass NAT."""
     from tqdm import tqdm
 
-    from .stages.evaluate import decoders, latency_ms, load_run_models
+    from .stages.evaluate import decoders, latency_ms, load_run_models, translate_and_score
 
     e = spec.eval
     key = {"teacher": model_sha(rd, "teacher"), "student": model_sha(rd, "student"), "split": split,
@@ -106,12 +94,12 @@ def delta_t_sweep(rd: Path, spec: JobSpec, split: str, max_delta_t: int, device:
         out = {"split": split, "sentences": len(src), "device": device, "delta_t": [], "bleu": [], "latency_ms": []}
         fixed = decoders(at, nat, e.beam_size, 0, e.length_penalty)
         for name in ("at", "nat"):
-            out[name] = decode_and_score(fixed[name], tok, src, ref, e.batch_tokens, device, cap)
+            out[name] = translate_and_score(fixed[name], tok, src, ref, e.batch_tokens, device, cap)[0]
             out[name]["latency_ms"] = latency_ms(src, tok, fixed[name][0], device, n_lat)
         for d in tqdm(range(max_delta_t + 1), desc=f"LPD ΔT sweep on {split}", disable=not progress):
             lpd = decoders(at, nat, e.beam_size, d, e.length_penalty)["lpd"]
             out["delta_t"].append(d)
-            out["bleu"].append(decode_and_score(lpd, tok, src, ref, e.batch_tokens, device, cap)["bleu"])
+            out["bleu"].append(translate_and_score(lpd, tok, src, ref, e.batch_tokens, device, cap)[0]["bleu"])
             out["latency_ms"].append(latency_ms(src, tok, lpd[0], device, n_lat))
         return out
 

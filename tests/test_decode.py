@@ -10,7 +10,7 @@ from imitate_nat import ATDemonstrator, NATLearner, preset
 from imitate_nat.data import source_tensor
 from imitate_nat import decode
 from imitate_nat.decode import at_score, beam_search, greedy_search, lpd_decode, nat_decode
-from imitate_nat.layers import prune_cache
+from imitate_nat.layers import select_cache
 
 SPECIALS = 4  # pad, unk, bos, eos
 
@@ -87,15 +87,29 @@ def test_cached_incremental_decoding_equals_full_recomputation():
     assert torch.allclose(torch.cat(step_pis, 1), full_pis[-1], atol=1e-5)
 
 
-def test_greedy_equals_beam_one():
+def test_greedy_takes_the_argmax_of_a_full_recomputation_at_every_step():
     at, _ = model_pair(vocab=15, seed=7)
     src = sources(15, n=6, seed=8)
+    memory, keep = at.encode(src)
     for min_len in (0, 3):
-        g = greedy_search(at, src, max_len_a=0, max_len_b=9, min_len=min_len)
-        b = beam_search(at, src, beam_size=1, max_len_a=0, max_len_b=9, min_len=min_len)
-        assert g == b
-        assert all(len(h) >= min_len for h in g)
-    assert any(len(h) > 0 for h in g)
+        greedy = greedy_search(at, src, max_len_a=0, max_len_b=9, min_len=min_len)
+        for b in range(src.size(0)):
+            out = []  # reference: no cache, no batch, the whole prefix decoded again each step
+            for step in range(9):
+                prefix = torch.tensor([[2] + out])
+                logits, _ = at.decode(prefix, memory[b:b + 1], keep[b:b + 1])
+                lp = logits[0, -1].clone()
+                lp[[0, 2]] = float("-inf")  # never PAD or BOS
+                if step < min_len:
+                    lp[3] = float("-inf")
+                nxt = 3 if step == 8 else int(lp.argmax())  # out of room: EOS
+                if nxt == 3:
+                    break
+                out.append(nxt)
+            assert greedy[b] == out
+            assert len(greedy[b]) >= min_len
+    assert any(len(h) > 0 for h in greedy)
+    assert greedy == beam_search(at, src, beam_size=1, max_len_a=0, max_len_b=9, min_len=min_len)
 
 
 def test_batched_search_equals_one_sentence_at_a_time(monkeypatch):
@@ -113,7 +127,8 @@ def test_batched_search_equals_one_sentence_at_a_time(monkeypatch):
 
     monkeypatch.setattr(at, "decode", decode_with_eos_push)
     left = []  # sentences still decoding after each early exit from the batch
-    monkeypatch.setattr(decode, "prune_cache", lambda c, rows, sents: left.append(len(sents)) or prune_cache(c, rows, sents))
+    monkeypatch.setattr(decode, "select_cache", lambda c, rows, sents=None:
+                        (sents is not None and left.append(len(sents))) or select_cache(c, rows, sents))
     batched = beam_search(at, src, beam_size=3, max_len_a=0, max_len_b=10, min_len=2)
     assert left and left[0] < 5, left  # sentences did leave the batch early: the comparison covers it
     assert len(set(map(len, batched))) > 1

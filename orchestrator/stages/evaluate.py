@@ -49,18 +49,26 @@ def latency_ms(lines, tok, decoder, device, n: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def translate_and_score(decoder_and_cost, tok, src, ref, batch_tokens: int, device, max_src_len: int):
+    """Translate src with one entry of decoders() and score it against ref: (row, hypotheses);
+    the row holds BLEU, chrF, their sacreBLEU signatures and the seconds it took."""
+    decoder, cost = decoder_and_cost
+    t0 = time.perf_counter()
+    hyps = translate(src, tok, decoder, batch_tokens=batch_tokens, device=device, max_src_len=max_src_len,
+                     cost_factor=cost)
+    b, c = bleu(hyps, ref), chrf(hyps, ref)
+    return {"bleu": b.score, "chrf": c.score, "bleu_signature": b.signature, "chrf_signature": c.signature,
+            "seconds": time.perf_counter() - t0}, hyps
+
+
 def score_all(at, nat, tok, src, ref, beam_size, delta_t, batch_tokens, device, length_penalty=1.0, decs=None):
     """Translate src with every decoder (`decs`, default: built here) and score against ref.
     Returns (rows, hyps)."""
     rows, hyps = {}, {}
     decs = decs or decoders(at, nat, beam_size, delta_t, length_penalty)
-    for name, (decoder, cost) in decs.items():
-        t0 = time.perf_counter()
-        hyps[name] = translate(src, tok, decoder, batch_tokens=batch_tokens, device=device,
-                               max_src_len=at.cfg.max_positions, cost_factor=cost)
-        b, c = bleu(hyps[name], ref), chrf(hyps[name], ref)
-        rows[name] = {"bleu": b.score, "chrf": c.score, "bleu_signature": b.signature,
-                      "chrf_signature": c.signature, "seconds": time.perf_counter() - t0}
+    for name, decoder_and_cost in decs.items():
+        rows[name], hyps[name] = translate_and_score(decoder_and_cost, tok, src, ref, batch_tokens, device,
+                                                     at.cfg.max_positions)
     return rows, hyps
 
 
