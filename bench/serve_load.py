@@ -13,9 +13,9 @@ batch size, then the two targets:
   LPD decoding in this process with 1 thread (translate() one sentence at a time, the first
   128 sentences, which are also the ones the concurrency-1 clients send), measured before Ray
   starts and again after it stops; the mean of the two is used, so that a machine whose speed
-  drifts during the run (shared CPUs) shifts both sides alike (target ≤ 20 %). Computed for the unbatched deployment (pure Serve and
-  HTTP overhead) and shown for the batched one, which also waits up to batch_wait_timeout_s
-  for a batch to fill.
+  drifts during the run (shared CPUs) shifts both sides alike (target ≤ 20 %). Computed for
+  the unbatched deployment (pure Serve and HTTP overhead) and shown for the batched one,
+  which also waits up to batch_wait_timeout_s for a batch to fill.
 Also printed: the bare decoding in batches of --max-batch-size, i.e. the most batching can
 save inside the model, whatever Serve does.
 
@@ -158,6 +158,7 @@ def main(argv=None) -> int:
     if not src or not os.path.isfile(src):
         sys.exit("error: no sentences: pass --src FILE")
     lines = [l for l in read_lines(src) if l.strip()]
+
     def measure_bare(when: str) -> tuple[float, float]:
         single, batched = bare_lpd_ms(target, lines[:128], a.max_batch_size)
         print(f"bare LPD {when} (ΔT={target.spec.eval.delta_t}, 1 thread): batch 1 {single:.2f} ms/sentence, "

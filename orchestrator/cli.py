@@ -162,7 +162,7 @@ def eval_cmd(run_dir, src_path, ref_path, delta_t, beam, batch_tokens, as_json) 
     from imitate_nat.checkpoint import CheckpointError
     from imitate_nat.data import read_parallel
 
-    from .stages.evaluate import load_run_models, score_all
+    from .stages.evaluate import decoders, load_run_models, score_all
 
     import torch
 
@@ -177,7 +177,8 @@ def eval_cmd(run_dir, src_path, ref_path, delta_t, beam, batch_tokens, as_json) 
     if not src:
         click.echo(f"error: {src_path} is empty", err=True)
         sys.exit(EXIT_BAD_SPEC)
-    rows, _ = score_all(at, nat, tok, src, ref, beam, delta_t, batch_tokens, device)
+    decs = decoders(at, nat, beam, delta_t)
+    rows, _ = score_all(decs, tok, src, ref, batch_tokens, device, at.cfg.max_positions)
     if as_json:
         click.echo(json.dumps({"run_dir": str(rd), "sentences": len(src), "beam": beam, "delta_t": delta_t,
                                "rows": rows}, indent=2))

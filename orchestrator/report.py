@@ -179,7 +179,8 @@ def action_section(rd: Path, out: Path, spec: JobSpec, split: str, compare: Path
     # a collapsed one drops fast and ends early (grouped bars over 512 slots hide each other).
     shares = {}
     for name, u in teachers.items():
-        used = sorted((c / max(1, sum(u["counts"])) for c in u["counts"] if c), reverse=True)
+        total = max(1, sum(u["counts"]))
+        used = sorted((c / total for c in u["counts"] if c), reverse=True)
         shares[name] = (range(1, len(used) + 1), used)
     plots.line_plot(out / "action_usage.png", shares, f"Action usage ({split} set)", "action rank (most used first)",
                     "share of positions", logy=True)

@@ -172,7 +172,7 @@ def test_eq7_9_regularizer_raises_action_usage_entropy_over_a_short_training_run
             opt.step()
         at.eval()
         with torch.no_grad():
-            _, log_pis = at(held_out.src, held_out.tgt_in)
+            log_pis = at.policies(held_out.src, held_out.tgt_in)
         return action_usage_entropy(log_pis, held_out.tgt_out.ne(0))
 
     for seed in range(3):

@@ -61,14 +61,12 @@ def translate_and_score(decoder_and_cost, tok, src, ref, batch_tokens: int, devi
             "seconds": time.perf_counter() - t0}, hyps
 
 
-def score_all(at, nat, tok, src, ref, beam_size, delta_t, batch_tokens, device, length_penalty=1.0, decs=None):
-    """Translate src with every decoder (`decs`, default: built here) and score against ref.
+def score_all(decs: dict, tok, src, ref, batch_tokens: int, device, max_src_len: int):
+    """Translate src with every decoder of `decs` (from decoders()) and score against ref.
     Returns (rows, hyps)."""
     rows, hyps = {}, {}
-    decs = decs or decoders(at, nat, beam_size, delta_t, length_penalty)
     for name, decoder_and_cost in decs.items():
-        rows[name], hyps[name] = translate_and_score(decoder_and_cost, tok, src, ref, batch_tokens, device,
-                                                     at.cfg.max_positions)
+        rows[name], hyps[name] = translate_and_score(decoder_and_cost, tok, src, ref, batch_tokens, device, max_src_len)
     return rows, hyps
 
 
@@ -98,8 +96,7 @@ def evaluate(ctx: StageContext) -> StageResult:
     src, ref = read_lines(ctx.stage_path("prepare", "test.src")), read_lines(ctx.stage_path("prepare", "test.tgt"))
     e = spec.eval
     decs = decoders(at, nat, e.beam_size, e.delta_t, e.length_penalty)  # once: on a GPU they hold CUDA graphs
-    rows, hyps = score_all(at, nat, tok, src, ref, e.beam_size, e.delta_t, e.batch_tokens, device, e.length_penalty,
-                           decs)
+    rows, hyps = score_all(decs, tok, src, ref, e.batch_tokens, device, at.cfg.max_positions)
     for name, (decoder, _) in decs.items():
         rows[name]["latency_ms"] = latency_ms(src, tok, decoder, device, e.latency_sentences)
         atomic_write_text(out / f"test.{name}.txt", "\n".join(hyps[name]) + "\n")
