@@ -147,6 +147,10 @@ class Manifest:
     # earlier stage -> sha256 of its recorded outputs when this stage ran: a stage redone with
     # different bytes makes every stage after it stale (empty in manifests from before this field)
     consumed: dict[str, str] = dataclasses.field(default_factory=dict)
+    # training stages: the input hash without max_steps, and the max_steps trained to. A rerun
+    # asking for more steps on the same inputs trains on from the last checkpoint.
+    continue_key: str | None = None
+    max_steps: int | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:

@@ -93,15 +93,18 @@ def run(job, overrides, address, force, until, no_progress, verbose) -> None:
 @click.argument("job", type=click.Path(dir_okay=False))
 @set_option
 def status(job, overrides) -> None:
-    """Show each stage's state for JOB (done, running, failed, stale, pending)."""
+    """Show each stage's state for JOB (done, running, failed, stale, damaged, pending, or extend:
+    trained for fewer steps than JOB asks, and will train on from its last checkpoint)."""
     spec = load_or_exit(job, overrides)
-    from .pipeline import run_dir, stage_states
+    from .pipeline import max_steps, run_dir, stage_states
 
     click.echo(f"{spec.name}  ({run_dir(spec)})")
     for s in stage_states(spec):
         m = s.manifest
         when = (m.finished or m.started or "") if m else ""
         extra = f"  error: {m.error}" if m and m.error and s.state == "failed" else ""
+        if s.state == "extend":
+            extra = f"  trained to max_steps {m.max_steps}, the job asks {max_steps(spec, s.stage)}"
         click.echo(f"  {s.stage:<10} {s.state:<8} {when}{extra}")
 
 

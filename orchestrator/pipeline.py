@@ -4,7 +4,10 @@ Each stage's input hash covers the spec sections it reads plus the hash of the s
 it, so a change anywhere upstream invalidates everything downstream. A stage whose manifest
 is done with the same hash and intact outputs (checksums) is skipped; a stage left running
 or failed with the same hash is resumed (its dir keeps finished shards and Ray Train
-checkpoints); a stage whose hash changed starts from an empty dir.
+checkpoints); a stage whose hash changed starts from an empty dir — except a training stage
+(teacher, student) whose only change is a higher max_steps: it keeps its dir and trains on
+from its last checkpoint. Checkpoints hold the RNG states, and the data order and learning
+rate are functions of the step, so that equals training to the new max_steps from scratch.
 
 Sharing work between runs (sweep trials, ablation variants): `run_pipeline(..., linked=...)`
 makes <run>/<stage> a symlink to another directory, typically a content-addressed one from
@@ -34,6 +37,8 @@ log = logging.getLogger("imitate_orch")
 # Spec sections each stage reads (besides the upstream hash). `seed` is read by all.
 SECTIONS = {"prepare": ("data",), "tokenizer": ("tokenizer",), "teacher": ("model", "teacher"),
             "distill": ("distill",), "student": ("model", "student"), "evaluate": ("eval",)}
+# Training stages -> the spec section holding their max_steps (see `continue_key`).
+TRAINING = {"teacher": "teacher", "student": "student"}
 # Outputs logged to MLflow as artifacts (large text corpora stay in the run dir).
 LOGGED_OUTPUTS = {"tokenizer": ("spm.model",), "teacher": ("model.pt",), "student": ("model.pt",),
                   "evaluate": ("summary.json", "summary.md", "test.at.txt", "test.nat.txt", "test.lpd.txt")}
@@ -63,6 +68,30 @@ def stage_hashes(spec: JobSpec) -> dict[str, str]:
         hashes[stage] = upstream = sha256_json({"stage": stage, "seed": spec.seed, "sections": sections,
                                                 "upstream": upstream})
     return hashes
+
+
+def continue_key(spec: JobSpec, stage: str) -> str | None:
+    """A training stage's input hash with its max_steps left out (None for other stages): runs
+    that agree on it differ at most in how long they train."""
+    if stage not in TRAINING:
+        return None
+    sections = {name: getattr(spec, name).model_dump(mode="json") for name in SECTIONS[stage]}
+    del sections[TRAINING[stage]]["max_steps"]
+    upstream = stage_hashes(spec)[STAGES[STAGES.index(stage) - 1]]
+    return sha256_json({"stage": stage, "seed": spec.seed, "sections": sections, "upstream": upstream,
+                        "without": "max_steps"})
+
+
+def max_steps(spec: JobSpec, stage: str) -> int | None:
+    return getattr(spec, TRAINING[stage]).max_steps if stage in TRAINING else None
+
+
+def can_continue(m: Manifest | None, spec: JobSpec, stage: str) -> bool:
+    """Did this stage dir train on the same inputs for at most the max_steps the spec asks now?
+    (Fewer steps cannot be had from a longer run: that retrains.)"""
+    key = continue_key(spec, stage)
+    return (key is not None and m is not None and m.continue_key == key and m.max_steps is not None
+            and m.max_steps <= max_steps(spec, stage))
 
 
 def shared_stage_dirs(spec: JobSpec, root: Path,
@@ -137,8 +166,10 @@ def stage_states(spec: JobSpec) -> list[StageState]:
         m = read_manifest(d)
         if m is None:
             state = "pending"
-        elif m.input_hash != hashes[stage] or upstream_changed(m, consumed_digests(run_dir(spec), stage)):
+        elif upstream_changed(m, consumed_digests(run_dir(spec), stage)):
             state = "stale"
+        elif m.input_hash != hashes[stage]:
+            state = "extend" if can_continue(m, spec, stage) else "stale"
         elif m.status == "done":
             state = "done" if is_complete(d, hashes[stage]) else "damaged"
         else:
@@ -153,10 +184,11 @@ def make_tracker(spec: JobSpec) -> Tracker:
     return Tracker(uri, spec.tracking.experiment or spec.name, root)
 
 
-def prepare_stage_dir(d: Path, input_hash: str, force: bool) -> None:
-    """Keep a same-hash unfinished dir (resume); wipe a stale or forced one."""
+def prepare_stage_dir(d: Path, input_hash: str, force: bool, keep: bool = False) -> None:
+    """Keep a same-hash unfinished dir (resume) or one to train on (`keep`); wipe a stale or
+    forced one."""
     m = read_manifest(d)
-    if d.exists() and (force or m is None or m.input_hash != input_hash):
+    if d.exists() and not keep and (force or m is None or m.input_hash != input_hash):
         for child in d.iterdir():  # the dir itself stays: it may be the target of links
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     d.mkdir(parents=True, exist_ok=True)
@@ -205,10 +237,18 @@ def run_stage(stage: str, d: Path, input_hash: str, force: bool, spec: JobSpec, 
         with tracker.child(stage, {"reused": True}) as h:
             h.log_metrics(m.metrics)
         return m.metrics
-    prepare_stage_dir(d, input_hash, force=force or stale)
-    manifest = Manifest(stage=stage, input_hash=input_hash, status="running", started=utc_now(), consumed=consumed)
+    before = read_manifest(d)
+    extend = (not force and not stale and before is not None and before.input_hash != input_hash
+              and can_continue(before, spec, stage))
+    prepare_stage_dir(d, input_hash, force=force or stale, keep=extend)
+    manifest = Manifest(stage=stage, input_hash=input_hash, status="running", started=utc_now(), consumed=consumed,
+                        continue_key=continue_key(spec, stage), max_steps=max_steps(spec, stage))
     write_manifest(d, manifest)
-    log.info("%-9s running", stage)
+    if extend:
+        log.info("%-9s running on from its last checkpoint (max_steps %d -> %d)", stage, before.max_steps,
+                 manifest.max_steps)
+    else:
+        log.info("%-9s running", stage)
     try:
         with tracker.child(stage, {"reused": False}) as h:
             ctx = StageContext(spec, rd, stage, tracker=h, progress=progress, extra={"tracker": tracker})

@@ -10,6 +10,11 @@ autocast) or `deepspeed` (ZeRO 0-3, fp32/bf16/fp16, on Ray's process group). Che
 `checkpoint_every` steps (and at the end) with the valid score; Ray restores the latest on a
 worker failure or when the same run is started again.
 
+A checkpoint holds everything the next step depends on: weights, optimizer, step, best score,
+the early-stopping count and every rank's torch RNG state (dropout). So training on from a
+checkpoint, after a failure or with a raised max_steps, takes the same steps as a run that was
+never stopped (the data order and the learning rate are functions of the step).
+
 Every rank writes a `sha256-rank<r>.json` of the files it puts into a checkpoint. On restore
 they are verified first: a damaged checkpoint (bit rot, a partial copy) is never loaded; the
 newest intact older one is used instead (steps after it are trained again), and if none is
@@ -41,6 +46,7 @@ STATE = "trainer_state.pt"   # DDP: model + optimizer + step (loaded with weight
 DS_TAG = "ds"                # DeepSpeed checkpoint tag inside a Ray checkpoint
 MODEL = "model.pt"           # the model file (imitate_nat.checkpoint) the stage keeps
 CHECKSUMS = "sha256-rank{}.json"
+RNG = "rng-rank{}.pt"        # each rank's torch RNG state (CPU, and CUDA where used)
 log = logging.getLogger("imitate_orch")
 
 
@@ -146,7 +152,7 @@ def train_loop(config: dict) -> None:
     else:
         model = ray.train.torch.prepare_model(model)
 
-    def load(d: Path) -> tuple[int, float]:
+    def load(d: Path) -> tuple[int, float, int]:
         meta = json.loads((d / "progress.json").read_text())
         if use_ds:
             model.load_checkpoint(str(d), tag=DS_TAG)
@@ -154,15 +160,18 @@ def train_loop(config: dict) -> None:
             state = torch.load(d / STATE, map_location=device, weights_only=True)
             unwrap(model).load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
-        return meta["step"], meta["best"]
+        restore_rng(d, rank, device)
+        return meta["step"], meta["best"], meta.get("bad_evals", 0)
 
-    start_step, best = 0, float("-inf")
+    start_step, best, bad_evals = 0, float("-inf"), 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        start_step, best = restore_intact(checkpoint, load)
+        start_step, best, bad_evals = restore_intact(checkpoint, load)
 
-    if start_step >= t["max_steps"]:
-        return  # the restored checkpoint is already the final one (driver killed after training)
+    if start_step >= t["max_steps"] or (t.get("patience") is not None and bad_evals >= t["patience"]):
+        # The restored checkpoint is the final one (driver killed after training), or early
+        # stopping had ended this run: a raised max_steps would not have trained on either.
+        return
 
     run_handle = config["tracker"].handle(config["run_id"]) if config.get("tracker") else None
     if run_handle:  # where this rank runs: node id and pid (observability, fault tests)
@@ -174,7 +183,7 @@ def train_loop(config: dict) -> None:
     if bar:
         bar.update(start_step)
     loss_fn = (lambda m, b: at_loss(m, b, losses)) if kind == "at" else (lambda m, b: nat_loss(m, b, losses, teacher))
-    bad_evals, stop = 0, False
+    stop = False
     model.train()
     for step, batch, local_tokens, global_tokens in batch_stream(src, tgt, t["batch_tokens"], config["seed"],
                                                                  start_step, rank, world):
@@ -224,20 +233,45 @@ def train_loop(config: dict) -> None:
                 dist.broadcast(flag, src=0)
             score, stop = float(flag[0]), bool(flag[1])
             best = max(best, score)
-            report_checkpoint(model, optimizer, use_ds, t, rank, step, best, score, kind)
+            report_checkpoint(model, optimizer, use_ds, t, rank, device,
+                              {"step": step, "best": best, "bad_evals": bad_evals}, score, kind)
         if last or stop:
             break
     if bar:
         bar.close()
 
 
-def report_checkpoint(model, optimizer, use_ds, t, rank, step, best, score, kind) -> None:
-    """Every rank reports (a barrier); rank 0 writes the model file and progress, and under
-    DeepSpeed every rank writes its partition. Ray merges the directories into one checkpoint."""
+def save_rng(d: Path, rank: int, device) -> None:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    torch.save(state, d / RNG.format(rank))
+
+
+def restore_rng(d: Path, rank: int, device) -> None:
+    """This rank's RNG state from checkpoint dir `d`. A checkpoint from before RNG states were
+    saved, or from a run with fewer workers, has none for this rank: the seeded stream goes on."""
+    f = d / RNG.format(rank)
+    if not f.is_file():
+        log.warning("checkpoint %s holds no RNG state for rank %d: dropout draws differ from an "
+                    "uninterrupted run", d, rank)
+        return
+    state = torch.load(f, weights_only=True)
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def report_checkpoint(model, optimizer, use_ds, t, rank, device, progress: dict, score, kind) -> None:
+    """Every rank reports (a barrier) and writes its RNG state; rank 0 writes the model file and
+    progress, and under DeepSpeed every rank writes its partition. Ray merges the directories
+    into one checkpoint."""
     import ray.train
 
+    step = progress["step"]
     state = full_state_dict(model, t["zero_stage"]) if use_ds else None
     with tempfile.TemporaryDirectory() as d:
+        save_rng(Path(d), rank, device)
         if use_ds:
             model.save_checkpoint(d, tag=DS_TAG)
         if rank == 0:
@@ -249,12 +283,9 @@ def report_checkpoint(model, optimizer, use_ds, t, rank, step, best, score, kind
                 model_file_source = core
                 torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict()}, os.path.join(d, STATE))
             save_model(model_file_source, os.path.join(d, MODEL), meta={"step": step, "valid_bleu": score, "kind": kind})
-            Path(d, "progress.json").write_text(json.dumps({"step": step, "best": best}))
-        has_files = any(Path(d).iterdir())
-        if has_files:
-            write_checksums(Path(d), rank)
-        ckpt = ray.train.Checkpoint.from_directory(d) if has_files else None
-        ray.train.report({"step": step, "valid_bleu": score}, checkpoint=ckpt)
+            Path(d, "progress.json").write_text(json.dumps(progress))
+        write_checksums(Path(d), rank)
+        ray.train.report({"step": step, "valid_bleu": score}, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
 # ------------------------------------------------------------------- checkpoint integrity --

@@ -94,6 +94,18 @@ def test_tiny_pipeline_end_to_end_then_resume_and_force(tmp_path):
     bad = cli("eval", str(run_dir), "--src", str(test_src), "--ref", str(short), workdir=wd)
     assert bad.returncode == 2 and "lines" in bad.stderr
 
+    # A raised student.max_steps trains on from the student's last checkpoint (step 30).
+    longer = sets(wd, "student.max_steps=45")
+    st = cli("status", "jobs/tiny.yaml", *longer, workdir=wd)
+    assert "student    extend" in st.stdout and "trained to max_steps 30, the job asks 45" in st.stdout
+    r = cli("run", "jobs/tiny.yaml", *longer, "--no-progress", workdir=wd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("done (reused)") == 4
+    assert "student   running on from its last checkpoint (max_steps 30 -> 45)" in r.stderr
+    client, runs = runs_of(wd)
+    newest = max((x for x in runs if x.data.tags.get("stage") == "student"), key=lambda x: x.info.start_time)
+    assert [m.step for m in client.get_metric_history(newest.info.run_id, "valid/bleu")] == [45]  # not 15, 30
+
 
 def test_a_failing_stage_exits_nonzero_and_marks_its_run_failed(tmp_path):
     wd = tmp_path / "runs"
@@ -218,3 +230,60 @@ def test_a_stage_redone_with_new_bytes_makes_the_stages_after_it_stale(tmp_path,
     pipeline.run_pipeline(spec, "", progress=False)
     assert calls == ["teacher"]
     assert {s.state for s in pipeline.stage_states(spec)} == {"done"}
+
+
+def test_a_raised_max_steps_trains_on_and_anything_else_retrains(tmp_path, monkeypatch):
+    """Fake training stages that record the steps they train and go on from what their dir
+    holds: a raised max_steps keeps the teacher's dir and trains only the new steps (the
+    stages after it rerun on its new output); a lowered max_steps, another changed field or
+    --force wipes the dir and trains from step 1."""
+    from orchestrator import pipeline
+    from orchestrator.spec_io import spec_from_dict
+    from orchestrator.stages import StageResult
+
+    trained = {"teacher": [], "student": []}
+
+    def fake(stage):
+        def run(ctx):
+            if stage in trained:
+                done_file = ctx.out_dir / "steps.txt"                    # stands in for the checkpoints
+                start = int(done_file.read_text()) if done_file.exists() else 0
+                section = getattr(ctx.spec, stage)
+                trained[stage].append((start + 1, section.max_steps))
+                done_file.write_text(str(section.max_steps))
+            (ctx.out_dir / "out.txt").write_text(f"{stage} {getattr(getattr(ctx.spec, stage, None), 'max_steps', '')}")
+            return StageResult(outputs={"out.txt": "out.txt"})
+        return run
+
+    monkeypatch.setattr(pipeline, "stage_functions", lambda: {s: fake(s) for s in STAGES})
+    monkeypatch.setattr(pipeline, "LOGGED_OUTPUTS", {})
+
+    def spec(**teacher):
+        return spec_from_dict({"name": "fake", "workdir": str(tmp_path), "teacher": {"max_steps": 10, **teacher}})
+
+    pipeline.run_pipeline(spec(), "", progress=False)
+    assert trained["teacher"] == [(1, 10)]
+
+    more = spec(max_steps=25)
+    assert [s.state for s in pipeline.stage_states(more)] == ["done", "done", "extend", "stale", "stale", "stale"]
+    pipeline.run_pipeline(more, "", progress=False)
+    assert trained["teacher"][-1] == (11, 25)                             # only the new steps
+    assert trained["student"][-1] == (1, trained["student"][0][1])        # retrained on the new teacher
+    assert {s.state for s in pipeline.stage_states(more)} == {"done"}
+    m = read_manifest_of(tmp_path / "fake" / "teacher")
+    assert m.max_steps == 25 and m.input_hash == pipeline.stage_hashes(more)["teacher"]
+
+    pipeline.run_pipeline(spec(max_steps=15), "", progress=False)      # fewer steps: from scratch
+    assert trained["teacher"][-1] == (1, 15)
+    pipeline.run_pipeline(spec(max_steps=20, lr=2e-4), "", progress=False)  # other inputs: from scratch
+    assert trained["teacher"][-1] == (1, 20)
+    pipeline.run_pipeline(spec(max_steps=30, lr=2e-4), "", progress=False, force="teacher")
+    assert trained["teacher"][-1] == (1, 30)                              # --force: from scratch
+    assert pipeline.continue_key(spec(max_steps=5), "teacher") == pipeline.continue_key(spec(), "teacher")
+    assert pipeline.continue_key(spec(lr=2e-4), "teacher") != pipeline.continue_key(spec(), "teacher")
+    assert pipeline.continue_key(spec(), "distill") is None
+
+
+def read_manifest_of(d):
+    from orchestrator.artifacts import read_manifest
+    return read_manifest(d)

@@ -63,6 +63,36 @@ def test_deepspeed_zero2_two_workers_trains_checkpoints_and_resumes(ray_local, p
     assert load_model(run_dir / "teacher" / "model.pt")[1]["step"] in (10, 20)
 
 
+def test_training_on_to_a_raised_max_steps_equals_training_there_at_once(ray_local, prepared_run, tmp_path, tracker):
+    """Two workers, dropout on: 8 steps, then the same stage asked for 16, trains steps 9-16
+    with exactly the losses of a run trained for 16 steps at once (the checkpoint restores the
+    weights, Adam's state and every rank's RNG; data order and learning rate follow the step)."""
+    losses = {}
+    for name, plan in (("at once", (16,)), ("in two goes", (8, 16))):
+        run_dir, raw = copy_run(prepared_run, tmp_path / name.replace(" ", "_"))
+        assert raw["model"].get("dropout", 0.1) > 0
+        losses[name] = []
+        for steps in plan:
+            raw["teacher"] = micro_train(max_steps=steps, workers=2, strategy="ddp", eval_every=8, checkpoint_every=8)
+            _, run_id = run_stage(teacher, run_dir, raw, "teacher", tracker)
+            losses[name] += history(tracker, run_id, "train/loss")
+    assert [s for s, _ in losses["in two goes"]] == list(range(1, 17))
+    assert losses["in two goes"] == losses["at once"]   # bit for bit
+
+
+def test_a_run_ended_by_early_stopping_does_not_train_on_when_max_steps_rises(ray_local, prepared_run, tmp_path,
+                                                                                tracker):
+    run_dir, raw = copy_run(prepared_run, tmp_path)
+    # A learning rate too small to change any output: valid BLEU stays put, so patience 1
+    # stops the run at its second evaluation (step 4).
+    raw["teacher"] = micro_train(max_steps=20, lr=1e-12, eval_every=2, checkpoint_every=2, patience=1)
+    _, run_id = run_stage(teacher, run_dir, raw, "teacher", tracker)
+    assert [s for s, _ in history(tracker, run_id, "valid/bleu")] == [2, 4]
+    raw["teacher"]["max_steps"] = 40
+    _, run_id = run_stage(teacher, run_dir, raw, "teacher", tracker)
+    assert history(tracker, run_id, "train/loss") == []      # as a 40-step run would have: stopped at 4
+
+
 def test_two_workers_follow_the_one_worker_loss_trajectory_and_bf16_autocast_stays_close(
         ray_local, prepared_run, tmp_path, tracker):
     curves = {}

@@ -3,6 +3,9 @@
 The run's Ray Train storage (checkpoints) lives in <stage dir>/ray unless the job names a
 storage_path (e.g. s3://bucket/prefix). Starting the same stage again with the same storage
 resumes from the latest reported checkpoint (Ray Train V2 restores a run by name + storage).
+The run's name carries the hash of the stage's inputs other than max_steps
+(`pipeline.continue_key`): a raised max_steps trains on from the same run, while changed
+inputs start a new one — also in remote storage, which a stale stage dir's wipe never reaches.
 The best checkpoint by valid BLEU becomes the stage's model.pt.
 """
 from __future__ import annotations
@@ -61,6 +64,7 @@ def run_trainer(ctx: StageContext, kind: str, callbacks=()):
     import ray.train
     from ray.train.torch import TorchTrainer
 
+    from ..pipeline import continue_key
     from ..train_loop import train_loop
 
     t = ctx.spec.teacher if kind == "at" else ctx.spec.student
@@ -74,7 +78,7 @@ def run_trainer(ctx: StageContext, kind: str, callbacks=()):
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.gpus_per_worker > 0,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=f"{ctx.spec.name}-{ctx.stage}", storage_path=storage,
+            name=f"{ctx.spec.name}-{ctx.stage}-{continue_key(ctx.spec, ctx.stage)[:12]}", storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="valid_bleu",
                                                          checkpoint_score_order="max"),
