@@ -228,7 +228,8 @@ def run_stage(stage: str, d: Path, input_hash: str, force: bool, spec: JobSpec, 
     """Reuse the stage if it is done with this hash, intact, and on the same upstream bytes, else
     (re)run it; returns its metrics."""
     consumed = consumed_digests(rd, stage)
-    stale = upstream_changed(read_manifest(d), consumed)
+    before = read_manifest(d)
+    stale = upstream_changed(before, consumed)
     if stale:
         log.info("%-9s an earlier stage's output changed since it ran: redoing it", stage)
     if not force and not stale and is_complete(d, input_hash):
@@ -237,7 +238,6 @@ def run_stage(stage: str, d: Path, input_hash: str, force: bool, spec: JobSpec, 
         with tracker.child(stage, {"reused": True}) as h:
             h.log_metrics(m.metrics)
         return m.metrics
-    before = read_manifest(d)
     extend = (not force and not stale and before is not None and before.input_hash != input_hash
               and can_continue(before, spec, stage))
     prepare_stage_dir(d, input_hash, force=force or stale, keep=extend)

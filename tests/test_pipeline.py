@@ -238,6 +238,7 @@ def test_a_raised_max_steps_trains_on_and_anything_else_retrains(tmp_path, monke
     stages after it rerun on its new output); a lowered max_steps, another changed field or
     --force wipes the dir and trains from step 1."""
     from orchestrator import pipeline
+    from orchestrator.artifacts import read_manifest
     from orchestrator.spec_io import spec_from_dict
     from orchestrator.stages import StageResult
 
@@ -245,13 +246,13 @@ def test_a_raised_max_steps_trains_on_and_anything_else_retrains(tmp_path, monke
 
     def fake(stage):
         def run(ctx):
+            out = ctx.out_dir / "out.txt"          # a training stage's: the last step it trained (its "checkpoint")
             if stage in trained:
-                done_file = ctx.out_dir / "steps.txt"                    # stands in for the checkpoints
-                start = int(done_file.read_text()) if done_file.exists() else 0
-                section = getattr(ctx.spec, stage)
-                trained[stage].append((start + 1, section.max_steps))
-                done_file.write_text(str(section.max_steps))
-            (ctx.out_dir / "out.txt").write_text(f"{stage} {getattr(getattr(ctx.spec, stage, None), 'max_steps', '')}")
+                start, end = (int(out.read_text()) if out.exists() else 0), getattr(ctx.spec, stage).max_steps
+                trained[stage].append((start + 1, end))
+                out.write_text(str(end))
+            else:
+                out.write_text(stage)
             return StageResult(outputs={"out.txt": "out.txt"})
         return run
 
@@ -270,7 +271,7 @@ def test_a_raised_max_steps_trains_on_and_anything_else_retrains(tmp_path, monke
     assert trained["teacher"][-1] == (11, 25)                             # only the new steps
     assert trained["student"][-1] == (1, trained["student"][0][1])        # retrained on the new teacher
     assert {s.state for s in pipeline.stage_states(more)} == {"done"}
-    m = read_manifest_of(tmp_path / "fake" / "teacher")
+    m = read_manifest(tmp_path / "fake" / "teacher")
     assert m.max_steps == 25 and m.input_hash == pipeline.stage_hashes(more)["teacher"]
 
     pipeline.run_pipeline(spec(max_steps=15), "", progress=False)      # fewer steps: from scratch
@@ -282,8 +283,3 @@ def test_a_raised_max_steps_trains_on_and_anything_else_retrains(tmp_path, monke
     assert pipeline.continue_key(spec(max_steps=5), "teacher") == pipeline.continue_key(spec(), "teacher")
     assert pipeline.continue_key(spec(lr=2e-4), "teacher") != pipeline.continue_key(spec(), "teacher")
     assert pipeline.continue_key(spec(), "distill") is None
-
-
-def read_manifest_of(d):
-    from orchestrator.artifacts import read_manifest
-    return read_manifest(d)
