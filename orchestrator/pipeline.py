@@ -37,8 +37,8 @@ log = logging.getLogger("imitate_orch")
 # Spec sections each stage reads (besides the upstream hash). `seed` is read by all.
 SECTIONS = {"prepare": ("data",), "tokenizer": ("tokenizer",), "teacher": ("model", "teacher"),
             "distill": ("distill",), "student": ("model", "student"), "evaluate": ("eval",)}
-# Training stages -> the spec section holding their max_steps (see `continue_key`).
-TRAINING = {"teacher": "teacher", "student": "student"}
+# Training stages; each reads max_steps from the spec section of its own name (see `continue_key`).
+TRAINING = ("teacher", "student")
 # Outputs logged to MLflow as artifacts (large text corpora stay in the run dir).
 LOGGED_OUTPUTS = {"tokenizer": ("spm.model",), "teacher": ("model.pt",), "student": ("model.pt",),
                   "evaluate": ("summary.json", "summary.md", "test.at.txt", "test.nat.txt", "test.lpd.txt")}
@@ -76,14 +76,14 @@ def continue_key(spec: JobSpec, stage: str) -> str | None:
     if stage not in TRAINING:
         return None
     sections = {name: getattr(spec, name).model_dump(mode="json") for name in SECTIONS[stage]}
-    del sections[TRAINING[stage]]["max_steps"]
+    del sections[stage]["max_steps"]
     upstream = stage_hashes(spec)[STAGES[STAGES.index(stage) - 1]]
     return sha256_json({"stage": stage, "seed": spec.seed, "sections": sections, "upstream": upstream,
                         "without": "max_steps"})
 
 
 def max_steps(spec: JobSpec, stage: str) -> int | None:
-    return getattr(spec, TRAINING[stage]).max_steps if stage in TRAINING else None
+    return getattr(spec, stage).max_steps if stage in TRAINING else None
 
 
 def can_continue(m: Manifest | None, spec: JobSpec, stage: str) -> bool:
@@ -184,11 +184,9 @@ def make_tracker(spec: JobSpec) -> Tracker:
     return Tracker(uri, spec.tracking.experiment or spec.name, root)
 
 
-def prepare_stage_dir(d: Path, input_hash: str, force: bool, keep: bool = False) -> None:
-    """Keep a same-hash unfinished dir (resume) or one to train on (`keep`); wipe a stale or
-    forced one."""
-    m = read_manifest(d)
-    if d.exists() and not keep and (force or m is None or m.input_hash != input_hash):
+def prepare_stage_dir(d: Path, wipe: bool) -> None:
+    """Empty the stage dir if `wipe`, else keep what it holds (checkpoints, finished shards)."""
+    if d.exists() and wipe:
         for child in d.iterdir():  # the dir itself stays: it may be the target of links
             shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
     d.mkdir(parents=True, exist_ok=True)
@@ -240,7 +238,8 @@ def run_stage(stage: str, d: Path, input_hash: str, force: bool, spec: JobSpec, 
         return m.metrics
     extend = (not force and not stale and before is not None and before.input_hash != input_hash
               and can_continue(before, spec, stage))
-    prepare_stage_dir(d, input_hash, force=force or stale, keep=extend)
+    # Kept: a same-hash unfinished dir (resume) or one to train on; wiped: a stale, forced or changed one.
+    prepare_stage_dir(d, wipe=force or stale or before is None or (before.input_hash != input_hash and not extend))
     manifest = Manifest(stage=stage, input_hash=input_hash, status="running", started=utc_now(), consumed=consumed,
                         continue_key=continue_key(spec, stage), max_steps=max_steps(spec, stage))
     write_manifest(d, manifest)
