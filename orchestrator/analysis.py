@@ -81,26 +81,30 @@ def delta_t_sweep(rd: Path, spec: JobSpec, split: str, max_delta_t: int, device:
     NAT+LPD at each ΔT on `split`, beside the AT (beam) and the one-pass NAT."""
     from tqdm import tqdm
 
-    from .stages.evaluate import decoders, latency_ms, load_run_models, translate_and_score
+    from .stages.evaluate import decoders, latencies_ms, load_run_models, translate_and_score
 
     e = spec.eval
     key = {"teacher": model_sha(rd, "teacher"), "student": model_sha(rd, "student"), "split": split,
-           "max_delta_t": max_delta_t, "eval": e.model_dump(mode="json")}
+           "max_delta_t": max_delta_t, "eval": e.model_dump(mode="json"), "latency": "side by side"}
 
     def compute() -> dict:
         tok, at, nat = load_run_models(rd, device)
         src, ref = read_split(rd, split)
-        n_lat, cap = e.latency_sentences, at.cfg.max_positions
-        out = {"split": split, "sentences": len(src), "device": device, "delta_t": [], "bleu": [], "latency_ms": []}
+        cap = at.cfg.max_positions
+        out = {"split": split, "sentences": len(src), "device": device, "delta_t": list(range(max_delta_t + 1)),
+               "bleu": []}
         fixed = decoders(at, nat, e.beam_size, 0, e.length_penalty)
+        timed = {"at": fixed["at"][0], "nat": fixed["nat"][0]}
         for name in ("at", "nat"):
             out[name] = translate_and_score(fixed[name], tok, src, ref, e.batch_tokens, device, cap)[0]
-            out[name]["latency_ms"] = latency_ms(src, tok, fixed[name][0], device, n_lat)
-        for d in tqdm(range(max_delta_t + 1), desc=f"LPD ΔT sweep on {split}", disable=not progress):
+        for d in tqdm(out["delta_t"], desc=f"LPD ΔT sweep on {split}", disable=not progress):
             lpd = decoders(at, nat, e.beam_size, d, e.length_penalty)["lpd"]
-            out["delta_t"].append(d)
+            timed[d] = lpd[0]
             out["bleu"].append(translate_and_score(lpd, tok, src, ref, e.batch_tokens, device, cap)[0]["bleu"])
-            out["latency_ms"].append(latency_ms(src, tok, lpd[0], device, n_lat))
+        lat = latencies_ms(src, tok, timed, device, e.latency_sentences, progress=progress)
+        for name in ("at", "nat"):
+            out[name]["latency_ms"] = lat[name]
+        out["latency_ms"] = [lat[d] for d in out["delta_t"]]
         return out
 
     return cached(cache, key, compute)

@@ -154,3 +154,30 @@ def test_usage_entropy_is_that_of_imitation_action_usage_entropy(micro_run):
     with torch.no_grad():
         _, log_pis = at(b.src, b.tgt_in)
     assert usage["entropy"] == pytest.approx(action_usage_entropy(log_pis, b.tgt_out.ne(at.cfg.pad_id)), rel=1e-6)
+
+
+def test_latencies_are_measured_side_by_side_on_a_drifting_machine():
+    """Two decoders doing the same work on a machine that slows down while it is timed (here:
+    every call sleeps 0.5 ms longer than the one before) get the same median: each sentence is
+    decoded by both in turn. Timed one after the other, the second would look 2x slower."""
+    import time
+
+    from orchestrator.stages.evaluate import latencies_ms
+
+    class Tok:
+        def encode_batch(self, lines):
+            return [[5] * len(l.split()) for l in lines]
+
+        def decode(self, ids):
+            return "x"
+
+    calls = []
+
+    def slowing(src):
+        calls.append(1)
+        time.sleep(0.005 + 0.0005 * len(calls))
+        return [[5]] * src.size(0)
+
+    lat = latencies_ms([f"sentence {i}" for i in range(20)], Tok(), {"a": slowing, "b": slowing}, "cpu", 20)
+    assert len(calls) == 2 + 40                                   # one warm-up each, then 20 sentences each
+    assert set(lat) == {"a", "b"} and 0.8 < lat["a"] / lat["b"] < 1.25

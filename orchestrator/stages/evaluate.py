@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from imitate_nat.checkpoint import load_model
 from imitate_nat.data import read_lines
@@ -32,21 +33,27 @@ def decoders(at, nat, beam_size: int, delta_t: int, length_penalty: float = 1.0)
     }
 
 
-def latency_ms(lines, tok, decoder, device, n: int) -> float:
-    """Median batch-1 milliseconds per sentence over the first n lines (after one warm-up; on a
-    GPU every line is decoded once first, so that CUDA graphs are recorded before timing)."""
+def latencies_ms(lines, tok, decoders: dict, device, n: int, progress: bool = False) -> dict:
+    """Median batch-1 milliseconds per sentence of each decoder (name -> decoder) over the first
+    n lines, measured side by side: every sentence is decoded by each decoder in turn, the order
+    rotating from one sentence to the next. A CPU whose speed drifts while the figures are taken
+    (other load, frequency changes) then moves every decoder alike, so the speedups compare.
+    One warm-up call each first; on a GPU every line once, so CUDA graphs are recorded."""
     sample = [l for l in lines if l.strip()][:max(1, n)]
     cuda = torch.cuda.is_available() and str(device).startswith("cuda")
-    for line in sample if cuda else sample[:1]:
-        translate([line], tok, decoder, device=device)
-    times = []
-    for line in sample:
-        t0 = time.perf_counter()
-        translate([line], tok, decoder, device=device)
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - t0) * 1000)
-    return sorted(times)[len(times) // 2]
+    names = list(decoders)
+    for name in names:
+        for line in sample if cuda else sample[:1]:
+            translate([line], tok, decoders[name], device=device)
+    times = {name: [] for name in names}
+    for i, line in enumerate(tqdm(sample, desc="batch-1 latency", disable=not progress)):
+        for name in names[i % len(names):] + names[:i % len(names)]:
+            t0 = time.perf_counter()
+            translate([line], tok, decoders[name], device=device)
+            if cuda:
+                torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - t0) * 1000)
+    return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
 def translate_and_score(decoder_and_cost, tok, src, ref, batch_tokens: int, device, max_src_len: int):
@@ -97,8 +104,10 @@ def evaluate(ctx: StageContext) -> StageResult:
     e = spec.eval
     decs = decoders(at, nat, e.beam_size, e.delta_t, e.length_penalty)  # once: on a GPU they hold CUDA graphs
     rows, hyps = score_all(decs, tok, src, ref, e.batch_tokens, device, at.cfg.max_positions)
-    for name, (decoder, _) in decs.items():
-        rows[name]["latency_ms"] = latency_ms(src, tok, decoder, device, e.latency_sentences)
+    lat = latencies_ms(src, tok, {name: decoder for name, (decoder, _) in decs.items()}, device, e.latency_sentences,
+                       progress=ctx.progress)
+    for name in decs:
+        rows[name]["latency_ms"] = lat[name]
         atomic_write_text(out / f"test.{name}.txt", "\n".join(hyps[name]) + "\n")
     for r in rows.values():
         r["speedup"] = rows["at"]["latency_ms"] / r["latency_ms"]
