@@ -33,7 +33,7 @@ def decoders(at, nat, beam_size: int, delta_t: int, length_penalty: float = 1.0)
     }
 
 
-def latencies_ms(lines, tok, decoders: dict, device, n: int, progress: bool = False) -> dict:
+def latencies_ms(lines, tok, timed: dict, device, n: int, progress: bool = False) -> dict:
     """Median batch-1 milliseconds per sentence of each decoder (name -> decoder) over the first
     n lines, measured side by side: every sentence is decoded by each decoder in turn, the order
     rotating from one sentence to the next. A CPU whose speed drifts while the figures are taken
@@ -41,15 +41,15 @@ def latencies_ms(lines, tok, decoders: dict, device, n: int, progress: bool = Fa
     One warm-up call each first; on a GPU every line once, so CUDA graphs are recorded."""
     sample = [l for l in lines if l.strip()][:max(1, n)]
     cuda = torch.cuda.is_available() and str(device).startswith("cuda")
-    names = list(decoders)
+    names = list(timed)
     for name in names:
         for line in sample if cuda else sample[:1]:
-            translate([line], tok, decoders[name], device=device)
+            translate([line], tok, timed[name], device=device)
     times = {name: [] for name in names}
     for i, line in enumerate(tqdm(sample, desc="batch-1 latency", disable=not progress)):
         for name in names[i % len(names):] + names[:i % len(names)]:
             t0 = time.perf_counter()
-            translate([line], tok, decoders[name], device=device)
+            translate([line], tok, timed[name], device=device)
             if cuda:
                 torch.cuda.synchronize()
             times[name].append((time.perf_counter() - t0) * 1000)
