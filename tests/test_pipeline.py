@@ -87,8 +87,10 @@ def test_tiny_pipeline_end_to_end_then_resume_and_force(tmp_path):
     for name in ("at", "nat", "lpd"):
         assert scores[name]["bleu"] == pytest.approx(summary[name]["bleu"])
         assert scores[name]["chrf_signature"].startswith("nrefs:1")
-    plain = cli("eval", str(run_dir), "--src", str(test_src), "--ref", str(test_ref), "--delta-t", "0", workdir=wd)
+    plain = cli("eval", str(run_dir), "--src", str(test_src), "--ref", str(test_ref), "--delta-t", "0", "--beam", "1",
+                workdir=wd)
     assert plain.returncode == 0 and "NAT+LPD ΔT=0" in plain.stdout and "BLEU: nrefs:1" in plain.stdout
+    assert "AT beam 1" in plain.stdout
     short = tmp_path / "short.tgt"
     short.write_text("one line\n")
     bad = cli("eval", str(run_dir), "--src", str(test_src), "--ref", str(short), workdir=wd)
