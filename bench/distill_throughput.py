@@ -1,6 +1,6 @@
 """Distillation throughput, measured side by side in one run on the same sentences:
 
-  * batched vs per-sentence beam search (in this process, 1 thread): `translate_lines` with a
+  * batched vs per-sentence beam search (in this process, 1 thread): `beam_translate` with a
     huge batch_tokens (all sentences in one batch), with the stage's --batch-tokens, and with
     one sentence per batch (batch_tokens=1);
   * a pool of 1 vs 2 Ray `DistillWorker` actors (1 CPU / 1 thread each), translating the same
@@ -46,12 +46,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from imitate_nat import ATDemonstrator  # noqa: E402
 from imitate_nat.checkpoint import load_model, save_model  # noqa: E402
 from imitate_nat.config import PRESETS, preset  # noqa: E402
+from imitate_nat.data import read_lines  # noqa: E402
 from imitate_nat.data import source_tensor  # noqa: E402
 from imitate_nat.decode import beam_search  # noqa: E402
 from imitate_nat.synthetic import generate_corpus  # noqa: E402
-from imitate_nat.data import read_lines  # noqa: E402
 from imitate_nat.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
-from orchestrator.stages.distill import make_workers, run_pool, shard_bounds, translate_lines  # noqa: E402
+from orchestrator.stages.distill import beam_translate, make_workers, run_pool, shard_bounds  # noqa: E402
 
 TARGETS = {"2 actors / 1 actor": 1.8, "batched / per-sentence": 10.0}
 
@@ -131,7 +131,7 @@ def in_process(a, tok, model, sents) -> dict:
                          ("per-sentence", 1)):
             kw = decode_kw(a, bt)
             out[name] = len(sents) / timed(
-                lambda: (translate_lines(model, tok, sents, device=a.device, **kw), sync()), a.repeats)
+                lambda: (beam_translate(model, tok, sents, device=a.device, **kw), sync()), a.repeats)
         return out
     finally:
         torch.set_num_threads(threads)

@@ -34,7 +34,8 @@ import platform
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from orchestrator.serve import free_port, resolve_target, start  # noqa: E402
+from orchestrator.serve.server import start  # noqa: E402
+from orchestrator.serve.target import free_port, resolve_target  # noqa: E402
 
 TARGET_BATCHING = 3.0   # × requests/s at the highest concurrency
 TARGET_OVERHEAD = 0.20  # of the bare model's LPD latency at concurrency 1
@@ -72,8 +73,9 @@ def bare_lpd_ms(target, lines: list[str], batch: int) -> tuple[float, float]:
     import torch
 
     from imitate_nat.translate import translate
-    from orchestrator.serve import load_models
-    from orchestrator.stages.evaluate import decoders, latency_ms
+    from orchestrator.decoding import decoders
+    from orchestrator.serve.target import load_models
+    from orchestrator.stages.evaluate import latency_ms
 
     torch.set_num_threads(1)
     tok, at, nat = load_models(target.source, "cpu")

@@ -28,8 +28,8 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from imitate_nat import ATDemonstrator, LossConfig, NATLearner  # noqa: E402
 from imitate_nat import layers  # noqa: E402
+from imitate_nat import ATDemonstrator, LossConfig, NATLearner  # noqa: E402
 from imitate_nat.config import PRESETS, preset  # noqa: E402
 from imitate_nat.data import make_batch  # noqa: E402
 from imitate_nat.losses import at_loss, nat_loss  # noqa: E402

@@ -38,7 +38,7 @@ class ImitationModule(nn.Module):
         self.usage.mul_(self.alpha).add_((1.0 - self.alpha) * mean_pi.to(self.usage.dtype))
 
     def regularization_loss(self, log_pi: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """eq 8-9: KL(π' ‖ π) averaged over real tokens, π' a fixed (detached) target.
+        """eq 9: L_π = KL(π' ‖ π) averaged over real tokens, π' the fixed (detached) target of eq 8.
 
         In training, c is first updated with this batch (eq 7), then used in eq 8."""
         if self.training:
@@ -64,5 +64,11 @@ def action_usage_entropy(log_pis: list[torch.Tensor], mask: torch.Tensor) -> flo
         actions = log_pi.argmax(-1)[mask.bool()]
         c = torch.bincount(actions, minlength=log_pi.size(-1)).float()
         counts = c if counts is None else counts + c
-    p = counts / counts.sum()
-    return float(-(p[p > 0] * p[p > 0].log()).sum())
+    return usage_entropy(counts)
+
+
+def usage_entropy(counts: torch.Tensor) -> float:
+    """Entropy (nats) of an action histogram (counts of argmax actions, eq 3)."""
+    p = counts.double() / counts.sum().clamp_min(1)
+    p = p[p > 0]
+    return float(-(p * p.log()).sum())

@@ -6,12 +6,13 @@ import sys
 
 import click
 
-from .ablate import VARIANTS
-from .spec import JobSpec
-from .spec_io import SpecError, dump_spec, load_spec
-from .stages import STAGES, init_ray
+from .run.cluster import init_ray
+from .run.layout import STAGES
+from .spec.loading import SpecError, dump_spec, load_spec
+from .spec.schema import JobSpec
+from .studies.ablate import VARIANTS
 
-EXIT_BAD_SPEC = 2
+EXIT_USAGE = 2   # bad input (spec, arguments, files, an unfinished run): nothing was started
 log = logging.getLogger("imitate_orch")
 
 
@@ -21,7 +22,7 @@ def load_or_exit(job: str, overrides: tuple[str, ...]) -> JobSpec:
         return load_spec(job, list(overrides))
     except SpecError as e:
         click.echo(f"error: invalid job spec\n{e}", err=True)
-        sys.exit(EXIT_BAD_SPEC)
+        sys.exit(EXIT_USAGE)
 
 
 def exit_if_it_does_not_fit(spec: JobSpec) -> None:
@@ -29,14 +30,14 @@ def exit_if_it_does_not_fit(spec: JobSpec) -> None:
     for ever, so it is a bad spec (exit 2) and no stage starts."""
     import ray
 
-    from .resources import check_fits_cluster
+    from .run.cluster import check_fits_cluster
 
     try:
         check_fits_cluster(spec)
     except SpecError as e:
         ray.shutdown()   # a local cluster started for this run goes away; a joined one stays
         click.echo(f"error: the job does not fit the Ray cluster (no stage was started)\n{e}", err=True)
-        sys.exit(EXIT_BAD_SPEC)
+        sys.exit(EXIT_USAGE)
 
 
 def setup_logging(verbose: bool) -> None:
@@ -71,7 +72,9 @@ def run(job, overrides, address, force, until, no_progress, verbose) -> None:
     <workdir>/<job>/ and to MLflow."""
     spec = load_or_exit(job, overrides)
     setup_logging(verbose)
-    from .pipeline import StageFailed, run_dir, run_pipeline
+    from .pipeline import run_pipeline
+    from .run.layout import run_dir
+    from .run.runner import StageFailed
 
     init_ray(spec, address)
     exit_if_it_does_not_fit(spec)
@@ -94,9 +97,11 @@ def run(job, overrides, address, force, until, no_progress, verbose) -> None:
 @set_option
 def status(job, overrides) -> None:
     """Show each stage's state for JOB (done, running, failed, stale, damaged, pending, or extend:
-    trained for fewer steps than JOB asks, and will train on from its last checkpoint)."""
+    trained for fewer steps than JOB asks, to be extended from its last checkpoint)."""
     spec = load_or_exit(job, overrides)
-    from .pipeline import max_steps, run_dir, stage_states
+    from .run.hashing import max_steps
+    from .run.layout import run_dir
+    from .run.runner import stage_states
 
     click.echo(f"{spec.name}  ({run_dir(spec)})")
     for s in stage_states(spec):
@@ -129,14 +134,14 @@ def sweep(job, overrides, num_samples, max_concurrent, fresh, address, no_progre
             *([f"sweep.max_concurrent={max_concurrent}"] if max_concurrent else [])]
     spec = load_or_exit(job, (*overrides, *sets))
     setup_logging(verbose)
-    from .sweep import SweepError, check_same_job, run_sweep, sweep_dir
+    from .sweep.driver import SweepError, check_same_job, run_sweep, sweep_dir
 
     try:
         sweep_dir(spec).mkdir(parents=True, exist_ok=True)
         check_same_job(sweep_dir(spec), spec, fresh)  # before Ray starts; run_sweep checks again
     except SweepError as e:
         click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_BAD_SPEC)
+        sys.exit(EXIT_USAGE)
     init_ray(spec, address)
     exit_if_it_does_not_fit(spec)  # trials use the job's teacher, distill and student resources
     try:
@@ -162,24 +167,26 @@ def eval_cmd(run_dir, src_path, ref_path, delta_t, beam, batch_tokens, as_json) 
     import json
     from pathlib import Path
 
+    import torch
+
     from imitate_nat.checkpoint import CheckpointError
     from imitate_nat.data import read_parallel
 
-    from .stages.evaluate import decoders, load_run_models, score_all
-
-    import torch
+    from .decoding import decoders, load_run_models, score_all
+    from .run.layout import MODEL_FILES, RunNotReady, check_finished
 
     rd = Path(run_dir)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
+        check_finished(rd, MODEL_FILES)
         src, ref = read_parallel(src_path, ref_path)
         tok, at, nat = load_run_models(rd, device)
-    except (OSError, ValueError, CheckpointError) as e:
+    except (RunNotReady, OSError, ValueError, CheckpointError) as e:
         click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_BAD_SPEC)
+        sys.exit(EXIT_USAGE)
     if not src:
         click.echo(f"error: {src_path} is empty", err=True)
-        sys.exit(EXIT_BAD_SPEC)
+        sys.exit(EXIT_USAGE)
     decs = decoders(at, nat, beam, delta_t)
     rows, _ = score_all(decs, tok, src, ref, batch_tokens, device, at.cfg.max_positions)
     if as_json:
@@ -221,15 +228,17 @@ def serve(source, overrides, host, port, replicas, delta_t, max_batch_size, trac
     API: POST /translate {"text": ...} or {"texts": [...]}, GET /health, docs at /docs."""
     from pathlib import Path
 
-    from .serve import ServeSetupError, flag_overrides, resolve_target, run_server
+    from .run.layout import RunNotReady
+    from .serve.server import run_server
+    from .serve.target import ServeSetupError, flag_overrides, resolve_target
 
     sets = (*overrides, *flag_overrides(host, port, replicas, delta_t, max_batch_size))
     spec = load_or_exit(source, sets) if Path(source).is_file() else None
     try:
         target = resolve_target(source, sets, tracking_uri, spec)
-    except (ServeSetupError, SpecError) as e:
+    except (RunNotReady, ServeSetupError, SpecError) as e:
         click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_BAD_SPEC)
+        sys.exit(EXIT_USAGE)
     setup_logging(verbose)
     sys.exit(run_server(target, address))
 
@@ -244,7 +253,7 @@ def serve(source, overrides, host, port, replicas, delta_t, max_batch_size, trac
               help="Seconds per attempt.")
 def translate_cmd(texts, url, delta_t, retries, timeout) -> None:
     """Translate TEXTS (or stdin lines) with a running `imitate-orch serve`: one line out per text."""
-    from .client import ServeRequestError, translate_lines
+    from .serve.client import ServeRequestError, translate_lines
 
     stdin = "" if texts else sys.stdin.read()
     lines = list(texts) if texts else stdin.removesuffix("\n").split("\n") if stdin else []
@@ -253,7 +262,7 @@ def translate_cmd(texts, url, delta_t, retries, timeout) -> None:
             click.echo(line)
     except ServeRequestError as e:
         click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_BAD_SPEC if e.status and 400 <= e.status < 500 else 1)
+        sys.exit(EXIT_USAGE if e.status and 400 <= e.status < 500 else 1)
 
 
 @main.command()
@@ -275,8 +284,8 @@ def ablate(job, overrides, lambda1_zero_teacher, only, address, no_progress, ver
     <workdir>/<job>-ablate/ (ablation.md, ablation.json, one run dir per variant) and MLflow."""
     spec = load_or_exit(job, overrides)
     setup_logging(verbose)
-    from .ablate import ablation_dir, markdown_table, run_ablation
-    from .pipeline import StageFailed
+    from .run.runner import StageFailed
+    from .studies.ablate import ablation_dir, run_ablation, table2_markdown
 
     init_ray(spec, address)
     exit_if_it_does_not_fit(spec)
@@ -288,7 +297,7 @@ def ablate(job, overrides, lambda1_zero_teacher, only, address, no_progress, ver
         if verbose:
             raise
         sys.exit(1)
-    click.echo(f"\n{spec.name}: ablation (Table 2)\n\n{markdown_table(result)}\nwritten to {ablation_dir(spec)}")
+    click.echo(f"\n{spec.name}: ablation (Table 2)\n\n{table2_markdown(result)}\nwritten to {ablation_dir(spec)}")
 
 
 @main.command()
@@ -310,19 +319,19 @@ def ablate(job, overrides, lambda1_zero_teacher, only, address, no_progress, ver
 def report(run_dir, job, overrides, compare_teacher, max_delta_t, split, out, tracking_uri, no_progress) -> None:
     """Write RUN_DIR/report/report.md with PNG plots (also logged to MLflow): results (Table 1),
     ablation (Table 2), training curves, BLEU and latency vs ΔT, action usage (Figure 4)."""
-    from .analysis import RunNotReady
-    from .report import write_report
+    from .run.layout import RunNotReady
+    from .studies.report import write_report
 
     if overrides and not job:
         click.echo("error: --set needs --job", err=True)
-        sys.exit(EXIT_BAD_SPEC)
+        sys.exit(EXIT_USAGE)
     spec = load_or_exit(job, overrides) if job else None
     try:
         path = write_report(run_dir, out, spec, tracking_uri, compare_teacher, max_delta_t, split,
                             progress=not no_progress, echo=lambda m: click.echo(m, err=True))
     except (RunNotReady, ValueError, OSError) as e:
         click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_BAD_SPEC)
+        sys.exit(EXIT_USAGE)
     click.echo(f"report: {path}")
 
 

@@ -2,7 +2,7 @@
 
 The train source is cut into contiguous, balanced shards. A pool of Ray actors, each holding
 the teacher and tokenizer (loaded once), translates one shard per call and writes it itself
-with `artifacts.write_shard` (atomic, done marker last); the driver only hands out shards and
+with `write_shard` (atomic, done marker last); the driver only hands out shards and
 gets back small dicts. A shard whose output verifies (`shard_done`) is never redone, so an
 interrupted run resumes and deleting or corrupting one shard redoes only that shard. The merge
 concatenates shards in order: line i of train.distilled.tgt translates line i of train.src.
@@ -33,17 +33,18 @@ from imitate_nat.data import read_lines
 from imitate_nat.tokenizer import Tokenizer
 from imitate_nat.translate import at_beam, translate
 
-from .. import artifacts
-from ..resources import check_fits_cluster
-from . import StageContext, StageResult, init_ray
+from ..run.cluster import check_fits_cluster, init_ray
+from ..run.files import atomic_write_json, atomic_write_text, sha256_file
+from ..run.layout import DISTILLED, model_path, spm_path
+from ..run.runner import StageContext, StageResult
+from ..run.shards import read_shard, shard_done, shard_marker, write_shard
 
 log = logging.getLogger(__name__)
 
-OUTPUT = "train.distilled.tgt"
 DECODE_KEYS = ("beam_size", "batch_tokens", "length_penalty", "max_len_a", "max_len_b")
 
 
-def translate_lines(model, tok, lines, beam_size=4, batch_tokens=4096, length_penalty=1.0,
+def beam_translate(model, tok, lines, beam_size=4, batch_tokens=4096, length_penalty=1.0,
                     max_len_a=1.5, max_len_b=10, device="cpu", min_len=0) -> list[str]:
     """Beam-decode `lines` in token-bucketed batches (source length × beam ≤ batch_tokens);
     one detokenized line per input, in input order (imitate_nat.translate does the work)."""
@@ -70,9 +71,9 @@ class DistillWorker:
 
     def translate_shard(self, index: int, lines: list[str]) -> dict:
         t0 = time.perf_counter()
-        out = translate_lines(self.model, self.tok, lines, device=self.device, **self.decode)
+        out = beam_translate(self.model, self.tok, lines, device=self.device, **self.decode)
         node = ray.get_runtime_context().get_node_id()   # kept in the marker: where each shard was made
-        artifacts.write_shard(self.shard_dir, index, out, node=node)
+        write_shard(self.shard_dir, index, out, node=node)
         return {"index": index, "n": len(out), "seconds": time.perf_counter() - t0, "node": node}
 
 
@@ -139,24 +140,24 @@ def _check_plan(shard_dir: Path, plan: dict) -> None:
         log.info("distill: inputs changed; discarding %d stale shard file(s)", len(stale))
     for p in stale:
         p.unlink(missing_ok=True)
-    artifacts.atomic_write_json(path, plan)
+    atomic_write_json(path, plan)
 
 
 def distill(ctx: StageContext) -> StageResult:
     t_start = time.perf_counter()
     spec, ds = ctx.spec, ctx.spec.distill
     src_path = ctx.stage_path("prepare", "train.src")
-    model_path = ctx.stage_path("teacher", "model.pt").resolve()
-    spm_path = ctx.stage_path("tokenizer", "spm.model").resolve()
+    teacher_file = model_path(ctx.run_dir, "teacher").resolve()
+    spm_file = spm_path(ctx.run_dir).resolve()
     shard_dir = (ctx.out_dir / "shards").resolve()
     shard_dir.mkdir(parents=True, exist_ok=True)
 
     lines = read_lines(src_path)
     bounds = shard_bounds(len(lines), ds.shards)
     decode = {k: getattr(ds, k) for k in DECODE_KEYS}
-    plan = {"source_sha256": artifacts.sha256_file(src_path),
-            "teacher_sha256": artifacts.sha256_file(model_path),
-            "tokenizer_sha256": artifacts.sha256_file(spm_path),
+    plan = {"source_sha256": sha256_file(src_path),
+            "teacher_sha256": sha256_file(teacher_file),
+            "tokenizer_sha256": sha256_file(spm_file),
             "decode": {k: v for k, v in decode.items() if k != "batch_tokens"},
             "bounds": [list(b) for b in bounds]}
     _check_plan(shard_dir, plan)
@@ -164,7 +165,7 @@ def distill(ctx: StageContext) -> StageResult:
         debris.unlink(missing_ok=True)
 
     todo = [(i, lines[a:b]) for i, (a, b) in enumerate(bounds)
-            if not artifacts.shard_done(shard_dir, i, b - a)]
+            if not shard_done(shard_dir, i, b - a)]
     reused = len(bounds) - len(todo)
     log.info("distill: %d lines, %d shards (%d already done)", len(lines), len(bounds), reused)
 
@@ -172,7 +173,7 @@ def distill(ctx: StageContext) -> StageResult:
     if todo:
         init_ray(spec)
         check_fits_cluster(spec, sections=("distill",))   # an actor no node can hold would wait for ever
-        workers = make_workers(min(ds.actors, len(todo)), model_path, spm_path, shard_dir, decode,
+        workers = make_workers(min(ds.actors, len(todo)), teacher_file, spm_file, shard_dir, decode,
                                ds.cpus_per_actor, ds.gpus_per_actor)
         bar = tqdm(total=len(bounds), initial=reused, unit="shard", desc="distill",
                    disable=not ctx.progress)
@@ -192,18 +193,18 @@ def distill(ctx: StageContext) -> StageResult:
             for w in workers:
                 ray.kill(w)
 
-    bad = [i for i, (a, b) in enumerate(bounds) if not artifacts.shard_done(shard_dir, i, b - a)]
+    bad = [i for i, (a, b) in enumerate(bounds) if not shard_done(shard_dir, i, b - a)]
     if bad:
         raise RuntimeError(f"distill: shard(s) {bad} missing or incomplete after translation")
-    merged = [line for i in range(len(bounds)) for line in artifacts.read_shard(shard_dir, i)]
+    merged = [line for i in range(len(bounds)) for line in read_shard(shard_dir, i)]
     if len(merged) != len(lines):
         raise RuntimeError(f"distill: merged {len(merged)} lines, expected {len(lines)}")
-    artifacts.atomic_write_text(ctx.out_dir / OUTPUT, "".join(line + "\n" for line in merged))
+    atomic_write_text(ctx.out_dir / DISTILLED, "".join(line + "\n" for line in merged))
 
-    nodes = {(artifacts.shard_marker(shard_dir, i) or {}).get("node") for i in range(len(bounds))}
+    nodes = {(shard_marker(shard_dir, i) or {}).get("node") for i in range(len(bounds))}
     metrics = {"lines": float(len(lines)), "shards": float(len(bounds)), "shards_reused": float(reused),
                "nodes": float(len(nodes - {None})),   # distinct Ray nodes that made the shards
                "sentences_per_s": translated / seconds if seconds > 0 else 0.0,
                "seconds": time.perf_counter() - t_start}
     ctx.tracker.log_metrics({f"distill/{k}": v for k, v in metrics.items()})
-    return StageResult(outputs={OUTPUT: OUTPUT}, metrics=metrics)
+    return StageResult(outputs={DISTILLED: DISTILLED}, metrics=metrics)

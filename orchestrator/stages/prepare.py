@@ -27,9 +27,9 @@ from typing import Optional, Sequence
 
 from imitate_nat.data import read_parallel
 
-from ..artifacts import atomic_write_text
-from ..spec import DataSpec
-from . import StageContext, StageResult
+from ..run.files import atomic_write_text
+from ..run.runner import StageContext, StageResult
+from ..spec.schema import DataSpec
 
 log = logging.getLogger("imitate_orch")
 

@@ -12,7 +12,8 @@ import random
 from imitate_nat.data import read_lines
 from imitate_nat.tokenizer import train_sentencepiece
 
-from . import StageContext, StageResult
+from ..run.layout import SPM
+from ..run.runner import StageContext, StageResult
 
 log = logging.getLogger("imitate_orch")
 
@@ -27,7 +28,7 @@ def tokenizer(ctx: StageContext) -> StageResult:
     spec, prep = ctx.spec.tokenizer, "prepare"
     train_files = [ctx.stage_path(prep, "train.src"), ctx.stage_path(prep, "train.tgt")]
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    tok = train_sentencepiece(train_files, ctx.out_dir / "spm.model", vocab_size=spec.vocab_size,
+    tok = train_sentencepiece(train_files, ctx.out_dir / SPM, vocab_size=spec.vocab_size,
                               model_type=spec.model_type, character_coverage=spec.character_coverage,
                               max_sentences=spec.max_sentences, seed=ctx.spec.seed)
 
@@ -42,4 +43,4 @@ def tokenizer(ctx: StageContext) -> StageResult:
                "avg_src_pieces": _avg_pieces(tok, src), "avg_tgt_pieces": _avg_pieces(tok, tgt)}
     log.info("tokenizer: %s vocab %d (asked %d), pieces/sentence src %.1f tgt %.1f", spec.model_type,
              metrics["vocab_size"], spec.vocab_size, metrics["avg_src_pieces"], metrics["avg_tgt_pieces"])
-    return StageResult(outputs={"spm.model": "spm.model"}, metrics=metrics)
+    return StageResult(outputs={SPM: SPM}, metrics=metrics)

@@ -1,10 +1,10 @@
-"""teacher and student stages: Ray Train TorchTrainer around orchestrator.train_loop.
+"""teacher and student stages: Ray Train TorchTrainer around the Ray Train worker (train_worker.py).
 
 The run's Ray Train storage (checkpoints) lives in <stage dir>/ray unless the job names a
 storage_path (e.g. s3://bucket/prefix). Starting the same stage again with the same storage
 resumes from the latest reported checkpoint (Ray Train V2 restores a run by name + storage).
 The run's name carries the hash of the stage's inputs other than max_steps
-(`pipeline.continue_key`): a raised max_steps trains on from the same run, while changed
+(`run.hashing.extend_key`): a raised max_steps extends the same run, while changed
 inputs start a new one — also in remote storage, which a stale stage dir's wipe never reaches.
 The best checkpoint by valid BLEU becomes the stage's model.pt.
 """
@@ -18,8 +18,9 @@ from imitate_nat.checkpoint import read_model_file
 from imitate_nat.config import LossConfig
 from imitate_nat.tokenizer import Tokenizer
 
-from ..artifacts import atomic_write_bytes
-from . import StageContext, StageResult
+from ..run.files import atomic_write_bytes
+from ..run.layout import MODEL, model_path, spm_path
+from ..run.runner import StageContext, StageResult
 
 log = logging.getLogger("imitate_orch")
 VALID_SENTENCES = 500  # valid BLEU during training on at most this many sentences (full valid at evaluate)
@@ -37,7 +38,7 @@ def _loss_config(spec, kind: str) -> LossConfig:
 def train_config(ctx: StageContext, kind: str) -> dict:
     spec = ctx.spec
     t = spec.teacher if kind == "at" else spec.student
-    tok = Tokenizer(ctx.stage_path("tokenizer", "spm.model"))
+    tok = Tokenizer(spm_path(ctx.run_dir))
     copy = spec.student.copy if kind == "nat" else "soft"
     model_cfg = spec.model.to_model_config(tok.vocab_size, copy=copy)
     if kind == "nat" and spec.student.targets == "distilled":
@@ -47,16 +48,16 @@ def train_config(ctx: StageContext, kind: str) -> dict:
     return {
         "kind": kind, "seed": spec.seed, "train": t.model_dump(), "model_cfg": model_cfg.to_dict(),
         "loss_cfg": vars(_loss_config(spec, kind)),
-        "spm": str(ctx.stage_path("tokenizer", "spm.model")),
+        "spm": str(spm_path(ctx.run_dir)),
         "train_src": str(ctx.stage_path("prepare", "train.src")), "train_tgt": str(train_tgt),
         "valid_src": str(ctx.stage_path("prepare", "valid.src")),
         "valid_tgt": str(ctx.stage_path("prepare", "valid.tgt")),
         "valid_sentences": VALID_SENTENCES,
-        "teacher": str(ctx.stage_path("teacher", "model.pt")),
+        "teacher": str(model_path(ctx.run_dir, "teacher")),
         "init_from_teacher": kind == "nat" and spec.student.init_from_teacher,
         "threads": max(1, int(t.cpus_per_worker)),
         "progress": ctx.progress,
-        "tracker": ctx.extra.get("tracker"), "run_id": ctx.tracker.run_id,
+        "tracker": ctx.experiment, "run_id": ctx.tracker.run_id,
     }
 
 
@@ -64,8 +65,8 @@ def run_trainer(ctx: StageContext, kind: str, callbacks=()):
     import ray.train
     from ray.train.torch import TorchTrainer
 
-    from ..pipeline import continue_key
-    from ..train_loop import train_loop
+    from ..run.hashing import extend_key
+    from .train_worker import train_loop
 
     t = ctx.spec.teacher if kind == "at" else ctx.spec.student
     storage = t.storage_path or str((ctx.out_dir / "ray").resolve())
@@ -78,7 +79,7 @@ def run_trainer(ctx: StageContext, kind: str, callbacks=()):
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.gpus_per_worker > 0,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
-            name=f"{ctx.spec.name}-{ctx.stage}-{continue_key(ctx.spec, ctx.stage)[:12]}", storage_path=storage,
+            name=f"{ctx.spec.name}-{ctx.stage}-{extend_key(ctx.spec, ctx.stage)[:12]}", storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="valid_bleu",
                                                          checkpoint_score_order="max"),
@@ -92,10 +93,10 @@ def train_model(ctx: StageContext, kind: str, callbacks=()) -> StageResult:
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
     result = run_trainer(ctx, kind, callbacks)
-    atomic_write_bytes(ctx.out_dir / "model.pt", best_intact_model(result, ctx.stage))
-    meta = read_model_file(ctx.out_dir / "model.pt")["meta"]
+    atomic_write_bytes(ctx.out_dir / MODEL, best_intact_model(result, ctx.stage))
+    meta = read_model_file(ctx.out_dir / MODEL)["meta"]
     log.info("%s: best valid BLEU %.2f at step %d", ctx.stage, meta["valid_bleu"], meta["step"])
-    return StageResult(outputs={"model.pt": "model.pt"},
+    return StageResult(outputs={MODEL: MODEL},
                        metrics={"best_valid_bleu": float(meta["valid_bleu"]), "best_step": float(meta["step"]),
                                 "final_valid_bleu": float(result.metrics.get("valid_bleu", float("nan")))})
 
@@ -103,7 +104,7 @@ def train_model(ctx: StageContext, kind: str, callbacks=()) -> StageResult:
 def best_intact_model(result, stage: str) -> bytes:
     """model.pt of the best checkpoint by valid BLEU whose checksum lists verify (a damaged one
     is skipped with a warning, as when resuming)."""
-    from ..train_loop import checkpoint_problems
+    from .train_checkpoints import checkpoint_problems
 
     ranked = sorted(result.best_checkpoints or [], key=lambda cm: cm[1].get("valid_bleu", float("-inf")),
                     reverse=True)
@@ -111,7 +112,7 @@ def best_intact_model(result, stage: str) -> bytes:
         with checkpoint.as_directory() as d:
             problems = checkpoint_problems(Path(d))
             if not problems:
-                return Path(d, "model.pt").read_bytes()
+                return Path(d, MODEL).read_bytes()
         log.warning("%s: skipping damaged checkpoint %s: %s", stage, checkpoint.path, ", ".join(problems))
     raise RuntimeError(f"{stage}: training reported no intact checkpoint")
 

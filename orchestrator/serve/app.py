@@ -1,0 +1,270 @@
+"""The Ray Serve application: a FastAPI ingress deployment holding the NAT student, the AT
+rescorer and the tokenizer, translating with Length Parallel Decoding (LPD).
+
+    POST /translate  {"text": "..."} or {"texts": [...]}, optional "delta_t"
+                     -> {"translations": [...], "delta_t": k, "model": {"job", "run_id", "source"}}
+    GET  /health     -> {"status": "ok", "model": ..., "replica": ..., "limits": ..., "batches": ...}
+    GET  /docs       OpenAPI docs (/openapi.json)
+
+Requests from all clients are batched with `@serve.batch` (one batch item per request); a
+batch decodes on the replica's event loop, so requests arriving meanwhile form the next. A
+batch can mix ΔT values: its requests are grouped by ΔT and each group is decoded by the same
+`translate` + LPD decoder as offline evaluation, so all LPD candidates of a group go through
+one NAT pass and one AT rescoring pass (split only when a group exceeds eval.batch_tokens =
+sentences × longest × (2ΔT+1)). Results equal offline decoding of the same texts.
+
+Bad input never becomes a 500: the body size is checked before parsing (Content-Length and
+the streamed bytes), the body is parsed here (malformed JSON -> 400 whatever the
+Content-Type), validated by a strict pydantic model (-> 422), then against the configured
+limits (-> 422). Every error is JSON {"error": "..."}.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+APP_NAME = "imitate-nat"
+
+
+class ApiError(Exception):
+    """A client error with its HTTP status; rendered as {"error": message}."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status, self.message = status, message
+
+
+class TranslateRequest(BaseModel):
+    # strict: "3" is not a ΔT and 5 is not a text; unknown keys are typos, not options.
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    text: str | None = Field(None, description="One text to translate.")
+    texts: list[str] | None = Field(None, description="Several texts, translated in order.")
+    delta_t: int | None = Field(None, description="LPD: lengths T̂-ΔT … T̂+ΔT (default: the job's eval.delta_t).")
+
+    @model_validator(mode="after")
+    def _one_of(self) -> TranslateRequest:
+        if (self.text is None) == (self.texts is None):
+            raise ValueError("give exactly one of 'text' or 'texts'")
+        return self
+
+
+class TranslateResponse(BaseModel):
+    translations: list[str]
+    delta_t: int
+    model: dict[str, Any]
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+def _validation_message(errors: list[dict]) -> str:
+    parts = []
+    for e in errors:
+        loc = ".".join(f"[{p}]" if isinstance(p, int) else str(p) for p in e.get("loc", ()) if p != "body")
+        loc = loc.replace(".[", "[")
+        msg = e.get("msg", "invalid").removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}" if loc else msg)
+    return "; ".join(parts)
+
+
+class BodyLimit:
+    """ASGI middleware: reject bodies over `max_bytes` with 413 before anything parses them.
+    Checks the declared Content-Length first, then counts the streamed bytes (chunked uploads
+    declare none), and hands the app the buffered body."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        too_big = _error(413, f"request body over the limit of {self.max_bytes} bytes")
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None:
+            try:
+                n = int(declared)
+            except ValueError:
+                return await _error(400, "invalid Content-Length header")(scope, receive, send)
+            if n > self.max_bytes:
+                return await too_big(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                return await too_big(scope, receive, send)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        body, replayed = b"".join(chunks), False
+
+        async def replay():
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+def parse_request(body: bytes) -> TranslateRequest:
+    """Bytes -> TranslateRequest, or ApiError(400) for malformed JSON / 422 for a bad shape."""
+    if not body.strip():
+        raise ApiError(400, 'empty request body: send a JSON object like {"text": "..."}')
+    try:
+        data = json.loads(body)
+    except (ValueError, RecursionError) as e:  # UnicodeDecodeError is a ValueError
+        raise ApiError(400, f"malformed JSON: {e}") from None
+    if not isinstance(data, dict):
+        raise ApiError(422, f'the body must be a JSON object like {{"text": "..."}}, got {type(data).__name__}')
+    try:
+        return TranslateRequest.model_validate(data)
+    except ValidationError as e:
+        raise ApiError(422, _validation_message(e.errors())) from None
+
+
+def check_limits(req: TranslateRequest, limits: dict, default_delta_t: int) -> tuple[list[str], int]:
+    """The request's texts and ΔT, or ApiError(422) naming the field and the limit."""
+    field = "text" if req.text is not None else "texts"
+    texts = [req.text] if req.text is not None else req.texts
+    if not texts:
+        raise ApiError(422, "texts: must contain at least one text")
+    if len(texts) > limits["max_texts"]:
+        raise ApiError(422, f"texts: {len(texts)} texts, the limit is {limits['max_texts']} per request")
+    for i, t in enumerate(texts):
+        where = field if field == "text" else f"texts[{i}]"
+        if not t.strip():
+            raise ApiError(422, f"{where}: empty text")
+        if len(t) > limits["max_chars"]:
+            raise ApiError(422, f"{where}: {len(t)} characters, the limit is {limits['max_chars']}")
+    delta_t = default_delta_t if req.delta_t is None else req.delta_t
+    if not 0 <= delta_t <= limits["max_delta_t"]:
+        raise ApiError(422, f"delta_t: must be between 0 and {limits['max_delta_t']}, got {delta_t}")
+    return texts, delta_t
+
+
+def build_app(translator: Translator) -> FastAPI:
+    """The HTTP API of one replica, bound to its Translator (built at replica start, so the
+    limits come from the job's serve section)."""
+    app = FastAPI(title="imitate-NAT translation", version="1",
+                  description="Non-autoregressive translation with Length Parallel Decoding (imitate-NAT).")
+    app.add_middleware(BodyLimit, max_bytes=translator.limits["max_body_bytes"])
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, exc: ApiError):
+        return _error(exc.status, exc.message)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_: Request, exc: RequestValidationError):
+        return _error(422, _validation_message(exc.errors()))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, exc: StarletteHTTPException):
+        return _error(exc.status_code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception):
+        # A bug or a dying replica, never the client's input: 500, and clients may retry.
+        return _error(500, f"internal error: {type(exc).__name__}")
+
+    schema = {"content": {"application/json": {"schema": TranslateRequest.model_json_schema()}}, "required": True}
+    errors = {s: {"description": d, "content": {"application/json": {"example": {"error": "..."}}}}
+              for s, d in ((400, "malformed JSON"), (413, "body too large"), (422, "invalid request or over a limit"))}
+
+    @app.post("/translate", response_model=TranslateResponse, openapi_extra={"requestBody": schema},
+              responses=errors)
+    async def translate(request: Request):
+        """Translate one text or a list of texts with NAT + LPD."""
+        req = parse_request(await request.body())
+        texts, delta_t = check_limits(req, translator.limits, translator.default_delta_t)
+        translations = await translator.translate_batch((tuple(texts), delta_t))
+        return {"translations": translations, "delta_t": delta_t, "model": translator.model_info}
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": translator.model_info, "replica": translator.replica,
+                "limits": translator.limits, "default_delta_t": translator.default_delta_t,
+                "batches": translator.batch_stats}
+
+    return app
+
+
+@serve.deployment(name="Translator")
+@serve.ingress()
+class Translator:
+    """One replica: loads the models once, then answers batched LPD requests."""
+
+    def __init__(self, source, serve_cfg: dict, eval_cfg: dict):
+        import torch
+
+        from .target import load_models
+
+        gpu = serve_cfg.get("gpus_per_replica", 0) > 0 and torch.cuda.is_available()
+        self.device = "cuda" if gpu else "cpu"
+        self.tok, self.at, self.nat = load_models(source, self.device)
+        self.model_info = source.describe()
+        self.limits = {k: serve_cfg[k] for k in ("max_texts", "max_chars", "max_delta_t", "max_body_bytes")}
+        self.default_delta_t = eval_cfg["delta_t"]
+        self.eval_cfg = eval_cfg
+        self.lpd_decoders: dict[int, tuple] = {}  # ΔT -> (LPD decoder, batching cost factor)
+        self.batch_stats = {"count": 0, "requests": 0, "texts": 0, "max_requests": 0}
+        self.replica = serve.get_replica_context().replica_id.to_full_id_str()
+        self.translate_batch.set_max_batch_size(serve_cfg["max_batch_size"])
+        self.translate_batch.set_batch_wait_timeout_s(serve_cfg["batch_wait_timeout_s"])
+
+    def __serve_build_asgi_app__(self):
+        return build_app(self)
+
+    def lpd(self, texts: list[str], delta_t: int) -> list[str]:
+        """Offline-identical LPD decoding: the evaluate stage's decoder and `translate`."""
+        from imitate_nat.translate import translate
+
+        from ..decoding import decoders
+
+        e = self.eval_cfg
+        if delta_t not in self.lpd_decoders:  # kept: on a GPU each holds its recorded CUDA graphs
+            self.lpd_decoders[delta_t] = decoders(self.at, self.nat, e["beam_size"], delta_t, e["length_penalty"])["lpd"]
+        decoder, cost = self.lpd_decoders[delta_t]
+        return translate(texts, self.tok, decoder, batch_tokens=e["batch_tokens"], device=self.device,
+                         max_src_len=self.at.cfg.max_positions, cost_factor=cost)
+
+    def decode_batch(self, items: list[tuple[tuple[str, ...], int]]) -> list[list[str]]:
+        """One output list per request; requests grouped by ΔT, each group decoded at once."""
+        out: list[list[str]] = [[] for _ in items]
+        by_delta = defaultdict(list)
+        for i, (_, delta_t) in enumerate(items):
+            by_delta[delta_t].append(i)
+        for delta_t, idx in by_delta.items():
+            hyps = self.lpd([t for i in idx for t in items[i][0]], delta_t)
+            pos = 0
+            for i in idx:
+                out[i] = hyps[pos: pos + len(items[i][0])]
+                pos += len(items[i][0])
+        s = self.batch_stats
+        s["count"] += 1
+        s["requests"] += len(items)
+        s["texts"] += sum(len(t) for t, _ in items)
+        s["max_requests"] = max(s["max_requests"], len(items))
+        return out
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # reset from the job in __init__
+    async def translate_batch(self, items: list[tuple[tuple[str, ...], int]]) -> list[list[str]]:
+        # Decoded on the replica's user event loop (Serve runs it in a thread of its own), not
+        # in a worker thread: requests arriving meanwhile wait and then form the next batch
+        # together. With a worker thread, @serve.batch would seal the next batch from the first
+        # arrivals while this one decodes, and batches would stay small (BENCHMARKS.md, Serve).
+        return self.decode_batch(items)

@@ -1,0 +1,108 @@
+"""`imitate-orch serve`: deploy the Serve app for a resolved target (target.py) and run until
+Ctrl-C."""
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import time
+
+from .target import ServeSetupError, ServeTarget
+
+log = logging.getLogger("imitate_orch")
+
+
+def serve_application(target: ServeTarget):
+    """The bound Serve application (deployment options from the job's serve section)."""
+    from .app import Translator
+
+    s = target.spec.serve
+    return Translator.options(
+        num_replicas=s.replicas,
+        # One CPU thread per replica (Ray sets OMP_NUM_THREADS from num_cpus): scale with replicas.
+        ray_actor_options={"num_cpus": 1, "num_gpus": s.gpus_per_replica},
+        # Serve caps a batch at max_ongoing_requests: room for one batch decoding and the next
+        # filling; at least 32, so that requests wait in the replica's queue rather than in
+        # Serve's router, which backs off and retries while every replica is full.
+        max_ongoing_requests=max(2 * s.max_batch_size, 32),
+    ).bind(target.source, s.model_dump(), target.spec.eval.model_dump())
+
+
+def check_port_free(host: str, port: int) -> None:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as sock:
+        try:
+            sock.bind((host, port))
+        except OSError as e:
+            raise ServeSetupError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+def start(target: ServeTarget) -> str:
+    """Start Serve's HTTP proxy on serve.host:serve.port (unless Serve already runs there on this
+    cluster) and deploy; returns the base URL once every replica is up. Ray must be initialized."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from .app import APP_NAME
+
+    s = target.spec.serve
+    running = _get_global_client(raise_if_no_controller_running=False)
+    # Serve's HTTP options are fixed while it runs (serve.start would only warn): refuse rather
+    # than print a URL nothing listens on.
+    if running is not None and (running.http_config.host, running.http_config.port) != (s.host, s.port):
+        actual = running.http_config
+        raise ServeSetupError(f"Serve already runs on this Ray cluster at {actual.host}:{actual.port}; "
+                              f"use that host and port, or stop it (`serve shutdown`)")
+    serve.start(http_options={"host": s.host, "port": s.port})
+    serve.run(serve_application(target), name=APP_NAME, route_prefix="/")
+    host = f"[{s.host}]" if ":" in s.host else s.host
+    return f"http://{host}:{s.port}"
+
+
+def _interrupt(*_):
+    raise KeyboardInterrupt
+
+
+def run_server(target: ServeTarget, address: str | None = None) -> int:
+    """The `serve` command after validation: start Ray and Serve, block until Ctrl-C or
+    SIGTERM, then remove what it started (all of Serve, or only its application when it
+    joined a cluster where Serve already ran). Returns the exit code."""
+    import ray
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    from ..run.cluster import init_ray
+    from .app import APP_NAME
+
+    s = target.spec.serve
+    try:
+        check_port_free(s.host, s.port)
+    except ServeSetupError as e:
+        log.error("%s", e)
+        return 2
+    init_ray(target.spec, address)
+    # After ray.init, which installs its own SIGTERM handler (sys.exit): `kill` stops the
+    # server as cleanly as Ctrl-C, exit code 0.
+    signal.signal(signal.SIGTERM, _interrupt)
+    serve_was_running = _get_global_client(raise_if_no_controller_running=False) is not None
+    code, ours = 0, True
+    try:
+        url = start(target)
+        info = target.source.describe()
+        log.info("serving job '%s' (run %s) from %s with %d replica(s)", info["job"], info["run_id"],
+                 info["source"], s.replicas)
+        print(f"{url}/translate  (docs: {url}/docs, health: {url}/health); Ctrl-C stops", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        log.info("stopping")
+    except ServeSetupError as e:
+        log.error("%s", e)
+        code, ours = 2, False  # nothing was started
+    except RuntimeError as e:  # a deployment that cannot start (e.g. a replica constructor error)
+        log.error("serve failed: %s", e)
+        code = 1
+    finally:
+        if ours:
+            serve.delete(APP_NAME) if serve_was_running else serve.shutdown()
+        ray.shutdown()
+    return code

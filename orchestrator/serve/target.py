@@ -1,0 +1,198 @@
+"""`imitate-orch serve`: find a finished run's models, deploy the Serve app, run until Ctrl-C.
+
+A model source is one of
+- a run directory (<workdir>/<job>) whose tokenizer, teacher and student stages are done;
+- a job YAML: its run directory (pipeline.run_dir(spec));
+- an MLflow run id: a pipeline's parent run; each replica downloads spm.model and the two
+  model.pt files from the stage runs that logged them. A stage reused from an earlier run
+  logs no artifact, so its files come from the newest earlier run of the same job that did
+  run that stage (they share a run directory, so that run produced what was reused).
+
+The job's spec gives the serve and eval sections (limits, replicas, GPUs, ΔT, beam settings):
+the job YAML itself, or the job.yaml logged on the MLflow parent run (for a run directory:
+the newest finished parent run of that job in the tracking store, if any; else defaults).
+CLI flags become `serve.*` / `eval.delta_t` overrides, validated like `--set`.
+"""
+from __future__ import annotations
+
+import logging
+import re
+import shutil
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ..run.layout import MODEL_FILES, check_finished
+from ..run.tracking import resolve_tracking_uri, store_client
+from ..spec.loading import SpecError, apply_overrides, spec_from_dict
+from ..spec.schema import JobSpec
+
+log = logging.getLogger("imitate_orch")
+
+# Sections of a stored job.yaml that serving reads; the others (e.g. data.dir, which must
+# exist to validate) belong to training and may not hold on the serving machine.
+SERVE_SECTIONS = ("name", "eval", "serve", "ray")
+RUN_ID = re.compile(r"^[0-9a-f]{32}$")
+
+
+class ServeSetupError(Exception):
+    """The model source cannot be served (missing files, unfinished run, unknown run id)."""
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a replica finds its models: a run directory, or MLflow stage runs."""
+
+    job: str
+    run_id: str | None = None              # MLflow parent run (None if not tracked/found)
+    run_dir: str | None = None
+    tracking_uri: str | None = None
+    stage_runs: dict[str, str] = field(default_factory=dict)  # MLflow: stage -> run holding its file
+
+    def describe(self) -> dict:
+        where = self.run_dir if self.run_dir else f"mlflow:{self.run_id}"
+        return {"job": self.job, "run_id": self.run_id, "source": where}
+
+
+@dataclass(frozen=True)
+class ServeTarget:
+    source: ModelSource
+    spec: JobSpec
+
+
+def flag_overrides(host=None, port=None, replicas=None, delta_t=None, max_batch_size=None) -> list[str]:
+    """CLI flags as `--set` overrides (so they are validated and reported like the spec)."""
+    pairs = (("serve.host", host), ("serve.port", port), ("serve.replicas", replicas),
+             ("eval.delta_t", delta_t), ("serve.max_batch_size", max_batch_size))
+    return [f"{k}={v}" for k, v in pairs if v is not None]
+
+
+def latest_parent_run(uri: str, job: str):
+    """The newest finished pipeline (parent) run of `job`, or None."""
+    client = store_client(uri)
+    if client is None:
+        return None
+    exp_ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(exp_ids, f"tags.job = '{job}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], max_results=1) if exp_ids else []
+    return runs[0] if runs else None
+
+
+def _stored_spec(client, run) -> dict:
+    """The serving sections of the job.yaml logged on a parent run ({} when absent)."""
+    names = {a.path for a in client.list_artifacts(run.info.run_id)}
+    if "job.yaml" not in names:
+        return {}
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "job.yaml", tmp)).read_text()) or {}
+    return {k: v for k, v in raw.items() if k in SERVE_SECTIONS}
+
+
+def stage_runs(client, parent) -> dict[str, str]:
+    """stage -> the run holding its file for the pipeline run `parent` (see module doc)."""
+    job, exp = parent.data.tags.get("job"), parent.info.experiment_id
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
+    out = {}
+    for stage, name in MODEL_FILES.items():
+        own = [r for r in children if r.data.tags.get("stage") == stage and r.info.status == "FINISHED"]
+        if not own:
+            raise ServeSetupError(f"MLflow run {parent.info.run_id}: no finished '{stage}' stage run")
+        producers = client.search_runs(
+            [exp], f"tags.stage = '{stage}' and params.reused = 'False' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"])
+        for r in producers:
+            pid = r.data.tags.get("mlflow.parentRunId")
+            if r.info.start_time > own[0].info.start_time or pid is None:
+                continue
+            if pid == parent.info.run_id or client.get_run(pid).data.tags.get("job") == job:
+                if name not in {a.path for a in client.list_artifacts(r.info.run_id)}:
+                    raise ServeSetupError(f"MLflow run {r.info.run_id} ({stage}): artifact {name} missing")
+                out[stage] = r.info.run_id
+                break
+        else:
+            raise ServeSetupError(f"MLflow run {parent.info.run_id}: no run of job '{job}' logged {stage}/{name}")
+    return out
+
+
+def resolve_target(arg: str, overrides: Sequence[str] = (), tracking_uri: str | None = None,
+                   spec: JobSpec | None = None) -> ServeTarget:
+    """RUN_DIR | JOB.yaml (pass its validated `spec`) | MLflow run id -> what to serve, how.
+    Raises RunNotReady, ServeSetupError or SpecError (all: exit 2 in the CLI) before anything starts."""
+    if spec is not None or Path(arg).is_file():
+        target = _from_job(arg, overrides, tracking_uri, spec)
+    elif Path(arg).is_dir():
+        target = _from_run_dir(Path(arg).resolve(), overrides, tracking_uri)
+    elif RUN_ID.match(arg):
+        target = _from_mlflow(arg, overrides, tracking_uri)
+    else:
+        raise ServeSetupError(f"{arg}: not a run directory, a job YAML or an MLflow run id")
+    e, s = target.spec.eval, target.spec.serve
+    if e.delta_t > s.max_delta_t:
+        raise SpecError([("eval.delta_t", f"default ΔT {e.delta_t} exceeds serve.max_delta_t {s.max_delta_t}")], arg)
+    return target
+
+
+def _from_job(path: str, overrides, tracking_uri, spec: JobSpec | None) -> ServeTarget:
+    from ..run.layout import run_dir
+    from ..spec.loading import load_spec
+
+    spec = spec or load_spec(path, list(overrides))
+    rd = run_dir(spec)
+    check_finished(rd, MODEL_FILES)
+    uri = tracking_uri or resolve_tracking_uri(spec.tracking.uri, spec.workdir)
+    run = latest_parent_run(uri, spec.name)
+    return ServeTarget(ModelSource(spec.name, run.info.run_id if run else None, str(rd), uri), spec)
+
+
+def _from_run_dir(rd: Path, overrides, tracking_uri) -> ServeTarget:
+    check_finished(rd, MODEL_FILES)
+    uri = tracking_uri or resolve_tracking_uri(None, rd.parent)  # the default store of its workdir
+    run = latest_parent_run(uri, rd.name)
+    if not run:
+        log.info("no MLflow run of job '%s' in %s: serve/eval settings are the defaults", rd.name, uri)
+    raw = _stored_spec(store_client(uri), run) if run else {}
+    spec = spec_from_dict(apply_overrides({**raw, "name": rd.name}, list(overrides)), f"{rd} (stored job.yaml)")
+    return ServeTarget(ModelSource(rd.name, run.info.run_id if run else None, str(rd), uri), spec)
+
+
+def _from_mlflow(run_id: str, overrides, tracking_uri) -> ServeTarget:
+    from mlflow.exceptions import MlflowException
+
+    uri = tracking_uri or resolve_tracking_uri(None, JobSpec.model_fields["workdir"].default)
+    client = store_client(uri)
+    if client is None:
+        raise ServeSetupError(f"MLflow store {uri} not found (set --tracking-uri or MLFLOW_TRACKING_URI)")
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as e:
+        raise ServeSetupError(f"MLflow run {run_id} not found in {uri}: {e.message}") from None
+    job = run.data.tags.get("job")
+    if not job:
+        raise ServeSetupError(f"MLflow run {run_id} is not a pipeline (parent) run: it has no 'job' tag")
+    raw = {**_stored_spec(client, run), "name": job}
+    spec = spec_from_dict(apply_overrides(raw, list(overrides)), f"mlflow:{run_id} job.yaml")
+    return ServeTarget(ModelSource(job, run_id, None, uri, stage_runs(client, run)), spec)
+
+
+def load_models(source: ModelSource, device: str):
+    """(tokenizer, AT, NAT) for a replica, from the run directory or downloaded from MLflow."""
+    from ..decoding import load_run_models
+
+    if source.run_dir:
+        return load_run_models(Path(source.run_dir), device)
+    tmp = Path(tempfile.mkdtemp(prefix="imitate-serve-"))
+    try:
+        client = store_client(source.tracking_uri)
+        if client is None:
+            raise ServeSetupError(f"MLflow store {source.tracking_uri} is gone")
+        for stage, name in MODEL_FILES.items():
+            (tmp / stage).mkdir()
+            client.download_artifacts(source.stage_runs[stage], name, str(tmp / stage))
+        return load_run_models(tmp, device)  # everything is in memory afterwards
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+

@@ -1,0 +1,342 @@
+"""The typed job spec: one YAML file per job, validated before anything runs.
+
+Every section is a pydantic model with `extra="forbid"`, so a typo is an error naming its
+field (`teacher.lrr: Extra inputs are not permitted (did you mean 'lr'?)`) instead of a
+silently ignored setting. Every section has defaults, so a minimal job is `name: x`, and the
+defaults are the paper's (λ1 = λ2 = 0.001, 512 actions, beam 4, ΔT = 3).
+
+A spec is data only: it is read with `yaml.safe_load` and never imports or runs code
+(reading, overrides and error reporting are in loading.py).
+Relative `data.dir` paths are resolved against the current working directory when the spec
+is validated and stored absolute, so Ray workers (whose CWD differs) read the same files.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import warnings
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from imitate_nat.config import ModelConfig, preset
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class FieldError(ValueError):
+    """A cross-field error raised inside a model validator that names the offending field.
+
+    pydantic reports model-validator errors at the model's location (`data`); `SpecError`
+    appends `field` so the user reads `data.dir: ...`.
+    """
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field, self.message = field, message
+
+
+# ---------------------------------------------------------------------------------- data --
+
+class SyntheticSpec(_Section):
+    train_size: int = Field(20000, gt=0)
+    valid_size: int = Field(500, gt=0)
+    test_size: int = Field(500, gt=0)
+    vocab_words: int = Field(300, gt=0)
+
+
+class DataSpec(_Section):
+    source: Literal["synthetic", "files", "huggingface"] = "synthetic"
+    src_lang: str = Field("en", min_length=1)
+    tgt_lang: str = Field("de", min_length=1)
+    # files: <dir>/<prefix>.<lang>, one sentence per line, parallel by line number.
+    dir: Optional[str] = None
+    train_prefix: str = "train"
+    valid_prefix: str = "valid"
+    test_prefix: str = "test"
+    valid_size: Optional[int] = Field(None, gt=0)   # carve valid from train when no valid files
+    # huggingface: datasets.load_dataset(hf_name, hf_config, revision=hf_revision)
+    hf_name: Optional[str] = None
+    hf_config: Optional[str] = None
+    hf_revision: Optional[str] = None
+    hf_cache_dir: Optional[str] = None
+    max_train: Optional[int] = Field(None, gt=0)     # cap on training pairs taken from the source
+    synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
+    # Cleaning of the training set (valid/test are never filtered: scores stay comparable).
+    max_tokens: int = Field(100, gt=0)               # max whitespace tokens per side
+    max_ratio: float = Field(3.0, ge=1.0)            # max length ratio between the sides
+
+    @field_validator("dir")
+    @classmethod
+    def _absolute(cls, v: Optional[str]) -> Optional[str]:
+        # Resolved against the CWD now, so later stages on other processes see the same path.
+        return os.path.abspath(os.path.expanduser(v)) if v else v
+
+    @field_validator("hf_name")
+    @classmethod
+    def _absolute_if_local(cls, v: Optional[str]) -> Optional[str]:
+        # A local save_to_disk folder is a path: pin it like data.dir. A hub name stays as is.
+        return os.path.abspath(os.path.expanduser(v)) if v and os.path.isdir(os.path.expanduser(v)) else v
+
+    @model_validator(mode="after")
+    def _check_source(self) -> "DataSpec":
+        if self.src_lang == self.tgt_lang:
+            raise FieldError("tgt_lang", f"must differ from src_lang ({self.src_lang!r})")
+        if self.source == "huggingface" and not self.hf_name:
+            raise FieldError("hf_name", "required when source is 'huggingface'")
+        if self.source == "files":
+            self._check_files()
+        return self
+
+    def _check_files(self) -> None:
+        if not self.dir:
+            raise FieldError("dir", "required when source is 'files'")
+        if not os.path.isdir(self.dir):
+            raise FieldError("dir", f"directory not found: {self.dir}")
+        for field in ("train_prefix", "valid_prefix", "test_prefix"):
+            missing = [p for p in self.split_files(getattr(self, field)) if not os.path.isfile(p)]
+            if missing and not (field == "valid_prefix" and self.valid_size):
+                hint = " (or set data.valid_size to carve it from train)" if field == "valid_prefix" else ""
+                raise FieldError(field, f"missing file(s) in data.dir: {', '.join(missing)}{hint}")
+
+    def split_files(self, prefix: str) -> tuple[str, str]:
+        """(source file, target file) of one split for source=files."""
+        return tuple(os.path.join(self.dir or "", f"{prefix}.{lang}")
+                     for lang in (self.src_lang, self.tgt_lang))
+
+
+# ----------------------------------------------------------------------- tokenizer, model --
+
+class TokenizerSpec(_Section):
+    vocab_size: int = Field(8000, gt=0)              # joint source+target SentencePiece vocab
+    model_type: Literal["unigram", "bpe"] = "unigram"
+    character_coverage: float = Field(1.0, gt=0.0, le=1.0)
+    max_sentences: int = Field(2_000_000, gt=0)      # sentences sampled to train the tokenizer
+
+
+class ModelSpec(_Section):
+    """A named size (imitate_nat.config.PRESETS) plus optional per-field overrides."""
+
+    size: Literal["base", "iwslt_small", "small", "tiny"] = "base"
+    d_model: Optional[int] = Field(None, gt=0)
+    n_heads: Optional[int] = Field(None, gt=0)
+    d_ffn: Optional[int] = Field(None, gt=0)
+    enc_layers: Optional[int] = Field(None, gt=0)
+    dec_layers: Optional[int] = Field(None, gt=0)
+    dropout: Optional[float] = Field(None, ge=0.0, lt=1.0)
+    n_actions: Optional[int] = Field(None, gt=0)     # None: the preset's (paper: 512)
+    action_alpha: Optional[float] = Field(None, ge=0.0, lt=1.0)
+    max_positions: Optional[int] = Field(None, gt=0)
+    max_length_offset: Optional[int] = Field(None, gt=0)
+
+    def overrides(self) -> dict[str, Any]:
+        return {k: v for k, v in self.model_dump(exclude={"size"}).items() if v is not None}
+
+    def to_model_config(self, vocab_size: int, copy: str = "soft") -> ModelConfig:
+        """The ModelConfig for both the AT teacher and the NAT student (`copy` is the student's)."""
+        return preset(self.size, vocab_size=vocab_size, copy=copy, **self.overrides())
+
+    @model_validator(mode="after")
+    def _buildable(self) -> "ModelSpec":
+        # Catch architecture errors (d_model not divisible by n_heads, ...) before any stage runs.
+        self.to_model_config(vocab_size=1)
+        return self
+
+
+# ------------------------------------------------------------------------------ training --
+
+class TrainSpec(_Section):
+    max_steps: int = Field(100000, gt=0)
+    batch_tokens: int = Field(4096, gt=0)            # per worker
+    lr: float = Field(5e-4, gt=0.0)
+    warmup_steps: int = Field(4000, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    clip_norm: float = Field(1.0, ge=0.0)            # 0: no clipping
+    label_smoothing: float = Field(0.1, ge=0.0, lt=1.0)
+    eval_every: int = Field(1000, gt=0)
+    log_every: int = Field(100, gt=0)
+    checkpoint_every: int = Field(1000, gt=0)
+    patience: Optional[int] = Field(None, gt=0)      # evals without improvement before stopping
+    # Ray Train scaling
+    workers: int = Field(1, gt=0)
+    cpus_per_worker: int = Field(1, ge=0)
+    gpus_per_worker: float = Field(0, ge=0.0)
+    strategy: Literal["ddp", "deepspeed"] = "ddp"
+    zero_stage: Literal[0, 1, 2, 3] = 2              # DeepSpeed only
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    max_failures: int = Field(0, ge=-1)              # Ray FailureConfig; -1: retry forever
+    storage_path: Optional[str] = None               # local path or s3://...; None: the run dir
+
+    @model_validator(mode="after")
+    def _fp16_needs_deepspeed(self) -> "TrainSpec":
+        # bf16 under ddp is torch autocast (fp32 weights, bf16 matmuls; faster on CPUs with
+        # AVX512-BF16, see BENCHMARKS.md). fp16 needs loss scaling, which only the DeepSpeed path has.
+        if self.precision == "fp16" and self.strategy != "deepspeed":
+            raise FieldError("precision", "fp16 needs strategy: deepspeed (loss scaling); ddp supports fp32 and bf16")
+        return self
+
+
+class TeacherSpec(TrainSpec):
+    lambda1: float = Field(0.001, ge=0.0)            # eq 14: action-distribution regularizer
+
+
+# `copy` is the name the brief and the YAML use; it shadows the deprecated BaseModel.copy(),
+# which nothing here calls, so the warning pydantic emits for it is silenced.
+with warnings.catch_warnings():
+    warnings.filterwarnings("ignore", message='Field name "copy"')
+
+    class StudentSpec(TrainSpec):
+        lambda2: float = Field(0.001, ge=0.0)        # eq 15: imitation loss weight
+        imitation: bool = True                       # False: "NAT without imitation" ablation
+        copy: Literal["soft", "uniform"] = "soft"    # decoder inputs: SoftCopy or uniform copy
+        length_weight: float = Field(0.1, ge=0.0)
+        targets: Literal["distilled", "raw"] = "distilled"
+        init_from_teacher: bool = True
+
+
+# ------------------------------------------------------------- distill, eval, serve, sweep --
+
+class DistillSpec(_Section):
+    shards: int = Field(16, gt=0)
+    actors: int = Field(2, gt=0)
+    gpus_per_actor: float = Field(0, ge=0.0)
+    cpus_per_actor: float = Field(1, ge=0.0)
+    beam_size: int = Field(4, gt=0)
+    batch_tokens: int = Field(4096, gt=0)
+    length_penalty: float = Field(1.0, ge=0.0)
+    max_len_a: float = Field(1.5, ge=0.0)            # max output length = a * src_len + b
+    max_len_b: int = Field(10, ge=0)
+
+
+class EvalSpec(_Section):
+    beam_size: int = Field(4, gt=0)                  # AT teacher decoding and LPD rescoring
+    delta_t: int = Field(3, ge=0, le=20)             # LPD: lengths T'-ΔT .. T'+ΔT
+    length_penalty: float = Field(1.0, ge=0.0)
+    latency_sentences: int = Field(100, gt=0)        # sentences decoded one by one for latency
+    batch_tokens: int = Field(4096, gt=0)
+
+
+class ServeSpec(_Section):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    replicas: int = Field(1, gt=0)
+    gpus_per_replica: float = Field(0, ge=0.0)
+    max_batch_size: int = Field(16, gt=0)
+    # 0: a batch takes whatever is queued when the replica is free. Decoding blocks the replica's
+    # event loop, so requests arriving meanwhile form the next batch anyway; a wait only adds
+    # latency at low load (BENCHMARKS.md, "Serving under load").
+    batch_wait_timeout_s: float = Field(0.0, ge=0.0)
+    max_texts: int = Field(64, gt=0)                 # per request
+    max_chars: int = Field(2000, gt=0)               # per text
+    max_delta_t: int = Field(10, ge=0)
+    max_body_bytes: int = Field(1_000_000, gt=0)
+
+
+class SweepSpec(_Section):
+    """`imitate-orch sweep`: Ray Tune (random search + ASHA) over λ1, λ2 and the action count;
+    every trained student is then decoded at each ΔT of `delta_t` (ΔT is decoding only)."""
+
+    num_samples: int = Field(8, gt=0)                # trials
+    max_concurrent: int = Field(2, gt=0)             # trials running at once
+    lambda1: tuple[float, float] = (1e-4, 1e-1)      # log-uniform [low, high]; low == high: fixed
+    lambda2: tuple[float, float] = (1e-4, 1e-1)
+    n_actions: list[int] = Field(default_factory=lambda: [64, 128, 256, 512], min_length=1)  # uniform choice
+    delta_t: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4, 5], min_length=1)
+    # What ranks the trials (valid set, final): NAT+LPD at its best ΔT, or the one-pass NAT.
+    metric: Literal["valid_bleu_lpd", "valid_bleu_nat"] = "valid_bleu_lpd"
+    mode: Literal["max", "min"] = "max"
+    # ASHA early stopping over student training, on the student's valid BLEU reported at every
+    # eval/checkpoint interval (its "rounds"); stop the worst 1 - 1/reduction_factor at each rung.
+    grace_period: int = Field(1, gt=0)               # rounds every trial gets before it can be stopped
+    reduction_factor: int = Field(2, ge=2)
+
+    @field_validator("lambda1", "lambda2")
+    @classmethod
+    def _log_bounds(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not (0 < v[0] <= v[1] and math.isfinite(v[1])):
+            raise ValueError(f"need 0 < low <= high < inf for a log-uniform range, got {list(v)}")
+        return v
+
+    @field_validator("n_actions")
+    @classmethod
+    def _positive(cls, v: list[int]) -> list[int]:
+        if any(x <= 0 for x in v):
+            raise ValueError(f"action counts must be positive, got {v}")
+        return sorted(set(v))
+
+    @field_validator("delta_t")
+    @classmethod
+    def _delta_range(cls, v: list[int]) -> list[int]:
+        if any(not 0 <= x <= 20 for x in v):
+            raise ValueError(f"ΔT values must be in 0..20, got {v}")
+        return sorted(set(v))
+
+
+class TrackingSpec(_Section):
+    uri: Optional[str] = None                        # None: sqlite file under the work dir
+    experiment: Optional[str] = None                 # None: the job name
+
+    @field_validator("uri")
+    @classmethod
+    def _has_scheme(cls, v: Optional[str]) -> Optional[str]:
+        # A bare path would be an MLflow file store, which MLflow 3 refuses at the first log call.
+        if v is not None and "://" not in v and not v.startswith("databricks"):
+            raise ValueError(f"needs a scheme, e.g. sqlite:///runs/mlflow.db or http://host:5000 (got {v!r})")
+        return v
+
+
+class RaySpec(_Section):
+    address: Optional[str] = None                    # None: start a local Ray; "auto": join
+    num_cpus: Optional[int] = Field(None, gt=0)
+    object_store_memory: Optional[int] = Field(None, gt=0)
+    include_dashboard: Optional[bool] = None         # local Ray only; None: Ray decides (on if installed)
+
+
+# ------------------------------------------------------------------------------- the job --
+
+class JobSpec(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # used in paths: runs/<name>/...
+    workdir: str = "./runs"
+    seed: int = Field(1, ge=0)
+    data: DataSpec = Field(default_factory=DataSpec)
+    tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    teacher: TeacherSpec = Field(default_factory=TeacherSpec)
+    distill: DistillSpec = Field(default_factory=DistillSpec)
+    student: StudentSpec = Field(default_factory=StudentSpec)
+    eval: EvalSpec = Field(default_factory=EvalSpec)
+    serve: ServeSpec = Field(default_factory=ServeSpec)
+    sweep: SweepSpec = Field(default_factory=SweepSpec)
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec)
+    ray: RaySpec = Field(default_factory=RaySpec)
+
+    @model_validator(mode="after")
+    def _defaults_from_name(self) -> "JobSpec":
+        if self.tracking.experiment is None:
+            self.tracking.experiment = self.name
+        return self
+
+    @field_validator("workdir")
+    @classmethod
+    def _workdir_usable(cls, v: str) -> str:
+        # Caught now rather than as a traceback when the first stage makes its directory.
+        if os.path.exists(v) and not os.path.isdir(v):
+            raise ValueError(f"exists and is not a directory: {v}")
+        return v
+
+    def flat_params(self) -> dict[str, str]:
+        """The whole spec as {"teacher.lr": "0.0005", ...} (MLflow params are strings)."""
+        out: dict[str, str] = {}
+
+        def walk(prefix: str, value: Any) -> None:
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    walk(f"{prefix}.{k}" if prefix else k, v)
+            else:
+                out[prefix] = value if isinstance(value, str) else json.dumps(value)
+
+        walk("", self.model_dump(mode="json"))
+        return out

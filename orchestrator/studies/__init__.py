@@ -1,0 +1,1 @@
+"""Studies of finished runs: the ablation (Table 2), the report, its measures and plots."""

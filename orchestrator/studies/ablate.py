@@ -1,0 +1,240 @@
+"""`imitate-orch ablate JOB`: the paper's ablation (Table 2) on any job.
+
+Each variant is the job with three student switches overridden, run as its own pipeline run
+in `<workdir>/<job>-ablate/<variant>/`. The rows (Table 2 of the paper, IWSLT16 dev set):
+
+    row  variant                      targets    copy         imitation   LPD
+    1    raw-uniform                  raw        UniformCopy  w/o         -
+    2    distilled-uniform            distilled  UniformCopy  w/o         -   (the NAT baseline)
+    3    distilled-soft               distilled  SoftCopy     w/o         -   (Table 1's "NAT without imitation")
+    4    raw-soft-imitation           raw        SoftCopy     w/          -
+    5    distilled-uniform-imitation  distilled  UniformCopy  w/          -
+    6    distilled-soft-imitation     distilled  SoftCopy     w/          -   (imitate-NAT)
+    7    distilled-soft-imitation     distilled  SoftCopy     w/          ΔT = eval.delta_t
+
+Read cumulatively: 2 → 3 adds SoftCopy, 3 → 6 imitation, 6 → 7 LPD; 1 vs 2 and 4 vs 6 are raw
+vs distilled targets. LPD is decoding only, so row 7 trains nothing: it is row 6's student
+decoded with LPD. Every variant's NAT and NAT+LPD scores are kept in ablation.json.
+
+Sharing: the variants differ only in the student, so prepare/tokenizer/teacher/distill are one
+copy for all. A stage is linked to the job's own run dir (`<workdir>/<job>/<stage>`) when the
+variant's stage hash equals the job's and that dir is pending or holds the same hash, so
+`imitate-orch run JOB` then `imitate-orch ablate JOB` trains no second teacher (and row 6,
+when the job's student is imitate-NAT, reuses the job's student and evaluation too); a job
+dir holding another hash (the job changed since) is left alone and the stage is shared
+through `<workdir>/<job>-ablate/shared/<stage>/<hash>` instead.
+
+`--lambda1-zero-teacher` also trains a teacher with λ1 = 0 (`<job>-ablate/lambda1-0/`, data
+stages shared) for Figure 4's with/without-regularizer comparison in `imitate-orch report`.
+
+Scores: test BLEU from each variant's evaluate stage; valid BLEU (the paper's Table 2 is on
+the dev set) by decoding the full valid set here, cached per student model.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..pipeline import run_pipeline
+from ..run.files import atomic_write_json, atomic_write_text
+from ..run.hashing import stage_hashes
+from ..run.layout import STAGES, model_path, run_dir
+from ..run.manifest import read_manifest
+from ..run.runner import stage_states
+from ..run.sharing import shared_stage_dirs
+from ..run.tracking import NestedTracker, make_tracker
+from ..spec.loading import spec_from_dict
+from ..spec.schema import JobSpec
+
+log = logging.getLogger("imitate_orch")
+
+LAMBDA1_ZERO = "lambda1-0"  # the λ1 = 0 teacher's run, beside the variants
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    targets: str     # distilled | raw
+    copy: str        # soft | uniform
+    imitation: bool
+
+    def overrides(self) -> dict:
+        return {"targets": self.targets, "copy": self.copy, "imitation": self.imitation}
+
+
+VARIANTS = (
+    Variant("raw-uniform", "raw", "uniform", False),
+    Variant("distilled-uniform", "distilled", "uniform", False),
+    Variant("distilled-soft", "distilled", "soft", False),
+    Variant("raw-soft-imitation", "raw", "soft", True),
+    Variant("distilled-uniform-imitation", "distilled", "uniform", True),
+    Variant("distilled-soft-imitation", "distilled", "soft", True),
+)
+# Table 2's rows: (variant, decoded with LPD). Row 7 is row 6 with LPD.
+ROWS = tuple((v.name, False) for v in VARIANTS) + (("distilled-soft-imitation", True),)
+NO_IMITATION = "distilled-soft"  # Table 1's "NAT without imitation"
+COPY_NAMES = {"soft": "SoftCopy", "uniform": "UniformCopy"}
+
+
+def ablation_dir(spec: JobSpec) -> Path:
+    return Path(spec.workdir).resolve() / f"{spec.name}-ablate"
+
+
+def derived_spec(base: JobSpec, name: str, student: dict | None = None, teacher: dict | None = None) -> JobSpec:
+    """The base job renamed `name`, working in the ablation dir, with section overrides."""
+    raw = base.model_dump(mode="json")
+    raw.update(name=name, workdir=str(ablation_dir(base)))
+    raw["student"].update(student or {})
+    raw["teacher"].update(teacher or {})
+    return spec_from_dict(raw, f"{base.name} ablation {name}")
+
+
+def stage_links(spec: JobSpec, base: JobSpec) -> dict[str, Path]:
+    """Where each stage of a derived run lives: the base job's own stage dir while the hashes
+    agree and that dir is free or holds the same hash; from the first stage whose job dir
+    holds another hash on, a shared dir (data and teacher stages) so the chain stays in one
+    place; a stage that differs from the job's, the run's own dir (no link)."""
+    mine, theirs = stage_hashes(spec), stage_hashes(base)
+    shared = shared_stage_dirs(spec, ablation_dir(base) / "shared")
+    links, diverged = {}, False
+    for stage in STAGES:
+        if mine[stage] != theirs[stage]:
+            break  # differs from the job from here on: this run's own dirs
+        job_dir = run_dir(base) / stage
+        m = read_manifest(job_dir)
+        diverged = diverged or (m is not None and m.input_hash != mine[stage])
+        if not diverged:
+            links[stage] = job_dir
+        elif stage in shared:
+            links[stage] = shared[stage]
+    return links
+
+
+def describe_links(links: dict[str, Path], base: JobSpec) -> str:
+    ours = [s for s, d in links.items() if d == run_dir(base) / s]
+    shared = [s for s in links if s not in ours]
+    parts = ([f"shares {', '.join(ours)} with the job's run"] if ours else []) + \
+            ([f"{', '.join(shared)} from {ablation_dir(base).name}/shared"] if shared else [])
+    return "; ".join(parts) or "shares nothing"
+
+
+def valid_scores(rd: Path, spec: JobSpec, device: str) -> dict:
+    """Valid BLEU of the run's NAT and NAT+LPD, cached in <run>/ablation_valid.json under the
+    student and teacher checksums and the eval settings."""
+    from ..decoding import score_run
+    from .measures import cached, model_sha
+
+    key = {"student": model_sha(rd, "student"), "teacher": model_sha(rd, "teacher"),
+           "eval": spec.eval.model_dump(mode="json")}
+
+    def compute() -> dict:
+        rows = score_run(rd, spec, "valid", ("nat", "lpd"), device)
+        return {"sentences": rows["sentences"], "nat": rows["nat"]["bleu"], "lpd": rows["lpd"]["bleu"]}
+
+    return cached(rd / "ablation_valid.json", key, compute)
+
+
+def variant_result(v: Variant, rd: Path, spec: JobSpec, device: str) -> dict:
+    evaluation = json.loads((rd / "evaluate" / "summary.json").read_text())
+    summary = evaluation["rows"]
+    valid = valid_scores(rd, spec, device)
+    return {"targets": v.targets, "copy": v.copy, "imitation": v.imitation, "run_dir": str(rd),
+            "valid_sentences": valid["sentences"], "test_sentences": evaluation["test_sentences"],
+            "valid": {"nat": valid["nat"], "lpd": valid["lpd"]},
+            "test": {k: summary[k]["bleu"] for k in ("nat", "lpd")},
+            "test_chrf": {k: summary[k]["chrf"] for k in ("nat", "lpd")},
+            "test_at": summary["at"]["bleu"],
+            "latency_ms": {k: summary[k]["latency_ms"] for k in summary},
+            "speedup": {k: summary[k]["speedup"] for k in summary},
+            "stages": {s: str((rd / s).resolve()) for s in STAGES}}
+
+
+def table_rows(variants: dict) -> list[dict]:
+    """Table 2's rows; a variant not run yet (`ablate --only`) has no scores (None)."""
+    rows = []
+    for i, (name, lpd) in enumerate(ROWS, 1):
+        v, kind = variants.get(name), "lpd" if lpd else "nat"
+        switches = next(x for x in VARIANTS if x.name == name)
+        rows.append({"row": i, "variant": name, "targets": switches.targets, "copy": switches.copy,
+                     "imitation": switches.imitation, "lpd": lpd,
+                     "valid_bleu": v["valid"][kind] if v else None, "test_bleu": v["test"][kind] if v else None})
+    return rows
+
+
+def table2_markdown(result: dict) -> str:
+    """Table 2's layout; the caption names the decoding settings and set sizes."""
+    lines = ["| # | variant | targets | copy | imitation | LPD | valid BLEU | test BLEU |",
+             "|---:|---|---|---|---|---|---:|---:|"]
+    for r in result["rows"]:
+        lpd = f"ΔT = {result['delta_t']}" if r["lpd"] else "–"
+        scores = "not run yet | not run yet" if r["valid_bleu"] is None else f"{r['valid_bleu']:.2f} | {r['test_bleu']:.2f}"
+        lines.append(f"| {r['row']} | {r['variant']} | {r['targets']} | {COPY_NAMES[r['copy']]} | "
+                     f"{'w/' if r['imitation'] else 'w/o'} | {lpd} | {scores} |")
+    return ("\n".join(lines) + f"\n\nJob `{result['job']}`; BLEU (sacreBLEU) on valid ({result['valid_sentences']} "
+            f"sentences) and test ({result['test_sentences']}); NAT rows are one parallel pass, LPD rescored by the "
+            f"shared AT teacher. The AT teacher itself (beam {result['beam']}): test BLEU {result['test_at']:.2f}.\n"
+            + (f"\nNot run yet: {', '.join(result['missing'])} (`imitate-orch ablate JOB --only VARIANT`).\n"
+               if result.get("missing") else ""))
+
+
+def variant_done(spec: JobSpec) -> bool:
+    return all(s.state == "done" for s in stage_states(spec))
+
+
+def write_results(out: Path, base: JobSpec, variants: dict, extra: dict) -> dict:
+    """ablation.json and ablation.md from the variants finished so far, rewritten after each."""
+    first = next(iter(variants.values()))
+    result = {"job": base.name, "job_run_dir": str(run_dir(base)), "delta_t": base.eval.delta_t,
+              "beam": base.eval.beam_size, "valid_sentences": first["valid_sentences"],
+              "test_sentences": first["test_sentences"], "test_at": first["test_at"],
+              "variants": variants, "missing": [v.name for v in VARIANTS if v.name not in variants], **extra}
+    result["rows"] = table_rows(variants)
+    atomic_write_json(out / "ablation.json", result)
+    atomic_write_text(out / "ablation.md", table2_markdown(result))
+    return result
+
+
+def run_ablation(base: JobSpec, job_yaml: str, lambda1_zero_teacher: bool = False, progress: bool = True,
+                 echo=print, only: tuple[str, ...] = ()) -> dict:
+    """Run every variant (or those in `only`; the others are reported when already finished),
+    score them, write ablation.json/.md after each and log to MLflow. Ray must be initialized by
+    the caller. Raises pipeline.StageFailed."""
+    import torch  # here, not at module level: the CLI imports VARIANTS from this module
+
+    out = ablation_dir(base)
+    out.mkdir(parents=True, exist_ok=True)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tracker = make_tracker(base)
+    variants: dict[str, dict] = {}
+    extra: dict = {}
+    with tracker.parent(f"{base.name}-ablate", base.flat_params(), tags={"ablation_of": base.name}) as parent:
+        nested = NestedTracker(tracker, parent.run_id, {"ablation_of": base.name})
+        for i, v in enumerate(VARIANTS, 1):
+            spec = derived_spec(base, v.name, student=v.overrides())
+            if only and v.name not in only:
+                if variant_done(spec):  # finished by an earlier ablate: in the table, not rerun
+                    variants[v.name] = variant_result(v, run_dir(spec), spec, device)
+                continue
+            links = stage_links(spec, base)
+            echo(f"ablate [{i}/{len(VARIANTS)}] {v.name}: targets={v.targets} copy={v.copy} "
+                 f"imitation={'on' if v.imitation else 'off'} ({describe_links(links, base)})")
+            run_pipeline(spec, job_yaml, progress=progress, tracker=nested, linked=links)
+            variants[v.name] = variant_result(v, run_dir(spec), spec, device)
+            r = variants[v.name]
+            tracker.handle(nested.last_run_id).log_metrics(
+                {f"{split}_bleu_{kind}": r[split][kind] for split in ("valid", "test") for kind in ("nat", "lpd")})
+            write_results(out, base, variants, extra)
+        if lambda1_zero_teacher:
+            spec = derived_spec(base, LAMBDA1_ZERO, teacher={"lambda1": 0.0})
+            echo(f"ablate: teacher with λ1 = 0 for the action-usage comparison ({run_dir(spec)})")
+            run_pipeline(spec, job_yaml, until="teacher", progress=progress, tracker=nested,
+                         linked=stage_links(spec, base))
+            extra["lambda1_zero_teacher"] = str(model_path(run_dir(spec), "teacher"))
+        result = write_results(out, base, variants, extra)
+        parent.log_metrics({f"row{r['row']}_{k}": r[k] for r in result["rows"] for k in ("valid_bleu", "test_bleu")
+                            if r[k] is not None})
+        parent.log_artifact(str(out / "ablation.json"))
+        parent.log_artifact(str(out / "ablation.md"))
+    return result

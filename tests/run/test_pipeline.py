@@ -1,0 +1,293 @@
+"""The whole tiny pipeline through the real CLI (a subprocess, a local Ray cluster, MLflow on
+SQLite), shrunk with --set so it fits CI: every stage runs, MLflow holds a parent run with a
+nested run per stage, a rerun reuses everything, --force reruns from a stage, a failing
+stage exits non-zero with its MLflow run FAILED, and a bad spec exits 2 before Ray starts."""
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from orchestrator.run.layout import STAGE_TABLE, STAGES
+
+from helpers import MICRO_JOB_SETS
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+SMALL = [*MICRO_JOB_SETS, "ray.num_cpus=2", "ray.object_store_memory=150000000"]
+
+
+def cli(*args, workdir, timeout=600, cwd=ROOT):
+    cmd = [sys.executable, "-m", "orchestrator.cli", *args]
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT)}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def sets(workdir, *extra):
+    out = []
+    for s in [f"workdir={workdir}", *SMALL, *extra]:
+        out += ["--set", s]
+    return out
+
+
+def runs_of(workdir):
+    client = MlflowClient(f"sqlite:///{workdir}/mlflow.db")
+    exp = client.get_experiment_by_name("tiny")
+    return client, client.search_runs([exp.experiment_id], max_results=200)
+
+
+def test_tiny_pipeline_end_to_end_then_resume_and_force(tmp_path):
+    wd = tmp_path / "runs"
+    r = cli("run", "jobs/tiny.yaml", *sets(wd), "--no-progress", workdir=wd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "imitate-NAT + LPD (ΔT = 3)" in r.stdout and "sacreBLEU: nrefs:1" in r.stdout
+    run_dir = wd / "tiny"
+    for stage in STAGES:
+        m = json.loads((run_dir / stage / "manifest.json").read_text())
+        assert m["status"] == "done", stage
+    summary = json.loads((run_dir / "evaluate" / "summary.json").read_text())
+    assert set(summary["rows"]) == {"at", "nat", "lpd"}
+    distilled = (run_dir / "distill" / "train.distilled.tgt").read_text().splitlines()
+    assert len(distilled) == len((run_dir / "prepare" / "train.src").read_text().splitlines())
+
+    client, runs = runs_of(wd)
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and sorted(c.data.tags["stage"] for c in children) == sorted(STAGES)
+    by_stage = {c.data.tags["stage"]: c for c in children}
+    assert len(client.get_metric_history(by_stage["teacher"].info.run_id, "train/loss")) == 6
+    assert "test_bleu_lpd" in by_stage["evaluate"].data.metrics
+    assert parents[0].data.params["student.lambda2"] == "0.001"
+    assert all(r.info.status == "FINISHED" for r in [parents[0], *children])
+
+    # A rerun reuses every stage.
+    r = cli("run", "jobs/tiny.yaml", *sets(wd), "--no-progress", workdir=wd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("done (reused)") == len(STAGES)
+    mtime = (run_dir / "teacher" / "model.pt").stat().st_mtime
+
+    # --force student reruns student and evaluate only.
+    r = cli("run", "jobs/tiny.yaml", *sets(wd), "--no-progress", "--force", "student", workdir=wd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("done (reused)") == 4 and "student   running" in r.stderr
+    assert (run_dir / "teacher" / "model.pt").stat().st_mtime == mtime
+
+    st = cli("status", "jobs/tiny.yaml", *sets(wd), workdir=wd)
+    assert st.returncode == 0 and st.stdout.count(" done ") == len(STAGES)
+
+    # `eval` on the run's own test set reproduces the evaluate stage's scores.
+    test_src, test_ref = run_dir / "prepare" / "test.src", run_dir / "prepare" / "test.tgt"
+    ev = cli("eval", str(run_dir), "--src", str(test_src), "--ref", str(test_ref), "--json", workdir=wd)
+    assert ev.returncode == 0, ev.stderr[-2000:]
+    scores = json.loads(ev.stdout)["rows"]
+    summary = json.loads((run_dir / "evaluate" / "summary.json").read_text())["rows"]
+    for name in ("at", "nat", "lpd"):
+        assert scores[name]["bleu"] == pytest.approx(summary[name]["bleu"])
+        assert scores[name]["chrf_signature"].startswith("nrefs:1")
+    plain = cli("eval", str(run_dir), "--src", str(test_src), "--ref", str(test_ref), "--delta-t", "0", "--beam", "1",
+                workdir=wd)
+    assert plain.returncode == 0 and "NAT+LPD ΔT=0" in plain.stdout and "BLEU: nrefs:1" in plain.stdout
+    assert "AT beam 1" in plain.stdout
+    short = tmp_path / "short.tgt"
+    short.write_text("one line\n")
+    bad = cli("eval", str(run_dir), "--src", str(test_src), "--ref", str(short), workdir=wd)
+    assert bad.returncode == 2 and "lines" in bad.stderr
+
+    # A raised student.max_steps trains on from the student's last checkpoint (step 30).
+    longer = sets(wd, "student.max_steps=45")
+    st = cli("status", "jobs/tiny.yaml", *longer, workdir=wd)
+    assert "student    extend" in st.stdout and "trained to max_steps 30, the job asks 45" in st.stdout
+    r = cli("run", "jobs/tiny.yaml", *longer, "--no-progress", workdir=wd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("done (reused)") == 4
+    assert "student   extending from its last checkpoint (max_steps 30 -> 45)" in r.stderr
+    client, runs = runs_of(wd)
+    newest = max((x for x in runs if x.data.tags.get("stage") == "student"), key=lambda x: x.info.start_time)
+    assert [m.step for m in client.get_metric_history(newest.info.run_id, "valid/bleu")] == [45]  # not 15, 30
+
+
+def test_a_failing_stage_exits_nonzero_and_marks_its_run_failed(tmp_path):
+    wd = tmp_path / "runs"
+    # SentencePiece cannot build a 5-piece vocabulary: the tokenizer stage fails at run time.
+    r = cli("run", "jobs/tiny.yaml", *sets(wd, "tokenizer.vocab_size=5"), "--no-progress", workdir=wd)
+    assert r.returncode == 1
+    assert "stage 'tokenizer' failed" in r.stderr and "rerun the same command" in r.stderr
+    assert json.loads((wd / "tiny" / "tokenizer" / "manifest.json").read_text())["status"] == "failed"
+    assert json.loads((wd / "tiny" / "prepare" / "manifest.json").read_text())["status"] == "done"
+    _, runs = runs_of(wd)
+    failed = [r for r in runs if r.data.tags.get("stage") == "tokenizer"]
+    assert failed[0].info.status == "FAILED" and failed[0].data.tags.get("error")
+
+
+@pytest.mark.parametrize("override, field", [("teacher.lrr=1", "teacher.lrr"),
+                                             ("distill.shards=-1", "distill.shards"),
+                                             ("student.copy=hard", "student.copy")])
+def test_bad_spec_exits_2_naming_the_field_before_anything_starts(tmp_path, override, field):
+    wd = tmp_path / "runs"
+    r = cli("run", "jobs/tiny.yaml", "--set", f"workdir={wd}", "--set", override, workdir=wd, timeout=60)
+    assert r.returncode == 2 and field in r.stderr
+    assert not wd.exists()          # nothing was started or written
+
+
+def test_relative_workdir_as_in_the_readme(tmp_path):
+    """The default workdir is ./runs, relative to where the user stands; Ray Train workers run
+    elsewhere, so every path handed to them must still point into the user's run dir."""
+    r = cli("run", str(ROOT / "jobs" / "tiny.yaml"), *sets("runs"), "--until", "teacher", "--no-progress",
+            workdir=None, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-3000:]
+    for stage in ("prepare", "tokenizer", "teacher"):
+        m = json.loads((tmp_path / "runs" / "tiny" / stage / "manifest.json").read_text())
+        assert m["status"] == "done" and all((tmp_path / "runs" / "tiny" / stage / o["path"]).is_file()
+                                             for o in m["outputs"].values())
+    assert (tmp_path / "runs" / "mlflow.db").is_file()
+
+
+def test_runs_share_linked_stages_and_train_one_teacher(ray_local, tmp_path):
+    """Two specs that differ only in the student share prepare/tokenizer/teacher through
+    shared_stage_dirs: the second run links to the first one's teacher and trains nothing."""
+    from orchestrator.pipeline import run_pipeline
+    from orchestrator.run.layout import run_dir
+    from orchestrator.run.manifest import read_manifest
+    from orchestrator.run.sharing import shared_stage_dirs
+
+    from helpers import micro_job_spec
+
+    root = tmp_path / "shared"
+    a = micro_job_spec(tmp_path / "a")
+    b = micro_job_spec(tmp_path / "b", "student.lambda2=0.05")
+    links_a, links_b = shared_stage_dirs(a, root), shared_stage_dirs(b, root)
+    assert links_a["teacher"] == links_b["teacher"] and links_a["distill"] == links_b["distill"]
+    run_pipeline(a, "jobs/tiny.yaml", until="teacher", progress=False, linked=links_a)
+    started = read_manifest(links_a["teacher"]).started
+    run_pipeline(b, "jobs/tiny.yaml", until="teacher", progress=False, linked=links_b)
+    for stage in ("prepare", "tokenizer", "teacher"):
+        link = run_dir(b) / stage
+        assert link.is_symlink() and link.resolve() == links_a[stage].resolve()
+    assert read_manifest(run_dir(b) / "teacher").started == started  # reused, not retrained
+    # A spec with another teacher gets its own teacher dir but still shares the data stages.
+    c = shared_stage_dirs(micro_job_spec(tmp_path / "c", "teacher.lambda1=0.01"), root)
+    assert c["teacher"] != links_a["teacher"] and c["tokenizer"] == links_a["tokenizer"]
+
+
+def test_stage_lock_makes_a_second_runner_wait(tmp_path):
+    import threading
+    import time
+
+    from orchestrator.run.sharing import stage_lock
+
+    d, events = tmp_path / "teacher", []
+    d.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(d, target_is_directory=True)
+
+    def second():
+        with stage_lock(link, "teacher"):  # same resolved dir: same lock
+            events.append("second")
+
+    with stage_lock(d, "teacher"):
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.3)
+        events.append("first done")
+    t.join(5)
+    assert events == ["first done", "second"]
+
+
+def test_a_stage_redone_with_new_bytes_makes_the_stages_after_it_stale(tmp_path, monkeypatch):
+    """Stages are cheap fakes here (the real ones are covered above): damage the teacher's
+    output; if its redo gives other bytes, distill/student/evaluate run again on them, and if
+    it gives the same bytes, nothing after it reruns."""
+    from orchestrator import pipeline
+    from orchestrator.run import hashing, layout, runner  # noqa: F401 (some tests use only some)  # noqa: F401
+    from orchestrator.run.runner import StageResult
+    from orchestrator.spec.loading import spec_from_dict
+
+    version, calls = {"teacher": 0}, []
+
+    def fake(stage):
+        def run(ctx):
+            calls.append(stage)
+            upstream = "".join((ctx.run_dir / s / "out.txt").read_text() for s in STAGES[: STAGES.index(stage)])
+            (ctx.out_dir / "out.txt").write_text(f"{stage}{version.get(stage, 0)}({upstream})")
+            return StageResult(outputs={"out.txt": "out.txt"})
+        return run
+
+    monkeypatch.setattr(pipeline, "stage_functions", lambda: {s: fake(s) for s in STAGES})
+    monkeypatch.setattr(runner, "STAGE", {s.name: dataclasses.replace(s, logged=()) for s in STAGE_TABLE})
+    spec = spec_from_dict({"name": "fake", "workdir": str(tmp_path)})
+    rd = layout.run_dir(spec)
+    pipeline.run_pipeline(spec, "", progress=False)
+    assert calls == list(STAGES)
+
+    calls.clear()
+    version["teacher"] = 1                           # its redo will write other bytes
+    (rd / "teacher" / "out.txt").write_text("bit rot")
+    assert [s.state for s in runner.stage_states(spec)][2] == "damaged"
+    pipeline.run_pipeline(spec, "", progress=False)
+    assert calls == ["teacher", "distill", "student", "evaluate"]
+    assert "teacher1" in (rd / "evaluate" / "out.txt").read_text()
+
+    calls.clear()
+    (rd / "teacher" / "out.txt").write_text("bit rot")  # the redo gives the same bytes again
+    pipeline.run_pipeline(spec, "", progress=False)
+    assert calls == ["teacher"]
+    assert {s.state for s in runner.stage_states(spec)} == {"done"}
+
+
+def test_a_raised_max_steps_trains_on_and_anything_else_retrains(tmp_path, monkeypatch):
+    """Fake training stages that record the steps they train and go on from what their dir
+    holds: a raised max_steps keeps the teacher's dir and trains only the new steps (the
+    stages after it rerun on its new output); a lowered max_steps, another changed field or
+    --force wipes the dir and trains from step 1."""
+    from orchestrator import pipeline
+    from orchestrator.run import hashing, layout, runner  # noqa: F401 (some tests use only some)  # noqa: F401
+    from orchestrator.run.manifest import read_manifest
+    from orchestrator.run.runner import StageResult
+    from orchestrator.spec.loading import spec_from_dict
+
+    trained = {"teacher": [], "student": []}
+
+    def fake(stage):
+        def run(ctx):
+            out = ctx.out_dir / "out.txt"          # a training stage's: the last step it trained (its "checkpoint")
+            if stage in trained:
+                start, end = (int(out.read_text()) if out.exists() else 0), getattr(ctx.spec, stage).max_steps
+                trained[stage].append((start + 1, end))
+                out.write_text(str(end))
+            else:
+                out.write_text(stage)
+            return StageResult(outputs={"out.txt": "out.txt"})
+        return run
+
+    monkeypatch.setattr(pipeline, "stage_functions", lambda: {s: fake(s) for s in STAGES})
+    monkeypatch.setattr(runner, "STAGE", {s.name: dataclasses.replace(s, logged=()) for s in STAGE_TABLE})
+
+    def spec(**teacher):
+        return spec_from_dict({"name": "fake", "workdir": str(tmp_path), "teacher": {"max_steps": 10, **teacher}})
+
+    pipeline.run_pipeline(spec(), "", progress=False)
+    assert trained["teacher"] == [(1, 10)]
+
+    more = spec(max_steps=25)
+    assert [s.state for s in runner.stage_states(more)] == ["done", "done", "extend", "stale", "stale", "stale"]
+    pipeline.run_pipeline(more, "", progress=False)
+    assert trained["teacher"][-1] == (11, 25)                             # only the new steps
+    assert trained["student"][-1] == (1, trained["student"][0][1])        # retrained on the new teacher
+    assert {s.state for s in runner.stage_states(more)} == {"done"}
+    m = read_manifest(tmp_path / "fake" / "teacher")
+    assert m.max_steps == 25 and m.input_hash == hashing.stage_hashes(more)["teacher"]
+
+    pipeline.run_pipeline(spec(max_steps=15), "", progress=False)      # fewer steps: from scratch
+    assert trained["teacher"][-1] == (1, 15)
+    pipeline.run_pipeline(spec(max_steps=20, lr=2e-4), "", progress=False)  # other inputs: from scratch
+    assert trained["teacher"][-1] == (1, 20)
+    pipeline.run_pipeline(spec(max_steps=30, lr=2e-4), "", progress=False, force="teacher")
+    assert trained["teacher"][-1] == (1, 30)                              # --force: from scratch
+    assert hashing.extend_key(spec(max_steps=5), "teacher") == hashing.extend_key(spec(), "teacher")
+    assert hashing.extend_key(spec(lr=2e-4), "teacher") != hashing.extend_key(spec(), "teacher")
+    assert hashing.extend_key(spec(), "distill") is None

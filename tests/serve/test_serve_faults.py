@@ -1,0 +1,132 @@
+"""Serve reliability: a replica killed under load loses no request (the client retries while
+Serve replaces it), and `imitate-orch serve` stops cleanly on Ctrl-C."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+import requests
+from click.testing import CliRunner
+
+from imitate_nat.data import read_lines
+from imitate_nat.translate import translate
+from orchestrator.cli import main
+from orchestrator.decoding import decoders, load_run_models
+from orchestrator.serve.client import RetryLog, ServeRequestError, translate_remote
+from orchestrator.serve.server import start
+from orchestrator.serve.target import resolve_target
+
+from helpers import free_port
+
+
+def _offline_lpd(run_dir, texts, spec):
+    tok, at, nat = load_run_models(run_dir, "cpu")
+    decoder, cost = decoders(at, nat, spec.eval.beam_size, spec.eval.delta_t, spec.eval.length_penalty)["lpd"]
+    return translate(texts, tok, decoder, cost_factor=cost, max_src_len=at.cfg.max_positions)
+
+
+def _replica_ids(url: str, n: int = 30) -> set[str]:
+    """Replica ids answering /health (requests are spread over the replicas)."""
+    seen = set()
+    for _ in range(n):
+        try:
+            seen.add(requests.get(f"{url}/health", timeout=5).json()["replica"])
+        except (requests.RequestException, ValueError):
+            pass
+    return seen
+
+
+def _wait_for(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout_s:.0f} s waiting for {what}")
+
+
+@pytest.mark.slow
+def test_replica_killed_under_load_loses_no_request(micro_run):
+    import ray
+    from ray import serve
+
+    run_dir, _ = micro_run
+    target = resolve_target(str(run_dir), [f"serve.port={free_port()}", "serve.replicas=2"])
+    text = read_lines(run_dir / "prepare" / "test.src")[0]
+    expected = _offline_lpd(run_dir, [text], target.spec)
+    url = start(target)
+    retry_log, answered, lost, stop = RetryLog(), [], [], threading.Event()
+
+    def client():
+        with requests.Session() as session:
+            while not stop.is_set():
+                try:
+                    answered.append(translate_remote(url, text, session=session, retries=8, backoff_s=0.1,
+                                                     retry_log=retry_log)["translations"])
+                except ServeRequestError as e:
+                    lost.append(str(e))
+
+    threads = [threading.Thread(target=client) for _ in range(8)]
+    try:
+        for t in threads:
+            t.start()
+        replicas = _wait_for(lambda: ids if len(ids := _replica_ids(url)) == 2 else None, 60, "2 replicas")
+        victim = min(replicas)
+        ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+        at_kill = len(answered)
+        # Serve notices the death and starts a replacement; requests keep being answered meanwhile.
+        _wait_for(lambda: _replica_ids(url, 10) - replicas, 90, "a replacement replica")
+        _wait_for(lambda: len(answered) > at_kill + 20, 30, "more answers after the kill")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(timeout=60)
+        serve.shutdown()
+    # The figure for BENCHMARKS.md (run with -s to see it).
+    print(f"\nreplica killed under load (8 clients): {len(answered)} requests answered, "
+          f"{len(retry_log.failures)} failed attempts retried, {len(lost)} lost; "
+          f"failures: {sorted(set(retry_log.failures))}")
+    assert lost == []
+    assert answered and all(t == expected for t in answered)
+
+
+@pytest.mark.slow
+def test_cli_serve_translate_and_ctrl_c(micro_run, ray_local):
+    """The real command in a subprocess (joining this session's Ray cluster, so no second one
+    starts), the `translate` command against it, then SIGINT: exit 0 and the port closes."""
+    from ray import serve
+
+    run_dir, spec = micro_run
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", str(run_dir), "--port", str(port),
+                             "--address", ray_local.get_runtime_context().gcs_address],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        def up():
+            if proc.poll() is not None:
+                raise AssertionError(f"serve exited {proc.returncode}: {proc.stdout.read()[-2000:]}")
+            try:
+                return requests.get(f"{url}/health", timeout=2).status_code == 200
+            except requests.RequestException:
+                return False
+
+        _wait_for(up, 120, "imitate-orch serve to answer")
+        texts = read_lines(run_dir / "prepare" / "test.src")[:2]
+        res = CliRunner().invoke(main, ["translate", "--url", url, *texts])
+        assert res.exit_code == 0, res.output
+        assert res.output.splitlines() == _offline_lpd(run_dir, texts, spec)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    with pytest.raises(requests.ConnectionError):
+        requests.get(f"{url}/health", timeout=5)
+    assert serve.status().applications == {}

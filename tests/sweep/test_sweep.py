@@ -1,0 +1,232 @@
+"""imitate-orch sweep: Ray Tune trials of a micro job through the real CLI (subprocesses, a local
+Ray, MLflow on SQLite) — teachers shared by config hash, a failing trial recorded while the sweep
+goes on, MLflow runs nested sweep → trial → stage, best.yaml valid and runnable (reusing the
+sweep's stages), resume by Tuner.restore — plus the pieces that need no Ray."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from mlflow import MlflowClient
+
+from orchestrator.run.manifest import read_manifest
+from orchestrator.run.sharing import shared_stage_dirs
+from orchestrator.spec.loading import SpecError, load_spec, spec_from_dict
+from orchestrator.sweep.driver import SweepError, TrialRunCloser, check_same_job, search_space, student_rounds
+from orchestrator.sweep.results import best_spec, root_error
+from orchestrator.sweep.trial import trial_spec
+
+from helpers import MICRO_JOB_SETS, micro_job_spec
+
+ROOT = Path(__file__).resolve().parents[2]
+# Two action counts, one λ1: the 16-action trials share one teacher; the 8-action trial fails
+# (block_teacher_dir; the seeded search gives 8, 16, 16 for seed 1). grace_period = all rounds: no ASHA
+# stopping here, so every non-failing trial finishes (which ASHA stops is not deterministic).
+SWEEP_SETS = [*MICRO_JOB_SETS, "ray.num_cpus=2", "ray.object_store_memory=150000000", "student.cpus_per_worker=1",
+              "sweep.n_actions=[8, 16]", "sweep.lambda1=[0.001, 0.001]", "sweep.delta_t=[0, 1, 2]",
+              "sweep.grace_period=3"]
+
+
+def cli(*args, env_extra=None, timeout=600):
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "PYTHONPATH": str(ROOT), **(env_extra or {})}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    return subprocess.run([sys.executable, "-m", "orchestrator.cli", *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def sweep_cli(wd, *extra):
+    sets = [a for s in [f"workdir={wd}", *SWEEP_SETS] for a in ("--set", s)]
+    return cli("sweep", "jobs/tiny.yaml", *sets, "--num-samples", "3", "--max-concurrent", "2", "--no-progress",
+               *extra)
+
+
+def block_teacher_dir(wd, n_actions: int) -> Path:
+    """A real fault, injected through the file system: a plain file where the shared teacher dir
+    of the trials with `n_actions` goes, so those trials fail (their teacher dir cannot be made)
+    while the others go on."""
+    spec = load_spec(ROOT / "jobs" / "tiny.yaml", [f"workdir={wd}", *SWEEP_SETS])
+    config = {"lambda1": spec.teacher.lambda1, "n_actions": n_actions, "lambda2": spec.student.lambda2}
+    blocked = shared_stage_dirs(trial_spec(spec.model_dump(mode="json"), config, wd), wd / "tiny-sweep" / "shared",
+                                stages=("teacher",))["teacher"]
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("in the way\n")
+    return blocked
+
+
+def runs_by_parent(wd):
+    client = MlflowClient(f"sqlite:///{wd}/mlflow.db")
+    runs = client.search_runs([client.get_experiment_by_name("tiny").experiment_id], max_results=500)
+    children = {}
+    for r in runs:
+        children.setdefault(r.data.tags.get("mlflow.parentRunId"), []).append(r)
+    return client, children
+
+
+@pytest.mark.slow
+def test_sweep_shares_teachers_records_failures_writes_best_yaml_and_resumes(tmp_path):
+    wd = tmp_path / "runs"
+    blocked = block_teacher_dir(wd, 8)
+    r = sweep_cli(wd)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "Best configuration" in r.stdout and "best.yaml" in r.stdout
+    sd = wd / "tiny-sweep"
+    result = json.loads((sd / "results.json").read_text())
+    rows = {row["trial_id"]: row for row in result["rows"]}
+    assert sorted(row["n_actions"] for row in rows.values()) == [8, 16, 16]
+    for row in rows.values():  # the 8-action trial fails (its teacher dir is blocked), the sweep goes on
+        assert row["status"] == ("failed" if row["n_actions"] == 8 else "done"), row
+    failed = next(row for row in rows.values() if row["status"] == "failed")
+    assert "FileExistsError" in failed["error"] and str(blocked) in failed["error"]
+    done = [row for row in rows.values() if row["status"] == "done"]
+    for row in done:  # every student decoded at each ΔT of the sweep
+        assert {f"valid_bleu_lpd_dt{d}" for d in (0, 1, 2)} <= set(row)
+        assert row["valid_bleu_lpd"] == max(row[f"valid_bleu_lpd_dt{d}"] for d in (0, 1, 2))
+    assert result["best"]["trial_id"] == max(done, key=lambda row: row["valid_bleu_lpd"])["trial_id"]
+
+    # One teacher for the two trials that share its config: trained once, linked into both.
+    teachers = [d for d in (sd / "shared" / "teacher").iterdir() if d.is_dir()]
+    assert len(teachers) == 1
+    for row in done:
+        assert (Path(row["run_dir"]) / "teacher").resolve() == teachers[0].resolve()
+
+    # MLflow: the sweep's run, a nested run per trial, the stage runs nested under each trial.
+    client, children = runs_by_parent(wd)
+    [sweep_run] = [r for r in children[None] if r.info.run_name == "tiny-sweep"]
+    trials = {t.data.tags["trial_id"]: t for t in children[sweep_run.info.run_id]}
+    assert set(trials) == set(rows)
+    assert trials[failed["trial_id"]].info.status == "FAILED"
+    assert "FileExistsError" in trials[failed["trial_id"]].data.tags["error"]
+    teacher_runs = []
+    for row in done:
+        t = trials[row["trial_id"]]
+        assert t.info.status == "FINISHED" and t.data.params["student.lambda2"] == str(row["lambda2"])
+        assert t.data.metrics["valid_bleu_lpd"] == pytest.approx(row["valid_bleu_lpd"])
+        assert [m.step for m in client.get_metric_history(t.info.run_id, "valid/bleu")] == [15, 30]
+        assert len(client.get_metric_history(t.info.run_id, "valid/bleu_lpd_by_delta_t")) == 3
+        stages = {s.data.tags["stage"]: s for s in children[t.info.run_id]}
+        assert set(stages) == {"prepare", "tokenizer", "teacher", "distill", "student"}
+        teacher_runs.append(stages["teacher"].data.params["reused"])
+    assert sorted(teacher_runs) == ["False", "True"]
+    artifacts = {a.path for a in client.list_artifacts(sweep_run.info.run_id, "plots")}
+    assert artifacts == {f"plots/{n}.png" for n in ("valid_bleu_vs_delta_t", "latency_vs_delta_t",
+                                                    "valid_bleu_vs_lambda2", "valid_bleu_vs_n_actions")}
+
+    # best.yaml: a valid job with the best trial's settings, which runs reusing the sweep's stages.
+    best, best_yaml = result["best"], sd / "best.yaml"
+    spec = load_spec(best_yaml)
+    assert (spec.name, spec.teacher.lambda1, spec.model.n_actions, spec.student.lambda2, spec.eval.delta_t) == \
+        ("tiny-best", best["lambda1"], best["n_actions"], best["lambda2"], best["best_delta_t"])
+    r = cli("run", str(best_yaml), "--set", "ray.num_cpus=2", "--set", "ray.object_store_memory=150000000",
+            "--no-progress")
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert f"imitate-NAT + LPD (ΔT = {best['best_delta_t']})" in r.stdout
+    for stage in ("teacher", "distill", "student"):
+        assert f"{stage:<9} done (reused)" in r.stderr
+    assert read_manifest(wd / "tiny-best" / "student").started == \
+        read_manifest(Path(best["run_dir"]) / "student").started
+
+    # Rerun: Tune restores the sweep; finished trials are kept, the failed one runs (and fails) again.
+    started = {row["trial_id"]: read_manifest(Path(row["run_dir"]) / "student").started for row in done}
+    r = sweep_cli(wd)
+    assert r.returncode == 0, r.stderr[-4000:]
+    assert "resuming the sweep" in r.stderr
+    again = {row["trial_id"]: row for row in json.loads((sd / "results.json").read_text())["rows"]}
+    assert {t for t, row in again.items() if row["status"] == "done"} == set(started)
+    for trial_id, when in started.items():
+        assert read_manifest(Path(again[trial_id]["run_dir"]) / "student").started == when
+    assert [row["status"] for row in again.values() if row["n_actions"] == 8] == ["failed"]
+    _, children = runs_by_parent(wd)
+    assert [r.info.run_name for r in children[None]].count("tiny-sweep") == 1  # the same sweep run, resumed
+
+    # Another spec for the same sweep dir is refused before anything starts (exit 2).
+    r = sweep_cli(wd, "--set", "student.lambda2=0.5")
+    assert r.returncode == 2 and "changed: student.lambda2" in r.stderr
+
+
+# ------------------------------------------------------------------------ no Ray needed --
+
+def test_student_rounds_count_every_valid_report_of_the_training_loop(tmp_path):
+    spec = micro_job_spec(tmp_path)  # 30 steps, eval and checkpoint every 15
+    assert student_rounds(spec) == 2
+    spec = micro_job_spec(tmp_path, "student.max_steps=100", "student.eval_every=30", "student.checkpoint_every=40")
+    assert student_rounds(spec) == len({30, 60, 90, 40, 80, 100})
+
+
+def test_search_space_samples_log_ranges_and_fixes_degenerate_ones(tmp_path):
+    spec = micro_job_spec(tmp_path, "sweep.lambda1=[0.002, 0.002]", "sweep.n_actions=[32, 8, 8]")
+    space = search_space(spec)
+    assert space["lambda1"] == 0.002
+    assert space["n_actions"].categories == [8, 32]
+    samples = [space["lambda2"].sample() for _ in range(300)]
+    assert all(1e-4 <= x <= 1e-1 for x in samples)
+    assert 0.2 < sum(x < 1e-3 for x in samples) / len(samples) < 0.5  # log-uniform: 1/3 per decade
+
+
+def test_trials_share_teachers_by_config_and_best_yaml_keeps_their_hashes(tmp_path):
+    from orchestrator.run.hashing import stage_hashes
+
+    base = micro_job_spec(tmp_path).model_dump(mode="json")
+    a = trial_spec(base, {"lambda1": 1e-3, "n_actions": 16, "lambda2": 1e-2}, tmp_path / "a")
+    b = trial_spec(base, {"lambda1": 1e-3, "n_actions": 16, "lambda2": 5e-2}, tmp_path / "b")
+    c = trial_spec(base, {"lambda1": 1e-3, "n_actions": 32, "lambda2": 1e-2}, tmp_path / "c")
+    ha, hb, hc = stage_hashes(a), stage_hashes(b), stage_hashes(c)
+    assert ha["distill"] == hb["distill"] and ha["student"] != hb["student"]   # λ2: student only
+    assert hc["tokenizer"] == ha["tokenizer"] and hc["teacher"] != ha["teacher"]  # actions: teacher
+    assert (a.workdir, a.teacher.lambda1, a.model.n_actions, a.student.lambda2) == (str(tmp_path / "a"), 1e-3, 16, 1e-2)
+    best = best_spec(micro_job_spec(tmp_path), {"lambda1": 1e-3, "n_actions": 16, "lambda2": 1e-2, "best_delta_t": 2})
+    assert best.name == "tiny-best" and best.eval.delta_t == 2
+    hbest = stage_hashes(best)
+    assert all(hbest[s] == ha[s] for s in ("prepare", "tokenizer", "teacher", "distill", "student"))
+
+
+def test_a_sweep_dir_resumes_only_the_spec_it_was_started_with(tmp_path):
+    sd = tmp_path / "tiny-sweep"
+    sd.mkdir()
+    check_same_job(sd, micro_job_spec(tmp_path, "student.lambda2=0.1"), fresh=False)
+    check_same_job(sd, micro_job_spec(tmp_path), fresh=False)  # no Tune experiment yet: nothing to resume
+    (sd / "tune").mkdir()
+    check_same_job(sd, micro_job_spec(tmp_path, "ray.num_cpus=4"), fresh=False)  # placement only: same sweep
+    with pytest.raises(SweepError, match=r"changed: student\.lambda2, sweep\.num_samples"):
+        check_same_job(sd, micro_job_spec(tmp_path, "sweep.num_samples=9", "student.lambda2=0.5"), fresh=False)
+    check_same_job(sd, micro_job_spec(tmp_path, "sweep.num_samples=9"), fresh=True)
+    assert not (sd / "tune").exists()
+
+
+@pytest.mark.parametrize("key, value", [("metric", "valid_loss"), ("lambda1", [1e-3, float("inf")]),
+                                        ("delta_t", [0, 21]), ("reduction_factor", 1)])
+def test_bad_sweep_settings_name_their_field(key, value):
+    with pytest.raises(SpecError) as e:
+        spec_from_dict({"name": "x", "sweep": {key: value}})
+    assert [f for f, _ in e.value.errors] == [f"sweep.{key}"]
+
+
+def test_closer_marks_trials_stopped_by_asha_killed_and_leaves_finished_ones(tmp_path):
+    from orchestrator.run.tracking import Tracker
+
+    tracker = Tracker(f"sqlite:///{tmp_path}/mlflow.db", "tiny", tmp_path / "mlartifacts")
+    client = MlflowClient(tracker.tracking_uri)
+    sweep = client.create_run(tracker.experiment_id, run_name="tiny-sweep").info.run_id
+    trial_runs = {}
+    for tid in ("t1", "t2"):
+        trial_runs[tid] = client.create_run(tracker.experiment_id, tags={"mlflow.parentRunId": sweep,
+                                                                           "trial_id": tid}).info.run_id
+    student = client.create_run(tracker.experiment_id, tags={"mlflow.parentRunId": trial_runs["t1"]}).info.run_id
+    closer = TrialRunCloser(tracker, sweep)
+    # Stand-ins for Tune's Trial objects: which trial ASHA stops is not deterministic on micro models.
+    closer.on_trial_complete(0, [], SimpleNamespace(trial_id="t1", last_result={"valid_bleu": 1.0}))
+    closer.on_trial_complete(0, [], SimpleNamespace(trial_id="t2", last_result={"valid_bleu_lpd": 2.0,
+                                                                               "valid_bleu_nat": 1.0}))
+    for run_id in (trial_runs["t1"], student):
+        run = client.get_run(run_id)
+        assert run.info.status == "KILLED" and run.data.tags["stopped_early"] == "asha"
+    assert client.get_run(trial_runs["t2"]).info.status == "RUNNING"  # a finished trial closes its own run
+
+
+def test_root_error_unwraps_ray_and_tune_wrappers():
+    inner = RuntimeError("the real reason\nwith a traceback")
+    outer = Exception("ray::ImplicitFunc.train() (pid=1)")
+    outer.cause = SimpleNamespace(cause=inner)
+    assert root_error(outer) == "RuntimeError: the real reason"
