@@ -55,11 +55,6 @@ def read_model_file(path: str | Path) -> dict:
     return blob
 
 
-def config_diff(a: ModelConfig, b: ModelConfig) -> dict:
-    da, db = a.to_dict(), b.to_dict()
-    return {k: (da[k], db.get(k)) for k in da if da[k] != db.get(k)}
-
-
 def load_model(path: str | Path, device: str | torch.device = "cpu"):
     """Build the model the file describes and load its weights. Returns (model, meta)."""
     blob = read_model_file(path)
@@ -67,16 +62,3 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     model = KINDS[blob["kind"]](cfg)
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval(), blob["meta"]
-
-
-def load_into(model, path: str | Path) -> dict:
-    """Load a model file into an existing model; refuse, naming the fields, if kind or config differ."""
-    blob = read_model_file(path)
-    if blob["kind"] != _kind(model):
-        raise CheckpointError(f"{path} holds a {blob['kind']!r} model, not a {_kind(model)!r} model")
-    diff = config_diff(ModelConfig.from_dict(blob["config"]), model.cfg)
-    if diff:
-        fields = ", ".join(f"{k}: file={f!r} model={m!r}" for k, (f, m) in diff.items())
-        raise CheckpointError(f"{path} was saved with another model config ({fields})")
-    model.load_state_dict(blob["state_dict"])
-    return blob["meta"]

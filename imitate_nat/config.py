@@ -17,7 +17,7 @@ class ModelConfig:
     vocab_size: int = 32000          # joint source+target SentencePiece vocabulary
     d_model: int = 512
     n_heads: int = 8
-    d_ffn: int = 2048                 # Transformer-base FFN (the paper's text says 512; see DESIGN.md)
+    d_ffn: int = 2048                 # base Transformer's FFN (§4 says "base Transformer" but d_hidden = 512)
     enc_layers: int = 6
     dec_layers: int = 6
     dropout: float = 0.1

@@ -21,10 +21,6 @@ class Batch:
     def to(self, device) -> "Batch":
         return Batch(*(t.to(device, non_blocking=True) for t in (self.src, self.tgt, self.tgt_in, self.tgt_out)))
 
-    @property
-    def num_tokens(self) -> int:
-        return int(self.tgt_out.ne(PAD_ID).sum())
-
 
 def pad(seqs: Sequence[Sequence[int]], pad_id: int = PAD_ID) -> torch.Tensor:
     width = max((len(s) for s in seqs), default=0)

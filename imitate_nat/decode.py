@@ -36,17 +36,16 @@ def greedy_search(at: ATDemonstrator, src: torch.Tensor, max_len_a: float = 1.5,
 
 def _best_hypotheses(tokens, scores, lengths, finished, k: int, length_penalty: float):
     """Each sentence's winner among its k rows: max log p(y|x) / |y|^length_penalty over ended
-    hypotheses. Returns (token rows without BOS, normalized scores), as lists."""
+    hypotheses. Returns its token rows without BOS, as lists."""
     norm = (scores / lengths.clamp_min(1).pow(length_penalty)).masked_fill(~finished, float("-inf"))
     best = norm.argmax(-1)
     n = best.size(0)
-    chosen = tokens.view(n, k, -1)[torch.arange(n, device=tokens.device), best, 1:]
-    return chosen.tolist(), norm.gather(1, best.unsqueeze(1)).squeeze(1).tolist()
+    return tokens.view(n, k, -1)[torch.arange(n, device=tokens.device), best, 1:].tolist()
 
 
 @torch.no_grad()
 def beam_search(at: ATDemonstrator, src: torch.Tensor, beam_size: int = 4, length_penalty: float = 1.0,
-                max_len_a: float = 1.5, max_len_b: int = 10, min_len: int = 0, return_scores: bool = False):
+                max_len_a: float = 1.5, max_len_b: int = 10, min_len: int = 0):
     """Batched beam search with a KV cache.
 
     Hypotheses that produced EOS stay in the beam with a frozen score (they extend only with
@@ -72,7 +71,6 @@ def beam_search(at: ATDemonstrator, src: torch.Tensor, beam_size: int = 4, lengt
     frozen[0] = 0.0  # an ended hypothesis's candidates: PAD at zero cost (column 0), nothing else
     ids = torch.arange(B, device=device)  # original index of each sentence still decoding
     hyps: list = [None] * B
-    best_scores: list = [None] * B
     cache: dict = {}
     for step in range(max_len):
         n = ids.size(0)  # sentences still decoding
@@ -105,10 +103,10 @@ def beam_search(at: ATDemonstrator, src: torch.Tensor, beam_size: int = 4, lengt
         n_done = int(done.sum())  # the one host sync per step
         if n_done == 0:
             continue
-        rows, best = _best_hypotheses(tokens.view(n, k, -1)[done].view(-1, tokens.size(1)), scores[done],
-                                      lengths[done], finished[done], k, length_penalty)
-        for i, r, sc in zip(ids[done].tolist(), rows, best):
-            hyps[i], best_scores[i] = _strip(r, cfg.eos_id, cfg.pad_id), sc
+        rows = _best_hypotheses(tokens.view(n, k, -1)[done].view(-1, tokens.size(1)), scores[done],
+                                lengths[done], finished[done], k, length_penalty)
+        for i, r in zip(ids[done].tolist(), rows):
+            hyps[i] = _strip(r, cfg.eos_id, cfg.pad_id)
         if n_done == n:
             break
         keep = (~done).nonzero().squeeze(1)
@@ -116,8 +114,6 @@ def beam_search(at: ATDemonstrator, src: torch.Tensor, beam_size: int = 4, lengt
         tokens, scores, finished, lengths, ids = tokens[keep_rows], scores[keep], finished[keep], lengths[keep], ids[keep]
         memory, src_keep = memory[keep], src_keep[keep]
         select_cache(cache, keep_rows, keep)
-    if return_scores:
-        return hyps, best_scores
     return hyps
 
 
@@ -183,7 +179,7 @@ def pick_best(tokens: torch.Tensor, cand_len: torch.Tensor, scores: torch.Tensor
 
 @torch.no_grad()
 def lpd_decode(nat: NATLearner, at: ATDemonstrator, src: torch.Tensor, delta_t: int = 3,
-               lengths: torch.Tensor | None = None, length_penalty: float = 1.0, return_all: bool = False):
+               lengths: torch.Tensor | None = None, length_penalty: float = 1.0):
     """Length Parallel Decoding (§4): decode lengths T̂-ΔT … T̂+ΔT (clamped to ≥ 1) in ONE batched
     NAT pass, score all 2ΔT+1 candidates in ONE teacher-forced AT pass, keep the best per source.
     With ΔT = 0 this is exactly nat_decode."""
@@ -195,8 +191,4 @@ def lpd_decode(nat: NATLearner, at: ATDemonstrator, src: torch.Tensor, delta_t: 
     at_enc = at.encode(src) if delta_t > 0 else None
     tokens, cand_len, scores = lpd_candidates(nat, at, nat_enc, at_enc, lengths, delta_t, length_penalty)
     best, best_len = pick_best(tokens, cand_len, scores)
-    out = [row[:n] for row, n in zip(best.tolist(), best_len.tolist())]
-    if return_all:
-        B, C = scores.shape
-        return out, tokens.view(B, C, -1), cand_len.view(B, C), scores
-    return out
+    return [row[:n] for row, n in zip(best.tolist(), best_len.tolist())]

@@ -10,10 +10,10 @@ which is data:
   encode (per batch size B and source width S): both encoders and the length prediction;
   choose (per B, S and decoder width W): decode.lpd_candidates and decode.pick_best.
 Between them one host sync reads max T̂ to choose W. Sources are padded to a multiple of
-`bucket` columns, widths rounded up alike and batches to a power of two (by repeating a
+BUCKET columns, widths rounded up alike and batches to a power of two (by repeating a
 source), so a handful of graphs serves every input. Padding is masked, so the outputs are
-those of eager `lpd_decode` (tests/test_graphs.py compares them on a GPU). Inputs are copied
-into each graph's static tensors and outputs read back before the call returns.
+those of eager `lpd_decode` (tests/imitate_nat/test_graphs.py compares them on a GPU).
+Inputs are copied into each graph's static tensors and outputs read back before the call returns.
 """
 from __future__ import annotations
 
@@ -22,6 +22,8 @@ import torch
 from .at import ATDemonstrator
 from .decode import lpd_candidates, lpd_decode, pick_best
 from .nat import NATLearner
+
+BUCKET = 8  # sources and decoder widths are padded to a multiple of this many columns
 
 
 def _round_up(n: int, m: int) -> int:
@@ -48,9 +50,9 @@ class GraphedLPD:
     With delta_t = 0 it is NAT decoding and `at` may be None."""
 
     def __init__(self, nat: NATLearner, at: ATDemonstrator | None, delta_t: int = 3, length_penalty: float = 1.0,
-                 bucket: int = 8, max_batch: int = 8):
-        if delta_t < 0 or bucket < 1 or max_batch < 1:
-            raise ValueError(f"need delta_t >= 0, bucket >= 1, max_batch >= 1 (got {delta_t}, {bucket}, {max_batch})")
+                 max_batch: int = 8):
+        if delta_t < 0 or max_batch < 1:
+            raise ValueError(f"need delta_t >= 0 and max_batch >= 1 (got {delta_t}, {max_batch})")
         if at is None and delta_t > 0:
             raise ValueError("LPD with delta_t > 0 rescores with the AT: pass it")
         device = next(nat.parameters()).device
@@ -61,7 +63,7 @@ class GraphedLPD:
         if any(m.training for m in models):
             raise ValueError("call .eval() on the models first: a graph would record dropout")
         self.nat, self.at, self.delta_t, self.length_penalty = nat, at, delta_t, length_penalty
-        self.bucket, self.max_batch, self.device = bucket, max_batch, device
+        self.max_batch, self.device = max_batch, device
         self._encoders: dict[tuple[int, int], tuple] = {}  # (B, S) -> (graph, src, lengths, outputs)
         self._choosers: dict[tuple[int, int, int], tuple] = {}  # (B, S, W) -> (graph, outputs)
 
@@ -98,7 +100,7 @@ class GraphedLPD:
     @torch.no_grad()
     def __call__(self, src: torch.Tensor, lengths: torch.Tensor | None = None) -> list[list[int]]:
         cfg, n, S = self.nat.cfg, src.size(0), src.size(1)
-        Sb = _round_up(S, self.bucket)
+        Sb = _round_up(S, BUCKET)
         if n > self.max_batch or Sb > cfg.max_positions:
             return lpd_decode(self.nat, self.at, src, self.delta_t, lengths, self.length_penalty)
         B = 1 << (n - 1).bit_length()  # next power of two: rows n..B-1 repeat source 0
@@ -111,7 +113,7 @@ class GraphedLPD:
         if lengths is not None:
             len_buf[:n].copy_(lengths)
         widest = int(len_buf.max()) + self.delta_t  # the one host sync between the two graphs
-        W = min(_round_up(max(widest, 1), self.bucket), cfg.max_positions)
+        W = min(_round_up(max(widest, 1), BUCKET), cfg.max_positions)
         graph, (best, best_len) = self._chooser(B, Sb, W)
         graph.replay()
         return [row[:k] for row, k in zip(best[:n].tolist(), best_len[:n].tolist())]

@@ -31,8 +31,8 @@ def sinusoidal_positions(length: int, dim: int, device=None) -> torch.Tensor:
 class Dropout(nn.Module):
     """Inverted dropout, as nn.Dropout, with a cheaper random mask on the CPU.
 
-    On the CPU, F.dropout draws one Mersenne-Twister number per element, serially: profiled at
-    a quarter of the tiny model's training step. Here one 64-bit draw gives four 15-bit
+    On the CPU, F.dropout draws one Mersenne-Twister number per element, serially, which is a
+    large part of a small model's training step. Here one 64-bit draw gives four 15-bit
     uniforms, so the drop probability is p rounded to a multiple of 1/32768. On accelerators
     F.dropout (a fused Philox kernel) is used unchanged."""
 

@@ -2,7 +2,7 @@
 
 Normalization: every term is averaged over real target tokens (the cross-entropy as usual,
 L_π and L_IL likewise, summed over decoder layers), so λ1 and λ2 weigh per-token quantities
-against a per-token cross-entropy, as the paper's sums over t do against eq 1-2's sums.
+against a per-token cross-entropy, as the paper's sums over t do against the sums of eq 1 and 2.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ def unwrap(model):
 
 
 def label_smoothed_ce(logits: torch.Tensor, target: torch.Tensor, pad_id: int, eps: float):
-    """Returns (label-smoothed loss, plain NLL), both averaged over non-pad targets."""
+    """The token negative log-likelihood of eq 1 (L_AT) and eq 2 (L_NAT), label-smoothed.
+    Returns (label-smoothed loss, plain NLL), both averaged over non-pad targets."""
     lprobs = F.log_softmax(logits.float(), dim=-1)
     keep = target.ne(pad_id)
     nll = -lprobs.gather(-1, target.unsqueeze(-1)).squeeze(-1)
@@ -38,12 +39,12 @@ def token_accuracy(logits: torch.Tensor, target: torch.Tensor, pad_id: int) -> f
 
 
 def imitation_loss(at_log_pis: list[torch.Tensor], nat_log_pis: list[torch.Tensor], mask: torch.Tensor):
-    """eq 12-13: L_IL = Σ_l H(π_AT, π_NAT) = -Σ_l E_{π_AT}[log π_NAT], averaged over real tokens.
-    π_AT is a fixed target: no gradient flows into the demonstrator."""
+    """eq 12: L_IL = Σ_l H(π_AT, π_NAT), by eq 13 = -Σ_l E_{π_AT}[log π_NAT], averaged over real
+    tokens. π_AT is a fixed target: no gradient flows into the demonstrator."""
     n = mask.sum().clamp_min(1)
     total = 0.0
     for at_lp, nat_lp in zip(at_log_pis, nat_log_pis, strict=True):
-        h = -(at_lp.detach().exp() * nat_lp).sum(-1)
+        h = -(at_lp.detach().exp() * nat_lp).sum(-1)  # eq 13: -E_{π_AT}[log π_NAT] per position
         total = total + (h * mask).sum() / n
     return total
 
@@ -53,7 +54,7 @@ def at_loss(at: ATDemonstrator, batch: Batch, cfg: LossConfig) -> tuple[torch.Te
     logits, log_pis = at(batch.src, batch.tgt_in)
     core = unwrap(at)
     pad_id = core.cfg.pad_id
-    ce, nll = label_smoothed_ce(logits, batch.tgt_out, pad_id, cfg.label_smoothing)
+    ce, nll = label_smoothed_ce(logits, batch.tgt_out, pad_id, cfg.label_smoothing)  # L_AT, eq 1
     mask = batch.tgt_out.ne(pad_id).float()
     reg = sum(m.regularization_loss(lp, mask) for m, lp in zip(core.imitation_modules(), log_pis))
     loss = ce + cfg.lambda1 * reg
@@ -80,7 +81,7 @@ def nat_loss(nat: NATLearner, batch: Batch, cfg: LossConfig, demonstrator: ATDem
     tgt_keep = batch.tgt.ne(pad_id)
     lengths = tgt_keep.sum(1)
     logits, log_pis, len_logits = nat(batch.src, lengths)
-    ce, nll = label_smoothed_ce(logits, batch.tgt, pad_id, cfg.label_smoothing)
+    ce, nll = label_smoothed_ce(logits, batch.tgt, pad_id, cfg.label_smoothing)  # L_NAT, eq 2
     len_loss = F.cross_entropy(len_logits.float(), core.length_targets(batch.src.ne(pad_id), lengths))
     loss = ce + cfg.length_weight * len_loss
     stats = {"nll": nll.item(), "length_loss": len_loss.item(), "acc": token_accuracy(logits, batch.tgt, pad_id)}

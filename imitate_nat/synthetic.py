@@ -1,7 +1,8 @@
 """A deterministic toy language pair: the embedded default corpus (no download).
 
-The pair is built to have what makes non-autoregressive translation hard (DESIGN.md,
-"The embedded default corpus"):
+The pair is built to have what makes non-autoregressive translation hard: the "highly
+multimodal distribution of target translations" of paper §3.3.2, a target length the NAT
+must predict (§3.3.1, §4 LPD), and word order and agreement that depend on other positions:
 
 * reordering  - the target is verb-final in every clause and puts adjectives after the noun,
   prepositional phrases before the object;
@@ -153,10 +154,6 @@ class SyntheticLanguage:
 
     def __repr__(self) -> str:
         return f"SyntheticLanguage(seed={self.seed}, vocab_words={self.vocab_words})"
-
-    def multi_synonym_words(self) -> list[str]:
-        """Source content words with more than one target synonym."""
-        return [w for d in (self.nouns, self.adjectives, self.verbs, self.adverbs) for w, s in d.items() if len(s) > 1]
 
     # ---- sampling sources -------------------------------------------------------------
     def _pick(self, rng: random.Random, c: str) -> str:

@@ -67,6 +67,3 @@ class Tokenizer:
     def decode(self, ids: Sequence[int]) -> str:
         """Detokenized text; special ids are dropped."""
         return self.sp.decode([i for i in ids if i > EOS_ID])
-
-    def decode_batch(self, batch: Iterable[Sequence[int]]) -> list[str]:
-        return [self.decode(ids) for ids in batch]

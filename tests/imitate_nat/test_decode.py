@@ -9,7 +9,7 @@ import torch
 from imitate_nat import ATDemonstrator, NATLearner, preset
 from imitate_nat.data import source_tensor
 from imitate_nat import decode
-from imitate_nat.decode import at_score, beam_search, greedy_search, lpd_decode, nat_decode
+from imitate_nat.decode import at_score, beam_search, greedy_search, lpd_candidates, lpd_decode, nat_decode
 from imitate_nat.layers import select_cache
 
 SPECIALS = 4  # pad, unk, bos, eos
@@ -39,8 +39,7 @@ def test_beam_search_with_room_for_every_hypothesis_equals_exhaustive_search(len
     L = 4  # at most 3 tokens + EOS; content tokens are unk and 4..6 (pad/bos are never emitted)
     content = [1, 4, 5, 6]
     space = [list(s) for n in range(L) for s in itertools.product(content, repeat=n)]  # 85 sequences
-    hyps, scores = beam_search(at, src, beam_size=len(space) + 5, length_penalty=length_penalty,
-                               max_len_a=0, max_len_b=L, return_scores=True)
+    hyps = beam_search(at, src, beam_size=len(space) + 5, length_penalty=length_penalty, max_len_a=0, max_len_b=L)
     memory, keep = at.encode(src)
     for b in range(src.size(0)):
         cand = torch.zeros(len(space), L - 1, dtype=torch.long)
@@ -51,13 +50,12 @@ def test_beam_search_with_room_for_every_hypothesis_equals_exhaustive_search(len
                          cand, lens, length_penalty)
         best = int(exact.argmax())
         assert hyps[b] == space[best]
-        assert scores[b] == pytest.approx(float(exact[best]), abs=1e-4)
 
 
-def test_small_beam_finds_no_worse_than_greedy_and_scores_are_consistent():
+def test_small_beam_finds_no_worse_than_greedy():
     at, _ = model_pair(vocab=12, seed=3)
     src = sources(12, n=5, seed=4)
-    hyps, scores = beam_search(at, src, beam_size=4, max_len_a=0, max_len_b=8, return_scores=True)
+    hyps = beam_search(at, src, beam_size=4, max_len_a=0, max_len_b=8)
     greedy = greedy_search(at, src, max_len_a=0, max_len_b=8)
     memory, keep = at.encode(src)
 
@@ -67,9 +65,7 @@ def test_small_beam_finds_no_worse_than_greedy_and_scores_are_consistent():
             t[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         return at_score(at, memory, keep, t, torch.tensor([len(s) for s in seqs]))
 
-    beam_scores, greedy_scores = rescore(hyps), rescore(greedy)
-    assert torch.allclose(beam_scores, torch.tensor(scores), atol=1e-4)   # beam's own score = teacher-forced score
-    assert torch.all(beam_scores >= greedy_scores - 1e-5)
+    assert torch.all(rescore(hyps) >= rescore(greedy) - 1e-5)
 
 
 def test_cached_incremental_decoding_equals_full_recomputation():
@@ -167,8 +163,10 @@ def test_lpd_keeps_the_candidate_the_at_scores_best():
     at, nat = model_pair(vocab=15, seed=17)
     src = sources(15, n=4, seed=18)
     lengths = torch.tensor([2, 4, 6, 3])
-    best, cands, cand_len, scores = lpd_decode(nat, at, src, delta_t=2, lengths=lengths, return_all=True)
-    assert cands.shape[:2] == (4, 5)
+    best = lpd_decode(nat, at, src, delta_t=2, lengths=lengths)
+    with torch.no_grad():
+        tokens, cand_len, scores = lpd_candidates(nat, at, nat.encode(src), at.encode(src), lengths, 2)
+    cands, cand_len = tokens.view(4, 5, -1), cand_len.view(4, 5)
     assert cand_len.tolist()[0] == [1, 1, 2, 3, 4]                  # T̂-ΔT clamped at 1
     assert cand_len.tolist()[1] == [2, 3, 4, 5, 6]
     memory, keep = at.encode(src)

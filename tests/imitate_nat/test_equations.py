@@ -7,7 +7,7 @@ import torch
 from imitate_nat import ATDemonstrator, LossConfig, NATLearner, preset
 from imitate_nat.data import make_batch
 from imitate_nat.imitation import ImitationModule, action_usage_entropy, sharpened_target
-from imitate_nat.losses import at_loss, imitation_loss, nat_loss
+from imitate_nat.losses import at_loss, demonstrator_policies, imitation_loss, nat_loss
 from imitate_nat.nat import soft_copy_weights, uniform_copy_index
 
 
@@ -91,36 +91,37 @@ def test_eq8_rows_sum_to_one_on_random_input():
 
 
 # ---- eq 9: KL regularizer ---------------------------------------------------------------------
-def test_eq9_kl_is_nonnegative_matches_formula_and_target_is_fixed():
-    torch.manual_seed(2)
-    m = ImitationModule(8, 16, 6).eval()
-    o = torch.randn(3, 5, 8)
-    _, log_pi = m(o)
-    mask = torch.ones(3, 5)
-    mask[0, 3:] = 0
-    loss = m.regularization_loss(log_pi, mask)
-    pi = log_pi.exp()
-    target = sharpened_target(pi, m.usage)
-    kl = (target * (target.log() - log_pi)).sum(-1)
-    assert torch.all(kl >= -1e-7)
-    assert torch.allclose(loss, (kl * mask).sum() / mask.sum(), atol=1e-6)
-    # the gradient is that of -Σ π'·log π with π' constant (a DEC-style fixed target)
+# The two real tokens of the hand examples below, with c = (0.5, 0.25, 0.25):
+#   π = (0.5, 0.3, 0.2): π²/c = (0.5, 0.36, 0.16), sum 1.02, so π' = (25, 18, 8) / 51 and
+#     KL(π' ‖ π) = 25/51·ln(50/51) + 18/51·ln(20/17) + 8/51·ln(40/51)
+#                = -0.009707 + 0.057360 - 0.038109 = 0.009543
+#   π = (0.6, 0.2, 0.2): π²/c = (0.72, 0.16, 0.16), sum 1.04, so π' = (9, 2, 2) / 13 and
+#     KL(π' ‖ π) = 9/13·ln(15/13) + 2·(2/13)·ln(10/13) = 0.099070 - 0.080727 = 0.018342
+USAGE = (0.5, 0.25, 0.25)
+PI_A, KL_A = (0.5, 0.3, 0.2), 0.009543
+PI_B, KL_B = (0.6, 0.2, 0.2), 0.018342
+
+
+def test_eq9_kl_to_the_fixed_sharpened_target_on_hand_example():
+    m = ImitationModule(d_model=4, d_ffn=4, n_actions=3).eval()  # eval: c stays as set here
+    m.usage.copy_(torch.tensor(USAGE))
+    logits = torch.tensor([[PI_A, PI_B, (0.1, 0.1, 0.8)]]).log().requires_grad_()  # 3rd token: padding
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    loss = m.regularization_loss(torch.log_softmax(logits, -1), mask)
+    assert loss.item() == pytest.approx((KL_A + KL_B) / 2, abs=1e-5)   # mean over real tokens: 0.013943
+    # π' is a fixed target, so d loss / d logits = (π - π') / 2 at each real token (2 of them):
+    #   ((0.5, 0.3, 0.2) - (0.490196, 0.352941, 0.156863)) / 2 = (0.004902, -0.026471, 0.021569)
+    #   ((0.6, 0.2, 0.2) - (0.692308, 0.153846, 0.153846)) / 2 = (-0.046154, 0.023077, 0.023077)
     loss.backward()
-    g_ours = m.policy[0].weight.grad.clone()
-    m.zero_grad()
-    _, log_pi2 = m(o)
-    (-(target.detach() * log_pi2).sum(-1) * mask).sum().div(mask.sum()).backward()
-    assert torch.allclose(g_ours, m.policy[0].weight.grad, atol=1e-6)
+    expected = torch.tensor([[[0.004902, -0.026471, 0.021569], [-0.046154, 0.023077, 0.023077], [0.0, 0.0, 0.0]]])
+    assert torch.allclose(logits.grad, expected, atol=1e-5)
 
 
 def test_eq8_9_division_by_usage_balances_the_action_assignment():
     """The regularizer's balancing comes from dividing by c in eq 8. Trained on the same
     observations for the same steps, the eq 8-9 regularizer ends with a far more even
     assignment of argmax actions (Figure 4's "space usage") than the same loss with the
-    division removed (c held uniform: pure sharpening, which collapses onto few actions).
-
-    Measured and documented in README.md: against λ1 = 0 (cross-entropy only), a short run
-    does not show higher usage entropy - the π² sharpening commits tokens early."""
+    division removed (c held uniform: pure sharpening, which collapses onto few actions)."""
     def usage_entropy(balance: bool, seed: int) -> float:
         torch.manual_seed(seed)
         m = ImitationModule(32, 64, 16)
@@ -146,9 +147,8 @@ def test_eq8_9_division_by_usage_balances_the_action_assignment():
 def test_eq7_9_regularizer_raises_action_usage_entropy_over_a_short_training_run():
     """Figure 4's claim on a small scale: a tiny AT trained 300 steps on the synthetic language
     pair (eq 14) uses its actions more evenly with the regularizer than with λ1 = 0. λ1 = 0.01,
-    10x the paper's default, shows it within 300 steps; at λ1 = 0.001 the difference needs a
-    real run (Multi30k in BENCHMARKS.md: usage entropy 3.71 vs 3.10 nats). Measured while
-    writing this test: +0.33 to +0.45 nats over 3 seeds; λ1 = 0.001 and 0.1 were mixed."""
+    10x the paper's default, makes the difference show within 300 steps; at the paper's
+    λ1 = 0.001 it needs a real training run (BENCHMARKS.md)."""
     import random
 
     from imitate_nat.synthetic import generate_corpus
@@ -180,14 +180,39 @@ def test_eq7_9_regularizer_raises_action_usage_entropy_over_a_short_training_run
         assert with_reg > without + 0.15, (seed, without, with_reg)
 
 
-def test_eq14_at_loss_adds_lambda1_times_regularizer():
-    torch.manual_seed(5)
-    at = ATDemonstrator(tiny()).eval()  # eval: no usage update, so both calls see the same c
-    batch = toy_batch()
-    l0, s0 = at_loss(at, batch, LossConfig(lambda1=0.0))
-    l1, s1 = at_loss(at, batch, LossConfig(lambda1=0.5))
-    assert s0["action_reg"] > 0
-    assert math.isclose(float(l1 - l0), 0.5 * s0["action_reg"], rel_tol=1e-4)
+# Hand-made model outputs over a 6-token vocabulary: ln 5 on the target id, 0 elsewhere, gives
+# p = 5/10 = 0.5 on the target and 1/10 on each of the 5 others. Per token, with ε = 0.1:
+#   NLL = ln 2 = 0.693147; smoothing term -mean_v log p = (5·ln 10 + ln 2) / 6 = 2.034345
+#   label-smoothed CE = 0.9·0.693147 + 0.1·2.034345 = 0.827267
+CE_TOKEN, NLL_TOKEN = 0.827267, 0.693147
+
+
+def peaked_logits(targets: list[int], vocab: int = 6) -> torch.Tensor:
+    logits = torch.zeros(1, len(targets), vocab)
+    for t, y in enumerate(targets):
+        logits[0, t, y] = math.log(5.0)
+    return logits
+
+
+def hand_model(cls, **kw):
+    cfg = preset("tiny", **{"vocab_size": 6, "n_actions": 3, "dec_layers": 2, "dropout": 0.0, **kw})
+    model = cls(cfg).eval()  # eval: no update of c, which is set by hand
+    for m in model.decoder.imitations:
+        m.usage.copy_(torch.tensor(USAGE))
+    return model
+
+
+def test_eq14_at_loss_on_hand_example():
+    at = hand_model(ATDemonstrator)
+    batch = make_batch([[4]], [[5]])  # tgt_in = BOS 5, tgt_out = 5 EOS: two AT positions
+    log_pis = [torch.tensor([[PI_A, PI_A]]).log(), torch.tensor([[PI_B, PI_B]]).log()]  # layer 1, layer 2
+    at.forward = lambda src, tgt_in: (peaked_logits([5, 3]), log_pis)
+    loss, stats = at_loss(at, batch, LossConfig(label_smoothing=0.1, lambda1=0.5))
+    # L_AT (eq 1) = 0.827267 per token; Σ_l L_π^l (eq 9) = 0.009543 + 0.018342 = 0.027885
+    # eq 14: 0.827267 + 0.5·0.027885 = 0.841210
+    assert float(loss) == pytest.approx(0.841210, abs=1e-5)
+    assert stats["nll"] == pytest.approx(NLL_TOKEN, abs=1e-5)
+    assert stats["action_reg"] == pytest.approx(0.027885, abs=1e-5)
 
 
 # ---- eq 10-11: SoftCopy, and the UniformCopy baseline ---------------------------------------------
@@ -257,6 +282,48 @@ def test_demonstrator_policies_equal_the_full_forward_passes():
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(short, full))
 
 
+def test_imitation_pairs_nat_position_t_with_the_at_position_predicting_the_same_token():
+    """The AT reads BOS y1 … y_T' and its position t predicts y_{t+1}, as NAT position t does: L_IL
+    pairs those two; the AT's last position (it predicts EOS) has no partner."""
+    at = hand_model(ATDemonstrator, dec_layers=1, max_length_offset=1)
+    nat = hand_model(NATLearner, dec_layers=1, max_length_offset=1)
+    batch = make_batch([[4, 5]], [[4, 5]])  # T' = 2: AT positions 0, 1 and 2 (EOS)
+    peaked = [(0.8, 0.1, 0.1), (0.1, 0.8, 0.1), (0.1, 0.1, 0.8)]
+    nat_pi = torch.tensor([peaked[:2]])  # NAT position t favours action t …
+    nat.forward = lambda src, lengths: (peaked_logits([4, 5]), [nat_pi.log()], torch.zeros(1, 3))
+
+    def imitation(at_pi):
+        at.policies = lambda src, tgt_in: [torch.tensor([at_pi]).log()]
+        return nat_loss(nat, batch, LossConfig(), demonstrator=at)[1]["imitation"]
+
+    # … and so does AT position t. Paired right, each NAT position costs the entropy of (0.8, 0.1, 0.1):
+    #   -(0.8·ln 0.8 + 2·0.1·ln 0.1) = 0.178515 + 0.460517 = 0.639032
+    # (paired off by one, with AT position t+1, it would cost
+    #   -(0.1·ln 0.8 + 0.8·ln 0.1 + 0.1·ln 0.1) = 0.022314 + 1.842068 + 0.230259 = 2.094641 per position)
+    assert imitation(peaked) == pytest.approx(0.639032, abs=1e-5)
+    # A demonstrator one position late (uniform at BOS) must cost more, not less:
+    #   position 0: -(1/3)·(ln 0.8 + 2·ln 0.1) = (0.223144 + 4.605170) / 3 = 1.609438
+    #   position 1: 2.094641 as above; mean 1.852040
+    late = [(1 / 3, 1 / 3, 1 / 3), peaked[0], peaked[1]]
+    assert imitation(late) == pytest.approx(1.852040, abs=1e-5)
+
+
+def test_demonstrator_policy_at_t_has_not_seen_the_token_nat_position_t_predicts():
+    """With a real AT: π_AT at position t depends on y_1 … y_t (the prefix NAT position t is
+    guided by), not on y_{t+1}, the token NAT position t must predict."""
+    torch.manual_seed(12)
+    at = ATDemonstrator(tiny()).eval()
+    src, tgt = [5, 6, 7], [8, 9, 10, 11]
+    base = demonstrator_policies(at, make_batch([src], [tgt]))
+    assert [lp.shape[1] for lp in base] == [len(tgt)] * at.cfg.dec_layers
+    for t in range(len(tgt)):
+        changed = demonstrator_policies(at, make_batch([src], [tgt[:t] + [30] + tgt[t + 1:]]))  # y_{t+1} changed
+        for before, after in zip(base, changed):
+            assert torch.allclose(after[:, : t + 1], before[:, : t + 1], atol=1e-6), t
+        if t + 1 < len(tgt):
+            assert not torch.allclose(changed[-1][:, t + 1], base[-1][:, t + 1], atol=1e-4), t
+
+
 def test_imitation_trains_nat_but_never_the_frozen_at():
     torch.manual_seed(9)
     at = ATDemonstrator(tiny())
@@ -274,22 +341,62 @@ def test_imitation_trains_nat_but_never_the_frozen_at():
     assert nat.decoder.imitations[0].policy[0].weight.grad.abs().sum() > 0
 
 
-def test_eq15_nat_loss_adds_lambda2_times_imitation():
-    torch.manual_seed(10)
-    at = ATDemonstrator(tiny())
-    nat = NATLearner(tiny()).eval()
-    nat.init_from_at(at)
-    b = toy_batch()
-    l_a, s_a = nat_loss(nat, b, LossConfig(lambda2=0.0), demonstrator=at)
-    l_b, _ = nat_loss(nat, b, LossConfig(lambda2=2.0), demonstrator=at)
-    l_off, s_off = nat_loss(nat, b, LossConfig(imitation=False))
-    assert math.isclose(float(l_b - l_a), 2.0 * s_a["imitation"], rel_tol=1e-4)
-    assert "imitation" not in s_off and math.isclose(float(l_off), float(l_a), rel_tol=1e-6)
+def test_eq15_nat_loss_on_hand_example():
+    at, nat = hand_model(ATDemonstrator, max_length_offset=1), hand_model(NATLearner, max_length_offset=1)
+    batch = make_batch([[4]], [[5]])  # source 4 EOS (S = 2), target 5 (T' = 1)
+    nat_pis = [torch.tensor([[(0.25, 0.5, 0.25)]]), torch.tensor([[(0.5, 0.25, 0.25)]])]
+    # Length classes are offsets T' - S = -1, 0, +1; the reference offset -1 gets p = 2/4 = 0.5.
+    len_logits = torch.tensor([[math.log(2.0), 0.0, 0.0]])
+    nat.forward = lambda src, lengths: (peaked_logits([5]), [p.log() for p in nat_pis], len_logits)
+    # π_AT at AT positions 0 and 1; position 1 predicts EOS and has no NAT partner.
+    at_pis = [torch.tensor([[(0.5, 0.25, 0.25), (0.1, 0.1, 0.8)]])] * 2
+    at.policies = lambda src, tgt_in: [p.log() for p in at_pis]
+    loss, stats = nat_loss(nat, batch, LossConfig(label_smoothing=0.1, lambda2=0.5, length_weight=0.1),
+                           demonstrator=at)
+    # L_NAT (eq 2) = 0.827267; length loss = -ln 0.5 = 0.693147
+    # L_IL (eq 12-13), H(π_AT, π_NAT) = -Σ_a π_AT(a)·ln π_NAT(a) per layer:
+    #   layer 1: -(0.5·ln 0.25 + 0.25·ln 0.5 + 0.25·ln 0.25) = 0.693147 + 0.173287 + 0.346574 = 1.213008
+    #   layer 2: -(0.5·ln 0.5 + 0.25·ln 0.25 + 0.25·ln 0.25) = 0.346574 + 0.346574 + 0.346574 = 1.039721
+    #   L_IL = 2.252729
+    # eq 15 (+ length term): 0.827267 + 0.1·0.693147 + 0.5·2.252729 = 2.022946
+    assert float(loss) == pytest.approx(2.022946, abs=1e-5)
+    assert stats["imitation"] == pytest.approx(2.252729, abs=1e-5)
+    loss_off, stats_off = nat_loss(nat, batch, LossConfig(label_smoothing=0.1, imitation=False, length_weight=0.1))
+    assert float(loss_off) == pytest.approx(0.896582, abs=1e-5) and "imitation" not in stats_off  # 0.827267 + 0.069315
 
 
 def test_imitation_without_demonstrator_is_an_error():
     with pytest.raises(ValueError, match="demonstrator"):
         nat_loss(NATLearner(tiny()), toy_batch(), LossConfig(imitation=True))
+
+
+# ---- §3.3: the NAT decodes all positions at once, the AT left to right --------------------------------
+def test_nat_decoder_is_not_causal_and_at_decoder_is():
+    torch.manual_seed(13)
+    at = ATDemonstrator(tiny()).eval()
+    nat = NATLearner(tiny()).eval()
+    nat.init_from_at(at)
+    src = make_batch([[5, 6, 7, 8]], [[9]]).src
+    memory, keep = nat.encode(src)
+    lengths = torch.tensor([5])
+    base, _ = nat.decode(memory, keep, lengths)
+    copy_inputs = nat.copy_inputs
+
+    def last_input_changed(*args, **kw):
+        x = copy_inputs(*args, **kw).clone()
+        x[:, -1] += 1.0
+        return x
+
+    nat.copy_inputs = last_input_changed
+    changed, _ = nat.decode(memory, keep, lengths)
+    assert not torch.allclose(changed[:, 0], base[:, 0], atol=1e-4)  # position 0 sees position 4's input
+
+    memory, keep = at.encode(src)
+    tgt_in = torch.tensor([[2, 9, 10, 11, 12]])
+    base, _ = at.decode(tgt_in, memory, keep)
+    changed, _ = at.decode(torch.tensor([[2, 9, 10, 11, 13]]), memory, keep)
+    assert torch.allclose(changed[:, :-1], base[:, :-1], atol=1e-6)  # earlier positions never see it
+    assert not torch.allclose(changed[:, -1], base[:, -1], atol=1e-4)
 
 
 # ---- NAT initialization and length prediction -------------------------------------------------------

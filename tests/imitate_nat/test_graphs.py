@@ -34,16 +34,18 @@ def test_lpd_ignores_extra_decoder_width_and_padded_source_columns(copy):
     """What one graph per (width, source) bucket relies on: padding is masked everywhere."""
     at, nat = model_pair(copy)
     src = sources(40, n=5, seed=1)
-    eager, tokens, cand_len, scores = lpd_decode(nat, at, src, delta_t=2, return_all=True)
+    eager = lpd_decode(nat, at, src, delta_t=2)
     padded = torch.cat([src, torch.zeros(src.size(0), 5, dtype=torch.long)], 1)  # 5 extra pad columns
     with torch.no_grad():
+        nat_enc = nat.encode(src)  # unpadded, natural width
+        _, cand_len, scores = lpd_candidates(nat, at, nat_enc, at.encode(src), nat.predict_lengths(*nat_enc), 2)
         nat_enc, at_enc = nat.encode(padded), at.encode(padded)
         lengths = nat.predict_lengths(*nat_enc)
         W = int(cand_len.max()) + 7
         wide_tokens, wide_len, wide_scores = lpd_candidates(nat, at, nat_enc, at_enc, lengths, 2, width=W)
         best, best_len = pick_best(wide_tokens, wide_len, wide_scores)
     assert wide_tokens.size(1) == W
-    assert torch.equal(wide_len, cand_len.view(-1))
+    assert torch.equal(wide_len, cand_len)
     torch.testing.assert_close(wide_scores, scores, atol=1e-5, rtol=1e-5)
     assert [row[:k] for row, k in zip(best.tolist(), best_len.tolist())] == eager
 
@@ -63,7 +65,7 @@ def test_graphed_lpd_refuses_models_off_the_gpu_or_in_training_mode():
 @pytest.mark.parametrize("delta_t", [0, 3])
 def test_graphed_lpd_equals_eager_lpd(copy, delta_t):
     at, nat = model_pair(copy, device="cuda")
-    graphed = GraphedLPD(nat, at, delta_t=delta_t, bucket=8, max_batch=8)
+    graphed = GraphedLPD(nat, at, delta_t=delta_t, max_batch=8)
     for seed, n in enumerate([1, 3, 1, 8, 3, 5]):  # repeated shapes replay, new ones record
         src = sources(40, n, seed).cuda()
         assert graphed(src) == lpd_decode(nat, at, src, delta_t=delta_t), (seed, n)
