@@ -51,6 +51,7 @@ from imitate_nat.data import source_tensor  # noqa: E402
 from imitate_nat.decode import beam_search  # noqa: E402
 from imitate_nat.synthetic import generate_corpus  # noqa: E402
 from imitate_nat.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
+from orchestrator.binarize import line_byte_ranges  # noqa: E402
 from orchestrator.stages.distill import beam_translate, make_workers, run_pool, shard_bounds  # noqa: E402
 
 TARGETS = {"2 actors / 1 actor": 1.8, "batched / per-sentence": 10.0}
@@ -138,7 +139,10 @@ def in_process(a, tok, model, sents) -> dict:
 
 
 def actor_pool(a, work: Path, files: tuple[Path, Path], sents, n_actors: int) -> float:
-    jobs = [(i, sents[s:e]) for i, (s, e) in enumerate(shard_bounds(len(sents), a.shards))]
+    src = work / "src.txt"   # actors read their shard's lines from the file, as in the stage
+    src.write_text("".join(line + "\n" for line in sents), encoding="utf-8")
+    ranges = line_byte_ranges(src, shard_bounds(len(sents), a.shards))
+    jobs = [(i, str(src), start, end) for i, (start, end) in enumerate(ranges)]
     shard_dir = work / f"shards-{n_actors}"
     workers = make_workers(n_actors, *files, shard_dir, decode_kw(a, a.batch_tokens), cpus=1)
     try:

@@ -60,7 +60,7 @@ def random_batch(batch_tokens: int, vocab: int, rng: random.Random):
         length = rng.randint(8, 20)
         srcs.append([rng.randint(4, vocab - 1) for _ in range(length)])
         tgts.append([rng.randint(4, vocab - 1) for _ in range(length + 1)])
-        n += length + 2  # max(source, target) + 1, as train_loop.global_batches counts
+        n += length + 2  # max(source, target) + 1, as training counts (imitate_nat.indexed.pair_lengths)
     return make_batch(srcs, tgts)
 
 

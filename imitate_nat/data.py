@@ -4,7 +4,7 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 
@@ -76,6 +76,33 @@ def read_lines(path: str | Path) -> list[str]:
     if not text:
         return []
     return (text[:-1] if text.endswith("\n") else text).split("\n")
+
+
+_BOM = "\ufeff".encode("utf-8")
+
+
+def iter_lines(path: str | Path) -> Iterator[str]:
+    """read_lines(path) one line at a time: the same lines (split on "\n" only, BOM dropped,
+    no line after a final "\n"), in bounded memory."""
+    with open(path, encoding="utf-8-sig", newline="\n") as f:
+        for line in f:
+            yield line[:-1] if line.endswith("\n") else line
+
+
+def count_lines(path: str | Path) -> int:
+    """len(read_lines(path)) without decoding or holding the file: counts "\n" bytes (never
+    part of a multi-byte UTF-8 character), plus one for a last line with no final "\n"."""
+    n, last, size = 0, b"", 0
+    with open(path, "rb") as f:
+        head = f.read(len(_BOM))
+        f.seek(0)
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            n += chunk.count(b"\n")
+            size += len(chunk)
+            last = chunk[-1:]
+    if size - (len(_BOM) if head == _BOM else 0) > 0 and last != b"\n":
+        n += 1
+    return n
 
 
 def read_parallel(src_path: str | Path, tgt_path: str | Path) -> tuple[list[str], list[str]]:

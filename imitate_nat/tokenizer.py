@@ -1,11 +1,12 @@
 """Joint source+target SentencePiece model with the project's fixed special ids."""
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
@@ -15,31 +16,72 @@ from .config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 def train_sentencepiece(files: Sequence[str | Path], model_path: str | Path, vocab_size: int = 8000,
                         model_type: str = "unigram", character_coverage: float = 1.0,
                         max_sentences: int = 2_000_000, seed: int = 0) -> "Tokenizer":
-    """Train one joint model on all lines of `files` (source and target sides together) and
-    write it to `model_path` atomically. Returns the loaded tokenizer.
+    """Train one joint model on the non-blank lines of `files` (source and target sides
+    together) and write it to `model_path` atomically. Returns the loaded tokenizer.
 
-    `vocab_size` is an upper bound: tiny corpora get what they support (hard_vocab_limit off)
-    rather than an error."""
-    lines: list[str] = []
-    for f in files:
-        with open(f, encoding="utf-8") as fh:
-            lines.extend(line.rstrip("\n") for line in fh if line.strip())
-    if not lines:
+    Memory is bounded by max_sentences, not by the corpus: the files are read twice, one line
+    at a time, first to count the lines, then to hand them (all of them, or with more than
+    `max_sentences` a seeded uniform sample of that many, in corpus order) to SentencePiece
+    through an iterator it consumes lazily; only SentencePiece holds the sentences it trains
+    on. `vocab_size` is an upper bound: tiny corpora get what they support (hard_vocab_limit
+    off) rather than an error.
+
+    Not SentencePiece's own input=/input_sentence_size sampling: with sentencepiece 0.2.3 its
+    reservoir sample differs from run to run whatever set_random_generator_seed says, and
+    input= would write the files' absolute paths into the model file (the same corpus would
+    give different spm.model bytes in different run dirs). With at most max_sentences lines
+    the model is byte-identical to what the former in-memory version wrote; above that the
+    sample differs from the former one (random.Random(seed).sample of all lines held in
+    memory) but is as reproducible."""
+    n = sum(1 for _ in _text_lines(files))
+    if not n:
         raise ValueError(f"no text to train a tokenizer on in {list(map(str, files))}")
-    if len(lines) > max_sentences:  # deterministic subsample: SentencePiece holds all in memory
-        lines = random.Random(seed).sample(lines, max_sentences)
+    lines = _text_lines(files)
+    if n > max_sentences:
+        lines = _selection_sample(lines, n, max_sentences, seed)
     model = io.BytesIO()
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=vocab_size, model_type=model_type,
+        sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type=model_type,
         character_coverage=character_coverage, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
         hard_vocab_limit=False, num_threads=os.cpu_count() or 1,
         minloglevel=2, input_sentence_size=0, shuffle_input_sentence=False)
     model_path = Path(model_path)
     model_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = model_path.with_name(model_path.name + ".tmp")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, model_path)
+    tmp = model_path.with_name(f".{model_path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(model.getvalue())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, model_path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
     return Tokenizer(model_path)
+
+
+def _text_lines(files: Sequence[str | Path]) -> Iterator[str]:
+    """The lines a tokenizer trains on, streamed: every line of every file that is not all
+    whitespace, without its newline."""
+    for f in files:
+        with open(f, encoding="utf-8") as fh:
+            for line in fh:
+                if line.strip():
+                    yield line.rstrip("\n")
+
+
+def _selection_sample(items: Iterable[str], n: int, k: int, seed: int) -> Iterator[str]:
+    """A uniform sample of k of the n items, in their order, in one pass and O(1) memory
+    (Knuth's selection sampling, TAOCP 3.4.2 Algorithm S): item i is taken with probability
+    (k still to take) / (n - i)."""
+    rng = random.Random(seed)
+    for i, item in enumerate(items):
+        if (n - i) * rng.random() < k:
+            yield item
+            k -= 1
+            if not k:
+                return
 
 
 class Tokenizer:

@@ -26,8 +26,9 @@ def ray_local():
 
 
 @pytest.fixture(scope="session")
-def prepared_run(tmp_path_factory):
-    """prepare + tokenizer stages on a small synthetic corpus; returns (run_dir, base spec dict)."""
+def prepared_run(ray_local, tmp_path_factory):
+    """prepare + tokenizer stages (the train set binarized by Ray tasks) on a small synthetic
+    corpus; returns (run_dir, base spec dict)."""
     from orchestrator.run.runner import StageContext
     from orchestrator.spec.loading import spec_from_dict
     from orchestrator.stages.prepare import prepare

@@ -3,6 +3,7 @@ never half of one, and what a stage recorded can be verified later."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
@@ -10,7 +11,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -25,19 +26,30 @@ os.umask(_UMASK)
 
 # ---------------------------------------------------------------- atomic writes
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
-    """Write ``data`` so that readers see either the old file or the complete new one.
+@contextlib.contextmanager
+def atomic_writer(path: str | os.PathLike, mode: str = "w", encoding: str = "utf-8",
+                  buffering: int = _CHUNK) -> Iterator[IO]:
+    """Stream into ``path`` so that readers see either the old file or the complete new one.
 
-    Temp file in the same directory (os.replace is only atomic within a filesystem),
-    fsync before the rename (else a crash can leave a renamed-but-empty file), then fsync
-    the directory so the rename itself survives a power loss.
+    Yields a file object on a temp file in the same directory (os.replace is only atomic
+    within a filesystem). When the ``with`` block ends normally the temp file is fsynced
+    (else a crash can leave a renamed-but-empty file), renamed over ``path``, and the
+    directory fsynced so the rename itself survives a power loss. If the block raises, the
+    temp file is removed and ``path`` is left as it was. Text mode ("w") writes UTF-8 with
+    no newline translation; "wb" writes bytes. Memory use is one buffer, whatever the size.
     """
+    if mode not in ("w", "wb"):
+        raise ValueError(f"mode must be 'w' or 'wb', not {mode!r}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
+        if mode == "wb":
+            f = os.fdopen(fd, "wb", buffering=buffering)
+        else:
+            f = os.fdopen(fd, "w", encoding=encoding, newline="", buffering=buffering)
+        with f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o666 & ~_UMASK)
@@ -50,7 +62,13 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
             pass
         raise
     _fsync_dir(path.parent)
-    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` atomically (see atomic_writer)."""
+    with atomic_writer(path, "wb") as f:
+        f.write(data)
+    return Path(path)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

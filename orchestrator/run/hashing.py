@@ -22,8 +22,10 @@ def stage_hashes(spec: JobSpec) -> dict[str, str]:
     hashes, upstream = {}, None
     for stage in STAGES:
         sections = {name: getattr(spec, name).model_dump(mode="json") for name in STAGE[stage].reads}
-        hashes[stage] = upstream = sha256_json({"stage": stage, "seed": spec.seed, "sections": sections,
-                                                "upstream": upstream})
+        identity = {"stage": stage, "seed": spec.seed, "sections": sections, "upstream": upstream}
+        if STAGE[stage].version > 1:   # (version 1 is left out: the hashes of run dirs made before versions)
+            identity["version"] = STAGE[stage].version
+        hashes[stage] = upstream = sha256_json(identity)
     return hashes
 
 

@@ -3,9 +3,9 @@
 A job's run lives in `<workdir>/<job>/`, one folder per stage, in pipeline order:
 
     prepare    train.src train.tgt valid.src valid.tgt test.src test.tgt   (text, one sentence a line)
-    tokenizer  spm.model
+    tokenizer  spm.model, train.src.bin/.idx, train.tgt.bin/.idx   (the train set binarized: imitate_nat/indexed.py)
     teacher    model.pt          (imitate_nat.checkpoint model file: ATDemonstrator, best on valid)
-    distill    train.distilled.tgt   (one line per line of prepare/train.src, same order)
+    distill    train.distilled.tgt (+ .bin/.idx)   (one line per line of prepare/train.src, same order)
     student    model.pt          (NATLearner, best on valid)
     evaluate   summary.json summary.md test.at.txt test.nat.txt test.lpd.txt
 
@@ -36,14 +36,20 @@ class Stage:
     outputs: tuple[str, ...]      # files recorded (with sha256) in its manifest
     logged: tuple[str, ...] = ()  # outputs also logged to MLflow as artifacts (corpora stay in the run dir)
     training: bool = False        # reads max_steps from the spec section of its own name
+    version: int = 1              # of its outputs' format: a new one makes run dirs from before rebuild it
+
+
+def _binarized(name: str) -> tuple[str, str]:
+    return f"{name}.bin", f"{name}.idx"
 
 
 _SUMMARY = ("summary.json", "summary.md", *(f"test.{d}.txt" for d in DECODERS))
 STAGE_TABLE = (
     Stage("prepare", ("data",), tuple(f"{split}.{side}" for split in SPLITS for side in SIDES)),
-    Stage("tokenizer", ("tokenizer",), (SPM,), logged=(SPM,)),
+    Stage("tokenizer", ("tokenizer",), (SPM, *_binarized("train.src"), *_binarized("train.tgt")), logged=(SPM,),
+          version=2),   # 2: the train set binarized (2026-12)
     Stage("teacher", ("model", "teacher"), (MODEL,), logged=(MODEL,), training=True),
-    Stage("distill", ("distill",), (DISTILLED,)),
+    Stage("distill", ("distill",), (DISTILLED, *_binarized(DISTILLED)), version=2),
     Stage("student", ("model", "student"), (MODEL,), logged=(MODEL,), training=True),
     Stage("evaluate", ("eval",), _SUMMARY, logged=_SUMMARY),
 )
@@ -71,6 +77,12 @@ def model_path(rd: Path, stage: str) -> Path:
 
 def spm_path(rd: Path) -> Path:
     return Path(rd) / "tokenizer" / SPM
+
+
+def bin_prefix(rd: Path, stage: str, name: str) -> Path:
+    """The prefix of a binarized corpus (prefix.bin + prefix.idx): tokenizer's "train.src" and
+    "train.tgt", distill's "train.distilled.tgt"."""
+    return Path(rd) / stage / name
 
 
 class RunNotReady(Exception):

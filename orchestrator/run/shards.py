@@ -14,6 +14,11 @@ from typing import Any, Iterable
 from .files import atomic_write_bytes, atomic_write_json
 
 
+def shard_path(directory: str | os.PathLike, index: int) -> Path:
+    """The text file of shard `index`: its lines, each ending in "\\n"."""
+    return _shard_paths(directory, index)[0]
+
+
 def _shard_paths(directory: str | os.PathLike, index: int) -> tuple[Path, Path]:
     d = Path(directory)
     return d / f"shard-{index:05d}.txt", d / f"shard-{index:05d}.done"

@@ -150,7 +150,8 @@ class ModelSpec(_Section):
 
 class TrainSpec(_Section):
     max_steps: int = Field(100000, gt=0)
-    batch_tokens: int = Field(4096, gt=0)            # per worker
+    batch_tokens: int = Field(4096, gt=0)            # per worker and micro-batch (fairseq's --max-tokens)
+    update_freq: int = Field(1, gt=0)                # micro-batches per update (gradient accumulation)
     lr: float = Field(5e-4, gt=0.0)
     warmup_steps: int = Field(4000, ge=0)
     weight_decay: float = Field(0.0, ge=0.0)

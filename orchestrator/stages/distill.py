@@ -1,11 +1,13 @@
 """Sequence-level distillation: the AT teacher beam-decodes the training sources.
 
-The train source is cut into contiguous, balanced shards. A pool of Ray actors, each holding
-the teacher and tokenizer (loaded once), translates one shard per call and writes it itself
-with `write_shard` (atomic, done marker last); the driver only hands out shards and
-gets back small dicts. A shard whose output verifies (`shard_done`) is never redone, so an
+The train source is cut into contiguous, balanced shards: line ranges, handed out as byte
+ranges of prepare/train.src. A pool of Ray actors, each holding the teacher and tokenizer
+(loaded once), reads its shard's lines itself from the shared run dir, translates them and
+writes the shard with `write_shard` (run/shards.py: atomic, done marker last); the driver only
+hands out ranges and gets back small dicts, and never holds the corpus. A shard whose output verifies (`shard_done`) is never redone, so an
 interrupted run resumes and deleting or corrupting one shard redoes only that shard. The merge
-concatenates shards in order: line i of train.distilled.tgt translates line i of train.src.
+streams the shards in order into train.distilled.tgt (line i translates line i of train.src),
+which is then binarized for the student like the tokenizer stage binarizes the train set.
 
 Shards are written by the actors into `<run dir>/distill/shards/`, and the actors read the
 teacher and tokenizer from the run dir: on a multi-node cluster the run dir must be on storage
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 from pathlib import Path
 
@@ -29,15 +32,16 @@ import torch
 from tqdm.auto import tqdm
 
 from imitate_nat.checkpoint import load_model
-from imitate_nat.data import read_lines
+from imitate_nat.data import count_lines
 from imitate_nat.tokenizer import Tokenizer
 from imitate_nat.translate import at_beam, translate
 
+from ..binarize import binarize, line_byte_ranges, read_range
 from ..run.cluster import check_fits_cluster, init_ray
-from ..run.files import atomic_write_json, atomic_write_text, sha256_file
+from ..run.files import atomic_write_json, atomic_writer, sha256_file
 from ..run.layout import DISTILLED, model_path, spm_path
 from ..run.runner import StageContext, StageResult
-from ..run.shards import read_shard, shard_done, shard_marker, write_shard
+from ..run.shards import shard_done, shard_marker, shard_path, write_shard
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +73,11 @@ class DistillWorker:
     def ready(self) -> str:
         return self.device
 
-    def translate_shard(self, index: int, lines: list[str]) -> dict:
+    def translate_shard(self, index: int, src_path: str, start: int, end: int) -> dict:
+        """Translate the lines in bytes [start, end) of the source file (read here, from the
+        shared run directory: the driver never holds the corpus) and write them as shard `index`."""
         t0 = time.perf_counter()
-        out = beam_translate(self.model, self.tok, lines, device=self.device, **self.decode)
+        out = beam_translate(self.model, self.tok, read_range(src_path, start, end), device=self.device, **self.decode)
         node = ray.get_runtime_context().get_node_id()   # kept in the marker: where each shard was made
         write_shard(self.shard_dir, index, out, node=node)
         return {"index": index, "n": len(out), "seconds": time.perf_counter() - t0, "node": node}
@@ -90,8 +96,8 @@ def make_workers(n: int, model_path, spm_path, shard_dir, decode: dict, cpus: fl
                                                  decode, cpus, gpus) for _ in range(n)]
 
 
-def run_pool(workers: list, jobs: list[tuple[int, list[str]]], on_done=None) -> tuple[float, int]:
-    """Translate `jobs` [(shard index, lines)] on `workers`, one shard in flight per actor, each
+def run_pool(workers: list, jobs: list[tuple], on_done=None) -> tuple[float, int]:
+    """Translate `jobs` [(shard index, source path, byte start, byte end)] on `workers`, one shard in flight per actor, each
     actor taking the next shard as soon as it is ready or done (load balancing). An actor that
     dies for good (restarts exhausted) is dropped and its shard goes back in the queue. An actor
     that never starts (the cluster has no room for it) is not waited for once every shard is
@@ -152,8 +158,8 @@ def distill(ctx: StageContext) -> StageResult:
     shard_dir = (ctx.out_dir / "shards").resolve()
     shard_dir.mkdir(parents=True, exist_ok=True)
 
-    lines = read_lines(src_path)
-    bounds = shard_bounds(len(lines), ds.shards)
+    n_lines = count_lines(src_path)
+    bounds = shard_bounds(n_lines, ds.shards)
     decode = {k: getattr(ds, k) for k in DECODE_KEYS}
     plan = {"source_sha256": sha256_file(src_path),
             "teacher_sha256": sha256_file(teacher_file),
@@ -164,10 +170,11 @@ def distill(ctx: StageContext) -> StageResult:
     for debris in shard_dir.glob(".shard-*.tmp"):    # left by a write killed mid-way
         debris.unlink(missing_ok=True)
 
-    todo = [(i, lines[a:b]) for i, (a, b) in enumerate(bounds)
+    byte_ranges = line_byte_ranges(src_path, bounds)
+    todo = [(i, str(src_path), *byte_ranges[i]) for i, (a, b) in enumerate(bounds)
             if not shard_done(shard_dir, i, b - a)]
     reused = len(bounds) - len(todo)
-    log.info("distill: %d lines, %d shards (%d already done)", len(lines), len(bounds), reused)
+    log.info("distill: %d lines, %d shards (%d already done)", n_lines, len(bounds), reused)
 
     seconds, translated = 0.0, 0
     if todo:
@@ -196,15 +203,20 @@ def distill(ctx: StageContext) -> StageResult:
     bad = [i for i, (a, b) in enumerate(bounds) if not shard_done(shard_dir, i, b - a)]
     if bad:
         raise RuntimeError(f"distill: shard(s) {bad} missing or incomplete after translation")
-    merged = [line for i in range(len(bounds)) for line in read_shard(shard_dir, i)]
-    if len(merged) != len(lines):
-        raise RuntimeError(f"distill: merged {len(merged)} lines, expected {len(lines)}")
-    atomic_write_text(ctx.out_dir / DISTILLED, "".join(line + "\n" for line in merged))
+    out = ctx.out_dir / DISTILLED
+    with atomic_writer(out, "wb") as f:   # the shards streamed in order: line i translates line i of train.src
+        for i in range(len(bounds)):
+            with open(shard_path(shard_dir, i), "rb") as shard:
+                shutil.copyfileobj(shard, f)
+    n_out = binarize(out, spm_file, ctx.out_dir / DISTILLED, progress=ctx.progress)   # for the student
+    if n_out != n_lines:
+        raise RuntimeError(f"distill: merged {n_out} lines, expected {n_lines}")
 
     nodes = {(shard_marker(shard_dir, i) or {}).get("node") for i in range(len(bounds))}
-    metrics = {"lines": float(len(lines)), "shards": float(len(bounds)), "shards_reused": float(reused),
+    metrics = {"lines": float(n_lines), "shards": float(len(bounds)), "shards_reused": float(reused),
                "nodes": float(len(nodes - {None})),   # distinct Ray nodes that made the shards
                "sentences_per_s": translated / seconds if seconds > 0 else 0.0,
                "seconds": time.perf_counter() - t_start}
     ctx.tracker.log_metrics({f"distill/{k}": v for k, v in metrics.items()})
-    return StageResult(outputs={DISTILLED: DISTILLED}, metrics=metrics)
+    outputs = {name: name for name in (DISTILLED, f"{DISTILLED}.bin", f"{DISTILLED}.idx")}
+    return StageResult(outputs=outputs, metrics=metrics)

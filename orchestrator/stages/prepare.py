@@ -16,18 +16,38 @@ sentence a line, parallel by line number.
 * data.valid_size with no valid split (files: missing <valid_prefix> files; huggingface: no
   validation split): that many pairs are carved from train (seeded random sample, corpus
   order), before cleaning; they are not in train.
+
+Memory (corpora of tens of millions of pairs): nothing holds a whole split. Every split is
+streamed pair by pair from its source into temp files that are renamed into place only when
+the stage succeeds (on an error the old outputs stay). What grows with the corpus:
+
+* the duplicate filter: one 64-bit hash per kept train pair, in sorted numpy runs (_SeenHashes),
+  8 bytes a pair (16 while the largest runs merge): ~36 MB for WMT14's 4.5M pairs;
+* with data.max_train below the corpus size, the sorted sample of kept line numbers: 8 bytes
+  each while streaming. Drawing it (random.sample, kept so that the sample stays the same)
+  briefly takes ~120 bytes per sampled line, or ~40 per corpus line when max_train is more
+  than about a twelfth of the corpus;
+* with carving, the data.valid_size sampled positions.
+Train pairs that pass the other filters are buffered CHUNK at a time for the hash lookup.
+The files source counts lines first (a byte scan), for max_train and carving, then streams.
+The huggingface source streams rows from the (memory-mapped) Arrow dataset.
 """
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import logging
 import random
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import IO, Iterable, Iterator, Optional, Sequence
 
-from imitate_nat.data import read_parallel
+import numpy as np
 
-from ..run.files import atomic_write_text
+from imitate_nat.data import count_lines, iter_lines
+
+from ..run.files import atomic_writer
 from ..run.runner import StageContext, StageResult
 from ..spec.schema import DataSpec
 
@@ -35,7 +55,9 @@ log = logging.getLogger("imitate_orch")
 
 SPLITS = ("train", "valid", "test")
 HF_VALID_SPLITS = ("validation", "valid", "dev")
-Pairs = tuple[list[str], list[str]]
+DROP_REASONS = ("dropped_empty", "dropped_length", "dropped_ratio", "dropped_duplicate")
+CHUNK = 8192          # train pairs buffered per duplicate lookup (a few MB of strings)
+Pair = tuple[str, str]
 
 
 # ------------------------------------------------------------------------------ helpers --
@@ -56,47 +78,81 @@ def _cap_indices(n: int, max_train: Optional[int], seed: int) -> Optional[list[i
     return _sample_indices(n, max_train, seed * 1_000_003 + 1)
 
 
-def _carve(train: Pairs, valid_size: int, seed: int) -> tuple[Pairs, Pairs]:
-    """Split valid_size pairs off train (seeded sample, corpus order kept on both sides)."""
-    n = len(train[0])
+def _carve_positions(n: int, valid_size: int, seed: int) -> np.ndarray:
+    """Positions (in the train stream, after max_train) of the valid_size pairs carved off."""
     if valid_size >= n:
         raise ValueError(f"data.valid_size={valid_size} needs more than {n} training pairs to carve from")
-    chosen = set(_sample_indices(n, valid_size, seed * 1_000_003 + 2))
-    valid: Pairs = ([], [])
-    rest: Pairs = ([], [])
-    for i, pair in enumerate(zip(*train)):
-        dest = valid if i in chosen else rest
-        dest[0].append(pair[0])
-        dest[1].append(pair[1])
-    return valid, rest
+    return np.asarray(_sample_indices(n, valid_size, seed * 1_000_003 + 2), dtype=np.int64)
+
+
+def _select(items: Iterable, indices: Sequence[int]) -> Iterator:
+    """The items at the given increasing positions, streamed."""
+    wanted = map(int, indices)
+    nxt = next(wanted, None)
+    if nxt is None:
+        return
+    for i, item in enumerate(items):
+        if i == nxt:
+            yield item
+            nxt = next(wanted, None)
+            if nxt is None:
+                return
+
+
+def _count_parallel(src_path: str, tgt_path: str) -> int:
+    """The number of pairs, with read_parallel's check that both sides have as many lines."""
+    n_src, n_tgt = count_lines(src_path), count_lines(tgt_path)
+    if n_src != n_tgt:
+        raise ValueError(f"{src_path} has {n_src} lines but {tgt_path} has {n_tgt}")
+    return n_src
+
+
+def _read_pairs(src_path, tgt_path, indices: Optional[Sequence[int]] = None) -> Iterator[Pair]:
+    pairs = zip(iter_lines(src_path), iter_lines(tgt_path))
+    return pairs if indices is None else _select(pairs, indices)
 
 
 # ------------------------------------------------------------------------------ sources --
 
-def _load_synthetic(data: DataSpec, seed: int) -> dict[str, Pairs]:
+@dataclass
+class _Source:
+    """A data source's splits as streams of raw (source, target) pairs."""
+    train: Iterable[Pair]             # corpus order, data.max_train already applied
+    valid: Optional[Iterable[Pair]]   # None: carve it from train at `carve`
+    test: Iterable[Pair]
+    carve: Optional[np.ndarray] = None
+
+
+def _load_synthetic(data: DataSpec, seed: int, stack: contextlib.ExitStack) -> _Source:
     from imitate_nat.synthetic import write_splits
 
     syn = data.synthetic
-    with tempfile.TemporaryDirectory(prefix="imitate-synthetic-") as tmp:
-        paths = write_splits(tmp, syn.train_size, syn.valid_size, syn.test_size, seed=seed,
-                             vocab_words=syn.vocab_words, src_lang=data.src_lang, tgt_lang=data.tgt_lang)
-        return {split: read_parallel(*map(str, paths[split])) for split in SPLITS}
+    tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="imitate-synthetic-"))
+    paths = write_splits(tmp, syn.train_size, syn.valid_size, syn.test_size, seed=seed,
+                         vocab_words=syn.vocab_words, src_lang=data.src_lang, tgt_lang=data.tgt_lang)
+    return _Source(*(_read_pairs(*paths[split]) for split in SPLITS))
 
 
-def _load_files(data: DataSpec, seed: int) -> dict[str, Pairs]:
-    train = read_parallel(*data.split_files(data.train_prefix))
-    cap = _cap_indices(len(train[0]), data.max_train, seed)
+def _load_files(data: DataSpec, seed: int, stack: contextlib.ExitStack) -> _Source:
+    train_files = data.split_files(data.train_prefix)
+    n = _count_parallel(*train_files)
+    cap = _cap_indices(n, data.max_train, seed)
     if cap is not None:
-        train = tuple([side[i] for i in cap] for side in train)
+        n, cap = len(cap), np.asarray(cap, dtype=np.int64)   # 8 bytes a line, not ~36
+    train = _read_pairs(*train_files, cap)
     valid_files = data.split_files(data.valid_prefix)
+    valid, carve = None, None
     if all(Path(p).is_file() for p in valid_files):
-        valid = read_parallel(*valid_files)
+        _count_parallel(*valid_files)
+        valid = _read_pairs(*valid_files)
     elif data.valid_size:
-        valid, train = _carve(train, data.valid_size, seed)
+        carve = _carve_positions(n, data.valid_size, seed)
     else:
         raise FileNotFoundError(f"missing valid file(s) {', '.join(valid_files)} "
                                 "(or set data.valid_size to carve valid from train)")
-    return {"train": train, "valid": valid, "test": read_parallel(*data.split_files(data.test_prefix))}
+    test_files = data.split_files(data.test_prefix)
+    _count_parallel(*test_files)
+    return _Source(train, valid, _read_pairs(*test_files), carve)
 
 
 def _import_datasets():
@@ -108,28 +164,28 @@ def _import_datasets():
     return datasets
 
 
-def _hf_pairs(ds, data: DataSpec, split: str, indices: Optional[Sequence[int]] = None) -> Pairs:
-    """Rows {"translation": {src_lang: ..., tgt_lang: ...}} -> (sources, targets)."""
+def _hf_pairs(ds, data: DataSpec, split: str, indices: Optional[Sequence[int]] = None) -> Iterator[Pair]:
+    """Rows {"translation": {src_lang: ..., tgt_lang: ...}} -> a stream of (source, target)."""
     if "translation" not in ds.column_names:
         raise ValueError(f"{data.hf_name} split {split!r}: expected a 'translation' column, "
                          f"found {ds.column_names}")
     if indices is not None:
         ds = ds.select(indices)
-    src, tgt = [], []
-    for batch in ds.iter(batch_size=10_000):
-        for row in batch["translation"]:
-            try:
-                s, t = row[data.src_lang], row[data.tgt_lang]
-            except (KeyError, TypeError):
-                keys = sorted(row) if isinstance(row, dict) else type(row).__name__
-                raise ValueError(f"{data.hf_name} split {split!r}: a translation has keys {keys}, "
-                                 f"need {data.src_lang!r} and {data.tgt_lang!r}") from None
-            src.append(s or "")
-            tgt.append(t or "")
-    return src, tgt
+
+    def rows() -> Iterator[Pair]:
+        for batch in ds.iter(batch_size=10_000):
+            for row in batch["translation"]:
+                try:
+                    s, t = row[data.src_lang], row[data.tgt_lang]
+                except (KeyError, TypeError):
+                    keys = sorted(row) if isinstance(row, dict) else type(row).__name__
+                    raise ValueError(f"{data.hf_name} split {split!r}: a translation has keys {keys}, "
+                                     f"need {data.src_lang!r} and {data.tgt_lang!r}") from None
+                yield s or "", t or ""
+    return rows()
 
 
-def _load_huggingface(data: DataSpec, seed: int) -> dict[str, Pairs]:
+def _load_huggingface(data: DataSpec, seed: int, stack: contextlib.ExitStack) -> _Source:
     datasets = _import_datasets()
     local = Path(data.hf_name).expanduser()
     if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
@@ -143,43 +199,125 @@ def _load_huggingface(data: DataSpec, seed: int) -> dict[str, Pairs]:
     for needed in ("train", "test"):
         if needed not in dd:
             raise ValueError(f"{data.hf_name}: no {needed!r} split (splits: {sorted(dd)})")
-    train = _hf_pairs(dd["train"], data, "train", _cap_indices(dd["train"].num_rows, data.max_train, seed))
+    cap = _cap_indices(dd["train"].num_rows, data.max_train, seed)
+    n = dd["train"].num_rows if cap is None else len(cap)
+    train = _hf_pairs(dd["train"], data, "train", cap)
     valid_split = next((s for s in HF_VALID_SPLITS if s in dd), None)
+    valid, carve = None, None
     if valid_split is not None:
         valid = _hf_pairs(dd[valid_split], data, valid_split)
     elif data.valid_size:
-        valid, train = _carve(train, data.valid_size, seed)
+        carve = _carve_positions(n, data.valid_size, seed)
     else:
         raise ValueError(f"{data.hf_name}: no validation split (splits: {sorted(dd)}); "
                          "set data.valid_size to carve one from train")
-    return {"train": train, "valid": valid, "test": _hf_pairs(dd["test"], data, "test")}
+    return _Source(train, valid, _hf_pairs(dd["test"], data, "test"), carve)
 
 
 # ----------------------------------------------------------------------------- cleaning --
 
-def clean_train(src: Sequence[str], tgt: Sequence[str], max_tokens: int, max_ratio: float
-                ) -> tuple[list[str], list[str], dict[str, int]]:
-    """Drop empty / over-long / bad-ratio / duplicate pairs (inputs already normalized)."""
-    counts = dict.fromkeys(("dropped_empty", "dropped_length", "dropped_ratio", "dropped_duplicate"), 0)
-    seen: set[tuple[str, str]] = set()
-    out_s, out_t = [], []
-    for s, t in zip(src, tgt):
-        ls, lt = len(s.split()), len(t.split())
-        if ls == 0 or lt == 0:
-            reason = "dropped_empty"
-        elif ls > max_tokens or lt > max_tokens:
-            reason = "dropped_length"
-        elif max(ls, 1) / max(lt, 1) > max_ratio or max(lt, 1) / max(ls, 1) > max_ratio:
-            reason = "dropped_ratio"
-        elif (s, t) in seen:
-            reason = "dropped_duplicate"
-        else:
-            seen.add((s, t))
-            out_s.append(s)
-            out_t.append(t)
-            continue
-        counts[reason] += 1
-    return out_s, out_t, counts
+def drop_reason(src_tokens: int, tgt_tokens: int, max_tokens: int, max_ratio: float) -> Optional[str]:
+    """Why a train pair with these whitespace-token counts is dropped (the filters before the
+    duplicate check), or None to keep it."""
+    ls, lt = src_tokens, tgt_tokens
+    if ls == 0 or lt == 0:
+        return "dropped_empty"
+    if ls > max_tokens or lt > max_tokens:
+        return "dropped_length"
+    if max(ls, 1) / max(lt, 1) > max_ratio or max(lt, 1) / max(ls, 1) > max_ratio:
+        return "dropped_ratio"
+    return None
+
+
+def pair_digest(src: str, tgt: str) -> bytes:
+    """A 64-bit hash of a normalized pair. Normalized sentences contain no tab (normalize turns
+    every whitespace run, tabs included, into one space), so "\\t" separates the sides
+    unambiguously. Two different pairs share a hash with probability ~n²/2**65 for n pairs
+    (~6e-7 for 4.5M pairs, ~4e-5 for 40M); a clash would drop one unique pair as a duplicate."""
+    return hashlib.blake2b(f"{src}\t{tgt}".encode("utf-8"), digest_size=8).digest()
+
+
+class _SeenHashes:
+    """A set of uint64 hashes as a few sorted numpy runs (a small log-structured merge tree).
+
+    8 bytes an element (16 for the elements of the two runs being merged, briefly: the runs
+    and their concatenation), where a Python set of ints takes ~70-90 bytes. Lookups are
+    vectorized binary searches, one per run; runs merge when the older one is at most twice
+    the newer one, so there are O(log(n / CHUNK)) runs."""
+
+    def __init__(self):
+        self.runs: list[np.ndarray] = []
+
+    def __len__(self) -> int:
+        return sum(r.size for r in self.runs)
+
+    def add_new(self, hashes: np.ndarray) -> np.ndarray:
+        """Mask of the hashes seen neither earlier in this array nor in an earlier call;
+        those are added."""
+        order = np.argsort(hashes, kind="stable")    # equal hashes keep their input order
+        keys = hashes[order]
+        fresh = np.ones(keys.size, dtype=bool)
+        fresh[1:] = keys[1:] != keys[:-1]                # first occurrence within this array
+        for run in self.runs:                            # sorted keys make searchsorted fast
+            pos = np.searchsorted(run, keys)
+            pos[pos == run.size] = 0
+            fresh &= run[pos] != keys
+        if fresh.any():
+            self.runs.append(keys[fresh])                # sorted already
+        new = np.empty(hashes.size, dtype=bool)
+        new[order] = fresh
+        while len(self.runs) > 1 and self.runs[-2].size <= 2 * self.runs[-1].size:
+            merged = np.concatenate(self.runs[-2:])
+            del self.runs[-2:]                  # only `merged` holds the values from here on
+            merged.sort(kind="stable")          # timsort: a linear merge of the two runs
+            self.runs.append(merged)
+        return new
+
+
+class _TrainCleaner:
+    """The train filters, streaming: raw pairs go in one at a time, kept pairs are written
+    to src_out/tgt_out normalized and in order. Call flush() at the end."""
+
+    def __init__(self, src_out: IO[str], tgt_out: IO[str], max_tokens: int, max_ratio: float):
+        self.src_out, self.tgt_out = src_out, tgt_out
+        self.max_tokens, self.max_ratio = max_tokens, max_ratio
+        self.counts = dict.fromkeys(DROP_REASONS, 0)
+        self.raw = self.kept = 0
+        self.seen = _SeenHashes()
+        self._pairs: list[Pair] = []
+        self._digests: list[bytes] = []
+
+    def add(self, src: str, tgt: str) -> None:
+        self.raw += 1
+        src_words, tgt_words = src.split(), tgt.split()
+        reason = drop_reason(len(src_words), len(tgt_words), self.max_tokens, self.max_ratio)
+        if reason is not None:
+            self.counts[reason] += 1
+            return
+        src, tgt = " ".join(src_words), " ".join(tgt_words)    # = normalize(src), normalize(tgt)
+        self._pairs.append((src, tgt))
+        self._digests.append(pair_digest(src, tgt))
+        if len(self._pairs) >= CHUNK:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pairs:
+            return
+        new = self.seen.add_new(np.frombuffer(b"".join(self._digests), dtype="<u8"))
+        write_src, write_tgt = self.src_out.write, self.tgt_out.write
+        for (src, tgt), keep in zip(self._pairs, new.tolist()):
+            if keep:
+                write_src(src + "\n")
+                write_tgt(tgt + "\n")
+        n_new = int(new.sum())
+        self.kept += n_new
+        self.counts["dropped_duplicate"] += len(self._pairs) - n_new
+        self._pairs, self._digests = [], []
+
+
+def _write_pair(src_out: IO[str], tgt_out: IO[str], src: str, tgt: str) -> None:
+    src_out.write(normalize(src) + "\n")
+    tgt_out.write(normalize(tgt) + "\n")
 
 
 # -------------------------------------------------------------------------------- stage --
@@ -189,31 +327,47 @@ LOADERS = {"synthetic": _load_synthetic, "files": _load_files, "huggingface": _l
 
 def prepare(ctx: StageContext) -> StageResult:
     data, seed = ctx.spec.data, ctx.spec.seed
-    splits = LOADERS[data.source](data, seed)
-    splits = {k: ([normalize(x) for x in s], [normalize(x) for x in t]) for k, (s, t) in splits.items()}
-
-    raw = len(splits["train"][0])
-    train_src, train_tgt, dropped = clean_train(*splits["train"], data.max_tokens, data.max_ratio)
-    if not train_src:
-        raise ValueError(f"no training pairs left after cleaning ({raw} read, dropped: {dropped})")
-    splits["train"] = (train_src, train_tgt)
-    for split in ("valid", "test"):
-        if not splits[split][0]:
-            raise ValueError(f"the {split} split is empty")
-
     out_dir = ctx.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
-    outputs = {}
-    for split, (s, t) in splits.items():
-        for ext, lines in (("src", s), ("tgt", t)):
-            name = f"{split}.{ext}"
-            atomic_write_text(out_dir / name, "".join(line + "\n" for line in lines))
-            outputs[name] = name
+    names = [f"{split}.{ext}" for split in SPLITS for ext in ("src", "tgt")]
+    # Everything is written to temp files that replace the outputs when the block ends
+    # normally; any error below (incl. the checks at the end) removes them instead.
+    with contextlib.ExitStack() as stack:
+        source = LOADERS[data.source](data, seed, stack)
+        out = {name: stack.enter_context(atomic_writer(out_dir / name)) for name in names}
+        cleaner = _TrainCleaner(out["train.src"], out["train.tgt"], data.max_tokens, data.max_ratio)
+        sizes = {"valid": 0, "test": 0}
+        if source.carve is None:
+            for src, tgt in source.train:
+                cleaner.add(src, tgt)
+        else:
+            carve = iter(source.carve.tolist())
+            nxt = next(carve, -1)
+            for i, (src, tgt) in enumerate(source.train):
+                if i == nxt:
+                    _write_pair(out["valid.src"], out["valid.tgt"], src, tgt)
+                    sizes["valid"] += 1
+                    nxt = next(carve, -1)
+                else:
+                    cleaner.add(src, tgt)
+        cleaner.flush()
+        for split in ("valid", "test"):
+            pairs = getattr(source, split)
+            for src, tgt in (pairs if pairs is not None else ()):
+                _write_pair(out[f"{split}.src"], out[f"{split}.tgt"], src, tgt)
+                sizes[split] += 1
 
-    metrics = {"train_pairs_raw": raw, "train_pairs": len(train_src), **dropped,
-               "valid_pairs": len(splits["valid"][0]), "test_pairs": len(splits["test"][0])}
+        raw, dropped = cleaner.raw, cleaner.counts
+        if not cleaner.kept:
+            raise ValueError(f"no training pairs left after cleaning ({raw} read, dropped: {dropped})")
+        for split in ("valid", "test"):
+            if not sizes[split]:
+                raise ValueError(f"the {split} split is empty")
+
+    outputs = {name: name for name in names}
+    metrics = {"train_pairs_raw": raw, "train_pairs": cleaner.kept, **dropped,
+               "valid_pairs": sizes["valid"], "test_pairs": sizes["test"]}
     log.info("prepare (%s %s-%s): train %d -> %d pairs (empty %d, length %d, ratio %d, duplicate %d), "
-             "valid %d, test %d", data.source, data.src_lang, data.tgt_lang, raw, len(train_src),
+             "valid %d, test %d", data.source, data.src_lang, data.tgt_lang, raw, cleaner.kept,
              dropped["dropped_empty"], dropped["dropped_length"], dropped["dropped_ratio"],
              dropped["dropped_duplicate"], metrics["valid_pairs"], metrics["test_pairs"])
     return StageResult(outputs=outputs, metrics=metrics)

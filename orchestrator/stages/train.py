@@ -19,8 +19,10 @@ from imitate_nat.config import LossConfig
 from imitate_nat.tokenizer import Tokenizer
 
 from ..run.files import atomic_write_bytes
-from ..run.layout import MODEL, model_path, spm_path
+from ..run.layout import DISTILLED, MODEL, bin_prefix, model_path, split_path, spm_path
 from ..run.runner import StageContext, StageResult
+from .train_checkpoints import checkpoint_problems
+from .train_worker import WorkerConfig, train_loop
 
 log = logging.getLogger("imitate_orch")
 VALID_SENTENCES = 500  # valid BLEU during training on at most this many sentences (full valid at evaluate)
@@ -35,30 +37,23 @@ def _loss_config(spec, kind: str) -> LossConfig:
                       length_weight=s.length_weight)
 
 
-def train_config(ctx: StageContext, kind: str) -> dict:
+def worker_config(ctx: StageContext, kind: str) -> WorkerConfig:
     spec = ctx.spec
     t = spec.teacher if kind == "at" else spec.student
     tok = Tokenizer(spm_path(ctx.run_dir))
     copy = spec.student.copy if kind == "nat" else "soft"
-    model_cfg = spec.model.to_model_config(tok.vocab_size, copy=copy)
     if kind == "nat" and spec.student.targets == "distilled":
-        train_tgt = ctx.stage_path("distill", "train.distilled.tgt")
+        train_tgt = bin_prefix(ctx.run_dir, "distill", DISTILLED)
     else:
-        train_tgt = ctx.stage_path("prepare", "train.tgt")
-    return {
-        "kind": kind, "seed": spec.seed, "train": t.model_dump(), "model_cfg": model_cfg.to_dict(),
-        "loss_cfg": vars(_loss_config(spec, kind)),
-        "spm": str(spm_path(ctx.run_dir)),
-        "train_src": str(ctx.stage_path("prepare", "train.src")), "train_tgt": str(train_tgt),
-        "valid_src": str(ctx.stage_path("prepare", "valid.src")),
-        "valid_tgt": str(ctx.stage_path("prepare", "valid.tgt")),
-        "valid_sentences": VALID_SENTENCES,
-        "teacher": str(model_path(ctx.run_dir, "teacher")),
-        "init_from_teacher": kind == "nat" and spec.student.init_from_teacher,
-        "threads": max(1, int(t.cpus_per_worker)),
-        "progress": ctx.progress,
-        "tracker": ctx.experiment, "run_id": ctx.tracker.run_id,
-    }
+        train_tgt = bin_prefix(ctx.run_dir, "tokenizer", "train.tgt")
+    return WorkerConfig(
+        kind=kind, seed=spec.seed, train=t, model=spec.model.to_model_config(tok.vocab_size, copy=copy),
+        losses=_loss_config(spec, kind), spm=str(spm_path(ctx.run_dir)),
+        train_src=str(bin_prefix(ctx.run_dir, "tokenizer", "train.src")), train_tgt=str(train_tgt),
+        valid_src=str(split_path(ctx.run_dir, "valid", "src")), valid_tgt=str(split_path(ctx.run_dir, "valid", "tgt")),
+        valid_sentences=VALID_SENTENCES, teacher=str(model_path(ctx.run_dir, "teacher")),
+        init_from_teacher=kind == "nat" and spec.student.init_from_teacher, threads=max(1, int(t.cpus_per_worker)),
+        progress=ctx.progress, tracker=ctx.experiment, run_id=ctx.tracker.run_id)
 
 
 def run_trainer(ctx: StageContext, kind: str, callbacks=()):
@@ -66,7 +61,6 @@ def run_trainer(ctx: StageContext, kind: str, callbacks=()):
     from ray.train.torch import TorchTrainer
 
     from ..run.hashing import extend_key
-    from .train_worker import train_loop
 
     t = ctx.spec.teacher if kind == "at" else ctx.spec.student
     storage = t.storage_path or str((ctx.out_dir / "ray").resolve())
@@ -75,7 +69,7 @@ def run_trainer(ctx: StageContext, kind: str, callbacks=()):
         resources["GPU"] = t.gpus_per_worker
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config=train_config(ctx, kind),
+        train_loop_config={"worker": worker_config(ctx, kind)},
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.gpus_per_worker > 0,
                                                resources_per_worker=resources),
         run_config=ray.train.RunConfig(
@@ -92,6 +86,11 @@ def train_model(ctx: StageContext, kind: str, callbacks=()) -> StageResult:
     """Train the AT ("at") or NAT ("nat") of this stage; its best checkpoint becomes model.pt."""
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
+    t = ctx.spec.teacher if kind == "at" else ctx.spec.student
+    per_update = t.batch_tokens * t.workers * t.update_freq
+    log.info("%s: up to %d tokens per update (batch_tokens %d per worker × %d worker(s) × update_freq %d; "
+             "padding included)", ctx.stage, per_update, t.batch_tokens, t.workers, t.update_freq)
+    ctx.tracker.log_params({"tokens_per_update_max": per_update})   # the real count: metric train/tokens
     result = run_trainer(ctx, kind, callbacks)
     atomic_write_bytes(ctx.out_dir / MODEL, best_intact_model(result, ctx.stage))
     meta = read_model_file(ctx.out_dir / MODEL)["meta"]
@@ -104,8 +103,6 @@ def train_model(ctx: StageContext, kind: str, callbacks=()) -> StageResult:
 def best_intact_model(result, stage: str) -> bytes:
     """model.pt of the best checkpoint by valid BLEU whose checksum lists verify (a damaged one
     is skipped with a warning, as when resuming)."""
-    from .train_checkpoints import checkpoint_problems
-
     ranked = sorted(result.best_checkpoints or [], key=lambda cm: cm[1].get("valid_bleu", float("-inf")),
                     reverse=True)
     for checkpoint, _ in ranked:

@@ -1,9 +1,12 @@
 """The per-worker training loop run by Ray Train for the teacher (AT) and the student (NAT).
 
-Data parallel with a fixed *global* batch: every worker builds the same shuffled list of
-token-bucketed batches and takes its slice of each (sentences rank, rank+W, …). Each worker's
-loss is rescaled by (its tokens × W / the global batch's tokens), so after the gradient
-averaging of DDP or DeepSpeed the update is that of one worker on the whole batch.
+Data: the tokenizer stage's (or, for distilled targets, the distill stage's) binarized corpus,
+memory-mapped (imitate_nat/indexed.py): a worker holds lengths and the batch plan, never the
+tokens of the corpus, and nothing is tokenized again on a (re)start. Batches hold up to
+`batch_tokens` tokens *per worker* (fairseq's --max-tokens); a step takes `update_freq` of
+them on every worker (gradient accumulation) and each micro-batch's loss is weighted by its
+share of the step's target tokens, so after the gradient averaging of DDP or DeepSpeed the
+update is that of one worker on every token of the step.
 
 Strategies: `ddp` (torch DDP via ray.train.torch.prepare_model; fp32, or bf16 by torch
 autocast) or `deepspeed` (ZeRO 0-3, fp32/bf16/fp16, on Ray's process group). Checkpoints go to Ray Train every
@@ -20,18 +23,22 @@ MLflow tag `worker.<rank>` of the stage's run (where the workers ran, which pid 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
 from imitate_nat import ATDemonstrator, LossConfig, ModelConfig, NATLearner
 from imitate_nat.checkpoint import load_model, save_model
-from imitate_nat.data import make_batch, read_lines, token_batches
+from imitate_nat.data import read_lines
+from imitate_nat.indexed import IndexedDataset, collate, filter_lengths, pair_lengths, plan_batches, shuffled
 from imitate_nat.losses import at_loss, nat_loss, unwrap
 from imitate_nat.metrics import bleu
 from imitate_nat.optim import lr_at, make_optimizer, set_lr
@@ -39,6 +46,8 @@ from imitate_nat.tokenizer import Tokenizer
 from imitate_nat.translate import at_beam, nat_one_pass, translate
 
 from ..run.layout import MODEL
+from ..run.tracking import Tracker
+from ..spec.schema import TrainSpec
 from .train_checkpoints import restore_intact, restore_rng, save_rng, write_checksums
 
 STATE = "trainer_state.pt"   # DDP: model + optimizer + step (loaded with weights_only=True)
@@ -46,39 +55,67 @@ DS_TAG = "ds"                # DeepSpeed checkpoint tag inside a Ray checkpoint
 log = logging.getLogger("imitate_orch")
 
 
-def load_pairs(src_path, tgt_path, tok: Tokenizer, max_len: int):
-    src, tgt = tok.encode_batch(read_lines(src_path)), tok.encode_batch(read_lines(tgt_path))
-    keep = [i for i in range(len(src)) if 0 < len(src[i]) < max_len and 0 < len(tgt[i]) < max_len]
-    return [src[i] for i in keep], [tgt[i] for i in keep]
+class TrainData:
+    """A worker's view of the binarized training pairs: the token ids stay on disk
+    (memory-mapped), only per-sentence lengths and the batch plan are in memory, and a batch's
+    tensors are made when it is trained on. Pairs with an empty side or a side of max_len
+    tokens or more are left out, as the model cannot hold them."""
+
+    def __init__(self, src_prefix: str, tgt_prefix: str, max_len: int):
+        self.src, self.tgt = IndexedDataset(src_prefix), IndexedDataset(tgt_prefix)
+        if len(self.src) != len(self.tgt):
+            raise ValueError(f"{src_prefix} holds {len(self.src)} sentences, {tgt_prefix} {len(self.tgt)}")
+        self.keep = filter_lengths(self.src.lengths, self.tgt.lengths, max_len).astype(np.int64)
+        self.tgt_tokens = self.tgt.lengths[self.keep] + 1         # + EOS: the tokens a batch is scored on
+
+    def __len__(self) -> int:
+        return len(self.keep)
+
+    def cut(self, batch_tokens: int) -> list[np.ndarray]:
+        """Token-bucketed batches (indices into the kept pairs), in length order."""
+        return plan_batches(pair_lengths(self.src.lengths[self.keep], self.tgt.lengths[self.keep]), batch_tokens)
+
+    def tokens(self, batch: np.ndarray) -> int:
+        return int(self.tgt_tokens[batch].sum())
+
+    def collate(self, batch: np.ndarray):
+        return collate(self.src, self.tgt, self.keep[batch])
 
 
-def global_batches(src, tgt, batch_tokens: int, epoch: int, seed: int):
-    lengths = [max(len(s), len(t)) + 1 for s, t in zip(src, tgt)]
-    return token_batches(lengths, batch_tokens, shuffle=True, seed=seed * 1000 + epoch)
+def batch_stream(data: TrainData, batch_tokens: int, seed: int, start_step: int, rank: int, world: int,
+                 update_freq: int = 1):
+    """Yields (step, this worker's micro-batches, their target tokens, the step's target tokens on
+    all workers) for ever, from step start_step + 1.
 
-
-def batch_stream(src, tgt, batch_tokens, seed, start_step, rank, world):
-    """Yields (step, local Batch or None, local tokens, global tokens) forever, from start_step+1."""
-    step, epoch = 0, 0
+    The batches are cut once and shuffled per epoch (seed × 1000 + epoch): a function of the step
+    alone, so a resumed run takes the same batches. A step takes world × update_freq batches in
+    plan order and worker r the r-th of every world (fairseq's --max-tokens per GPU and
+    --update-freq); the last batches of an epoch that cannot fill a step wait for the next
+    epoch's order (none with one worker and update_freq 1, where this is the whole plan)."""
+    cut, per_step = data.cut(batch_tokens), world * update_freq
+    steps_per_epoch = len(cut) // per_step
+    if steps_per_epoch == 0:
+        raise ValueError(f"{len(data)} training pairs make {len(cut)} batches of {batch_tokens} tokens: fewer than "
+                         f"one step needs ({world} workers × update_freq {update_freq}); lower batch_tokens")
+    step, epoch = start_step, start_step // steps_per_epoch
+    first = start_step - epoch * steps_per_epoch   # resuming mid-epoch: the steps already taken are skipped
     while True:
-        for idx in global_batches(src, tgt, batch_tokens, epoch, seed):
+        plan = shuffled(cut, seed * 1000 + epoch)
+        for s in range(first, steps_per_epoch):
             step += 1
-            if step <= start_step:
-                continue  # resuming: skip what was already trained on, keep the same order
-            mine = idx[rank::world]
-            global_tokens = sum(len(tgt[i]) + 1 for i in idx)
-            local = make_batch([src[i] for i in mine], [tgt[i] for i in mine]) if mine else None
-            yield step, local, sum(len(tgt[i]) + 1 for i in mine), global_tokens
-        epoch += 1
+            group = plan[s * per_step:(s + 1) * per_step]
+            mine = group[rank::world]
+            yield step, [data.collate(b) for b in mine], [data.tokens(b) for b in mine], sum(map(data.tokens, group))
+        epoch, first = epoch + 1, 0
 
 
-def deepspeed_config(t: dict) -> dict:
-    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-           "gradient_clipping": t["clip_norm"], "steps_per_print": 10 ** 9, "wall_clock_breakdown": False,
-           "zero_optimization": {"stage": t["zero_stage"]}, "zero_allow_untested_optimizer": True}
-    if t["precision"] == "bf16":
+def deepspeed_config(t: TrainSpec) -> dict:
+    cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": t.update_freq,
+           "gradient_clipping": t.clip_norm, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False,
+           "zero_optimization": {"stage": t.zero_stage}, "zero_allow_untested_optimizer": True}
+    if t.precision == "bf16":
         cfg["bf16"] = {"enabled": True}
-    elif t["precision"] == "fp16":
+    elif t.precision == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 12}
     return cfg
 
@@ -103,59 +140,141 @@ def full_state_dict(model, zero_stage: int) -> dict:
     return core.state_dict()
 
 
-def train_loop(config: dict) -> None:
-    import ray.train
+@dataclass(frozen=True)
+class WorkerConfig:
+    """What each Ray Train worker of a teacher or student stage needs (built by train.py)."""
+    kind: str                   # "at" (the teacher) or "nat" (the student)
+    seed: int
+    train: TrainSpec            # the job's teacher or student section
+    model: ModelConfig
+    losses: LossConfig
+    spm: str
+    train_src: str
+    train_tgt: str
+    valid_src: str
+    valid_tgt: str
+    valid_sentences: int        # valid BLEU during training on at most this many sentences
+    teacher: str                # the demonstrator's model file (read by students only)
+    init_from_teacher: bool
+    threads: int
+    progress: bool
+    tracker: Tracker | None     # the job's experiment: rank 0 logs into the stage's run through it
+    run_id: str | None
+
+
+@dataclass
+class Trainee:
+    """One worker's model (wrapped by DDP or DeepSpeed), optimizer, and the frozen teacher a
+    student imitates (None for the teacher stage, or a student trained without L_IL)."""
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    teacher: torch.nn.Module | None
+    use_ds: bool
+    autocast_bf16: bool
+
+
+def setup(c: WorkerConfig, device) -> Trainee:
+    """Build the model (a student starts from the teacher), its optimizer and the wrapper."""
     import ray.train.torch
-    from ray.experimental.tqdm_ray import tqdm
 
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    t, kind = config["train"], config["kind"]
-    torch.manual_seed(config["seed"] + rank)
-    if config.get("threads"):
-        torch.set_num_threads(config["threads"])
-    device = ray.train.torch.get_device()
-    tok = Tokenizer(config["spm"])
-    cfg = ModelConfig.from_dict(config["model_cfg"])
-    losses = LossConfig(**config["loss_cfg"])
-    src, tgt = load_pairs(config["train_src"], config["train_tgt"], tok, cfg.max_positions)
-    n_valid = config["valid_sentences"]
-    valid_src, valid_ref = read_lines(config["valid_src"])[:n_valid], read_lines(config["valid_tgt"])[:n_valid]
-
-    teacher = None
-    if kind == "at":
-        model = ATDemonstrator(cfg)
+    t, teacher = c.train, None
+    if c.kind == "at":
+        model = ATDemonstrator(c.model)
     else:
-        model = NATLearner(cfg)
-        teacher, _ = load_model(config["teacher"], device)
+        model = NATLearner(c.model)
+        teacher, _ = load_model(c.teacher, device)
         teacher.requires_grad_(False)
-        if config["init_from_teacher"]:
+        if c.init_from_teacher:
             model.init_from_at(teacher.cpu())
             teacher.to(device)
-        if cfg.copy == "uniform":
+        if c.model.copy == "uniform":
             model.log_tau.requires_grad_(False)  # unused by UniformCopy; DDP insists every trainable param is used
-        if not losses.imitation:
+        if not c.losses.imitation:
             teacher = None
-    optimizer = make_optimizer(model.parameters(), t["lr"], t["weight_decay"])
-
-    use_ds = t["strategy"] == "deepspeed"
-    # ddp + bf16: autocast the forward (and loss); weights, gradients and Adam stay fp32.
-    autocast_bf16 = not use_ds and t["precision"] == "bf16"
+    optimizer = make_optimizer(model.parameters(), t.lr, t.weight_decay)
+    use_ds = t.strategy == "deepspeed"
     if use_ds:
         import deepspeed
         model, optimizer, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
                                                       config=deepspeed_config(t), dist_init_required=False)
     else:
         model = ray.train.torch.prepare_model(model)
+    # ddp + bf16: autocast the forward (and loss); weights, gradients and Adam stay fp32.
+    return Trainee(model, optimizer, teacher, use_ds, autocast_bf16=not use_ds and t.precision == "bf16")
+
+
+def train_step(tr: Trainee, c: WorkerConfig, micro: list, weights: list[float], lr: float, device):
+    """One update from this worker's micro-batches (update_freq of them), micro-batch k's mean
+    token loss scaled by weights[k] = its target tokens × world / the step's target tokens on all
+    workers: after DDP's (or DeepSpeed's) average over workers, the update is that of one worker
+    on every token of the step. Gradients are exchanged once, after the last micro-batch.
+    Returns (summed scaled loss, summed weighted nll, the last micro-batch's loss terms)."""
+    set_lr(tr.optimizer, lr)
+    if not tr.use_ds:
+        tr.optimizer.zero_grad(set_to_none=True)
+    loss_sum, nll_sum, stats = torch.zeros((), device=device), 0.0, {}
+    for k, (batch, weight) in enumerate(zip(micro, weights)):
+        last = k == len(micro) - 1
+        no_sync = getattr(tr.model, "no_sync", None)   # DDP; a single worker's model has none
+        with (no_sync() if no_sync and not last and not tr.use_ds else contextlib.nullcontext()):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tr.autocast_bf16):
+                if c.kind == "at":
+                    loss, stats = at_loss(tr.model, batch.to(device), c.losses)
+                else:
+                    loss, stats = nat_loss(tr.model, batch.to(device), c.losses, tr.teacher)
+            scaled = loss * weight
+            if tr.use_ds:   # DeepSpeed accumulates over gradient_accumulation_steps = update_freq
+                tr.model.backward(scaled, scale_wrt_gas=False)
+                tr.model.step()
+            else:
+                scaled.backward()
+        loss_sum, nll_sum = loss_sum + scaled.detach().float(), nll_sum + stats["nll"] * weight
+    if not tr.use_ds:
+        torch.nn.utils.clip_grad_norm_(tr.model.parameters(), c.train.clip_norm)
+        tr.optimizer.step()
+    return loss_sum, nll_sum, stats
+
+
+def validate(tr: Trainee, c: WorkerConfig, tok, valid, rank: int, world: int, device, best: float,
+             bad_evals: int) -> tuple[float, bool, int]:
+    """Valid BLEU (decoded on rank 0, or on every rank under ZeRO-3, whose weights are
+    partitioned), broadcast with the early-stopping decision: (score, stop, bad_evals)."""
+    flag = torch.zeros(2, device=device)  # [valid score, stop]
+    if rank == 0 or (tr.use_ds and c.train.zero_stage == 3):
+        score = valid_bleu(tr.model, c.kind, tok, *valid, device)
+        bad_evals = 0 if score > best else bad_evals + 1
+        flag[0], flag[1] = score, float(c.train.patience is not None and bad_evals >= c.train.patience)
+    if world > 1:
+        dist.broadcast(flag, src=0)
+    return float(flag[0]), bool(flag[1]), bad_evals
+
+
+def train_loop(config: dict) -> None:
+    """The Ray Train worker function; config = {"worker": WorkerConfig}."""
+    import ray.train
+    from ray.experimental.tqdm_ray import tqdm
+
+    c: WorkerConfig = config["worker"]
+    t = c.train
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.manual_seed(c.seed + rank)
+    if c.threads:
+        torch.set_num_threads(c.threads)
+    device = ray.train.torch.get_device()
+    tok = Tokenizer(c.spm)
+    data = TrainData(c.train_src, c.train_tgt, c.model.max_positions)
+    valid = (read_lines(c.valid_src)[:c.valid_sentences], read_lines(c.valid_tgt)[:c.valid_sentences])
+    tr = setup(c, device)
 
     def load(d: Path) -> tuple[int, float, int]:
         meta = json.loads((d / "progress.json").read_text())
-        if use_ds:
-            model.load_checkpoint(str(d), tag=DS_TAG)
+        if tr.use_ds:
+            tr.model.load_checkpoint(str(d), tag=DS_TAG)
         else:
             state = torch.load(d / STATE, map_location=device, weights_only=True)
-            unwrap(model).load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
+            unwrap(tr.model).load_state_dict(state["model"])
+            tr.optimizer.load_state_dict(state["optimizer"])
         restore_rng(d, rank, device)
         return meta["step"], meta["best"], meta.get("bad_evals", 0)
 
@@ -163,88 +282,60 @@ def train_loop(config: dict) -> None:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         start_step, best, bad_evals = restore_intact(checkpoint, load)
-
-    if start_step >= t["max_steps"] or (t.get("patience") is not None and bad_evals >= t["patience"]):
+    if start_step >= t.max_steps or (t.patience is not None and bad_evals >= t.patience):
         # The restored checkpoint is the final one (driver killed after training), or early
         # stopping had ended this run: a raised max_steps would not have trained on either.
         return
 
-    run_handle = config["tracker"].handle(config["run_id"]) if config.get("tracker") else None
+    run_handle = c.tracker.handle(c.run_id) if c.tracker else None
     if run_handle:  # where this rank runs: node id and pid (observability, fault tests)
         run_handle.set_tag(f"worker.{rank}", json.dumps({"node": ray.get_runtime_context().get_node_id(),
                                                           "pid": os.getpid()}))
     tracker = run_handle if rank == 0 else None
-    name = "teacher" if kind == "at" else "student"
-    bar = tqdm(total=t["max_steps"], desc=name, position=0) if rank == 0 and config.get("progress") else None
+    name = "teacher" if c.kind == "at" else "student"
+    bar = tqdm(total=t.max_steps, desc=name, position=0) if rank == 0 and c.progress else None
     if bar:
         bar.update(start_step)
-    loss_fn = (lambda m, b: at_loss(m, b, losses)) if kind == "at" else (lambda m, b: nat_loss(m, b, losses, teacher))
-    stop = False
-    model.train()
-    for step, batch, local_tokens, global_tokens in batch_stream(src, tgt, t["batch_tokens"], config["seed"],
-                                                                 start_step, rank, world):
-        lr = lr_at(step, t["lr"], t["warmup_steps"])
-        set_lr(optimizer, lr)
-        if batch is None:  # fewer sentences than workers in this global batch: contribute zero
-            batch, weight = make_batch(src[:1], tgt[:1]), 0.0
-        else:
-            weight = local_tokens * world / global_tokens
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast_bf16):
-            loss, stats = loss_fn(model, batch.to(device))
-        scaled = loss * weight
-        if use_ds:
-            model.backward(scaled)
-            model.step()
-        else:
-            optimizer.zero_grad(set_to_none=True)
-            scaled.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), t["clip_norm"])
-            optimizer.step()
+    tr.model.train()
+    for step, micro, tokens, step_tokens in batch_stream(data, t.batch_tokens, c.seed, start_step, rank, world,
+                                                         t.update_freq):
+        lr = lr_at(step, t.lr, t.warmup_steps)
+        loss, nll, stats = train_step(tr, c, micro, [n * world / step_tokens for n in tokens], lr, device)
 
-        if step % t["log_every"] == 0 or step == t["max_steps"]:
-            g = torch.tensor([float(scaled.detach()), stats["nll"] * weight], device=device)
+        if step % t.log_every == 0 or step == t.max_steps:
+            g = torch.stack([loss, torch.tensor(float(nll), device=device)])
             if world > 1:
                 dist.all_reduce(g)
             g = (g / world).tolist()
             if tracker:
-                tracker.log_metrics({"train/loss": g[0], "train/nll": g[1], "train/lr": lr,
+                tracker.log_metrics({"train/loss": g[0], "train/nll": g[1], "train/lr": lr, "train/tokens": step_tokens,
                                      **{f"train/{k}": v for k, v in stats.items() if k not in ("loss", "nll")}}, step=step)
             if bar:
                 bar.set_description(f"{name} loss {g[0]:.3f}")
         if bar:
             bar.update(1)
 
-        last = step >= t["max_steps"]
-        if step % t["checkpoint_every"] == 0 or step % t["eval_every"] == 0 or last:
-            flag = torch.zeros(2, device=device)  # [valid score, stop]
-            # ZeRO-3 partitions the weights: every rank must take part in each forward pass.
-            if rank == 0 or (use_ds and t["zero_stage"] == 3):
-                score = valid_bleu(model, kind, tok, valid_src, valid_ref, device)
-                bad_evals = 0 if score > best else bad_evals + 1
-                flag[1] = float(t.get("patience") is not None and bad_evals >= t["patience"])
-                if tracker:
-                    tracker.log_metrics({"valid/bleu": score}, step=step)
-                flag[0] = score
-            if world > 1:
-                dist.broadcast(flag, src=0)
-            score, stop = float(flag[0]), bool(flag[1])
+        last, stop = step >= t.max_steps, False
+        if step % t.checkpoint_every == 0 or step % t.eval_every == 0 or last:
+            score, stop, bad_evals = validate(tr, c, tok, valid, rank, world, device, best, bad_evals)
+            if tracker:
+                tracker.log_metrics({"valid/bleu": score}, step=step)
             best = max(best, score)
-            report_checkpoint(model, optimizer, use_ds, t, rank, device,
-                              {"step": step, "best": best, "bad_evals": bad_evals}, score, kind)
+            report_checkpoint(tr, t, rank, device, {"step": step, "best": best, "bad_evals": bad_evals}, score, c.kind)
         if last or stop:
             break
     if bar:
         bar.close()
 
 
-def report_checkpoint(model, optimizer, use_ds, t, rank, device, counters: dict, score, kind) -> None:
+def report_checkpoint(tr: Trainee, t: TrainSpec, rank: int, device, counters: dict, score: float, kind: str) -> None:
     """Every rank reports (a barrier) and writes its RNG state; rank 0 writes the model file and
     progress, and under DeepSpeed every rank writes its partition. Ray merges the directories
     into one checkpoint."""
     import ray.train
 
-    step = counters["step"]
-    state = full_state_dict(model, t["zero_stage"]) if use_ds else None
+    model, optimizer, use_ds, step = tr.model, tr.optimizer, tr.use_ds, counters["step"]
+    state = full_state_dict(model, t.zero_stage) if use_ds else None
     with tempfile.TemporaryDirectory() as d:
         save_rng(Path(d), rank, device)
         if use_ds:

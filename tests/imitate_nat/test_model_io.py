@@ -44,6 +44,47 @@ def test_tokenizer_errors(tmp_path):
         train_sentencepiece([tmp_path / "empty.txt"], tmp_path / "x.model", vocab_size=50)
 
 
+def test_tokenizer_streams_files_same_model_as_in_memory(tmp_path):
+    """Training from the files (streamed) writes the bytes SentencePiece gives for the same
+    lines held in a list, the way the tokenizer used to be trained."""
+    import io
+    import os
+
+    import sentencepiece as spm
+
+    (tmp_path / "a.txt").write_text("\n".join(EN) + "\n\n  \n")
+    (tmp_path / "b.txt").write_text("\n".join(DE))
+    tok = train_sentencepiece([tmp_path / "a.txt", tmp_path / "b.txt"], tmp_path / "m.model", vocab_size=120)
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(EN + DE), model_writer=model, vocab_size=120, model_type="unigram",
+        character_coverage=1.0, pad_id=0, unk_id=1, bos_id=2, eos_id=3, hard_vocab_limit=False,
+        num_threads=os.cpu_count() or 1, minloglevel=2, input_sentence_size=0, shuffle_input_sentence=False)
+    assert tok.path.read_bytes() == model.getvalue()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_tokenizer_sample_is_seeded(tmp_path):
+    import random
+
+    from imitate_nat.tokenizer import _selection_sample
+
+    items = [str(i) for i in range(1000)]
+    picked = list(_selection_sample(iter(items), 1000, 100, seed=5))
+    assert len(picked) == 100 and picked == sorted(picked, key=int)          # corpus order
+    assert picked == list(_selection_sample(iter(items), 1000, 100, seed=5))
+    assert picked != list(_selection_sample(iter(items), 1000, 100, seed=6))
+    assert list(_selection_sample(iter(items[:10]), 10, 10, seed=5)) == items[:10]
+
+    rng = random.Random(0)
+    words = [f"w{i}x{rng.randint(0, 9)}" for i in range(400)]
+    (tmp_path / "c.txt").write_text("".join(" ".join(rng.choices(words, k=8)) + "\n" for _ in range(3000)))
+    models = [train_sentencepiece([tmp_path / "c.txt"], tmp_path / f"{i}.model", vocab_size=300,
+                                  max_sentences=500, seed=seed).path.read_bytes()
+              for i, seed in enumerate((1, 1, 2))]
+    assert models[0] == models[1] != models[2]
+
+
 def test_bleu_and_chrf_match_sacrebleu_and_keep_signature():
     hyps = ["the cat sat on the mat", "a dog barks loudly"]
     refs = ["the cat sat on a mat", "the dog barks loudly"]

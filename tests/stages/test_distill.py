@@ -19,6 +19,7 @@ from orchestrator.run.files import atomic_write_json
 from orchestrator.run.runner import StageContext  # noqa: E402
 from orchestrator.run.shards import read_shard, shard_done, shard_marker
 from orchestrator.spec.loading import spec_from_dict  # noqa: E402
+from orchestrator.binarize import line_byte_ranges  # noqa: E402
 from orchestrator.stages.distill import beam_translate, distill, shard_bounds  # noqa: E402
 
 N_LINES, SHARDS = 203, 9           # uneven on purpose: shard sizes 22 and 23
@@ -86,6 +87,13 @@ def _reference(run, src):
                             for line in beam_translate(model, tok, src[a:b], device="cpu", **DECODE)]
     finally:
         torch.set_num_threads(threads)
+
+
+def shard_jobs(run, shards):
+    """run_pool's jobs as the stage makes them: (shard index, source file, byte range)."""
+    path = run / "prepare" / "train.src"
+    bounds = shard_bounds(N_LINES, shards)
+    return [(i, str(path), a, b) for i, (a, b) in enumerate(line_byte_ranges(path, bounds))]
 
 
 def _shard_files(run):
@@ -185,7 +193,7 @@ def test_killed_actor_restarts_and_its_shard_is_retried(ray_local, run_dir, tmp_
     from orchestrator.stages.distill import make_workers, run_pool
     workers = make_workers(2, run / "teacher" / "model.pt", run / "tokenizer" / "spm.model", tmp_path,
                            DECODE)
-    jobs = [(i, src[a:b]) for i, (a, b) in enumerate(shard_bounds(len(src), SHARDS))]
+    jobs = shard_jobs(run, SHARDS)
     done = []
 
     def on_done(r):
@@ -209,7 +217,7 @@ def test_actor_that_cannot_start_is_dropped_and_all_dead_is_an_error(ray_local, 
     run, src = run_dir
     from orchestrator.stages.distill import make_workers, run_pool
     model, spm = run / "teacher" / "model.pt", run / "tokenizer" / "spm.model"
-    jobs = [(i, src[a:b]) for i, (a, b) in enumerate(shard_bounds(len(src), 4))]
+    jobs = shard_jobs(run, 4)
     bad = make_workers(1, tmp_path / "missing.pt", spm, tmp_path, DECODE)
     good = make_workers(1, model, spm, tmp_path, DECODE)
     try:
@@ -228,7 +236,7 @@ def test_an_actor_the_cluster_cannot_place_does_not_hold_up_the_pool(ray_local, 
     run, src = run_dir
     from orchestrator.stages.distill import make_workers, run_pool
     model, spm = run / "teacher" / "model.pt", run / "tokenizer" / "spm.model"
-    jobs = [(i, src[a:b]) for i, (a, b) in enumerate(shard_bounds(len(src), 4))]
+    jobs = shard_jobs(run, 4)
     workers = make_workers(1, model, spm, tmp_path, DECODE) + make_workers(1, model, spm, tmp_path, DECODE, cpus=64)
     try:
         _, sentences = run_pool(workers, jobs)
@@ -248,7 +256,7 @@ def test_gpu_actors_decode_on_cuda(ray_local, run_dir, tmp_path):
                            DECODE, cpus=1, gpus=0.5)
     try:
         assert ray.get([w.ready.remote() for w in workers]) == ["cuda", "cuda"]
-        jobs = [(i, src[a:b]) for i, (a, b) in enumerate(shard_bounds(len(src), SHARDS))]
+        jobs = shard_jobs(run, SHARDS)
         _, sentences = run_pool(workers, jobs)
     finally:
         for w in workers:

@@ -1,6 +1,6 @@
 """Teacher/student training through Ray Train on a real local Ray runtime: DeepSpeed ZeRO-2
 with two workers (gloo, CPU), resume from a reported checkpoint, and data-parallel
-equivalence (two workers ≡ one worker on the same global batch)."""
+equivalence (two workers ≡ one worker accumulating their two batches: update_freq)."""
 import shutil
 
 import pytest
@@ -94,20 +94,26 @@ def test_a_run_ended_by_early_stopping_does_not_train_on_when_max_steps_rises(ra
     assert history(tracker, run_id, "train/loss") == []      # as a 40-step run would have: stopped at 4
 
 
-def test_two_workers_follow_the_one_worker_loss_trajectory_and_bf16_autocast_stays_close(
+def test_two_workers_follow_one_worker_accumulating_two_micro_batches_and_bf16_autocast_stays_close(
         ray_local, prepared_run, tmp_path, tracker):
+    """batch_tokens is per worker: 2 workers (update_freq 1) take the same 2 batches a step as 1
+    worker accumulating 2 micro-batches (update_freq 2), weighted by their tokens, so they make
+    the same updates (dropout off; c of eq 7 is updated per worker: tiny drift only)."""
     curves = {}
-    for workers, precision in ((1, "fp32"), (2, "fp32"), (1, "bf16")):
+    for workers, update_freq, precision in ((1, 2, "fp32"), (2, 1, "fp32"), (1, 2, "bf16")):
         run_dir, raw = copy_run(prepared_run, tmp_path / f"w{workers}{precision}")
         raw["model"] = {**raw["model"], "dropout": 0.0}
-        raw["teacher"] = micro_train(max_steps=12, workers=workers, strategy="ddp", eval_every=12, checkpoint_every=12,
-                                     precision=precision)
+        raw["teacher"] = micro_train(max_steps=12, workers=workers, update_freq=update_freq, strategy="ddp",
+                                     eval_every=12, checkpoint_every=12, precision=precision, batch_tokens=512)
         _, run_id = run_stage(teacher, run_dir, raw, "teacher", tracker)
         curves[workers, precision] = [v for _, v in history(tracker, run_id, "train/loss")]
+        tokens = [v for _, v in history(tracker, run_id, "train/tokens")]
+        curves[workers, "tokens"] = tokens
     one, two, bf16 = curves[1, "fp32"], curves[2, "fp32"], curves[1, "bf16"]
     assert len(one) == len(two) == len(bf16) == 12
     assert one[-1] < one[0]                       # it learns
-    for a, b in zip(one, two):                    # c (eq 7) is updated per worker: tiny drift only
+    assert curves[1, "tokens"] == curves[2, "tokens"]   # the same target tokens in every update
+    for a, b in zip(one, two):
         assert b == pytest.approx(a, rel=2e-3), (one, two)
     # ddp + bf16 is torch autocast: bf16 matmuls change the losses (so it is really on), but only
     # by rounding; the weights it trains, and the model file, stay fp32.

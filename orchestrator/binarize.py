@@ -1,0 +1,110 @@
+"""Binarize a text corpus once: SentencePiece ids in a memory-mapped `.bin` + `.idx` pair
+(imitate_nat/indexed.py), encoded in parallel chunks by Ray tasks, so a cluster does it in
+parallel and training never tokenizes again (nor holds a corpus in Python lists).
+
+A chunk is a range of lines found by byte offsets in one streaming pass over the file; each task
+reads only its byte range, encodes its lines and writes a part; the parts are merged in order
+(streamed, `copyfileobj`), so sentence i of the `.bin` is line i of the text, empty lines
+included (the training stages filter by length on the `.idx`, and distillation shards are line
+ranges of the same file). Every task's peak memory is one chunk; the driver's is constant.
+"""
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import ray
+from tqdm.auto import tqdm
+
+from imitate_nat.indexed import IndexedDataset, IndexedWriter, merge_indexed
+from imitate_nat.tokenizer import Tokenizer
+
+log = logging.getLogger("imitate_orch")
+
+CHUNK_LINES = 250_000   # lines per Ray task: ~40 MB of text at WMT sentence lengths
+BOM = b"\xef\xbb\xbf"
+
+
+def _line_starts(path: str | os.PathLike, wanted) -> tuple[int, dict[int, int], int]:
+    """One streaming pass: (number of lines, {line number: its first byte} for the line numbers
+    where wanted(i), the end of the file). Lines are split on "\\n" only, as
+    imitate_nat.data.read_lines splits them (a last line without "\\n" counts); a UTF-8
+    byte-order mark at the start is skipped."""
+    starts, n = {}, 0
+    with open(path, "rb") as f:
+        pos = 3 if f.read(3) == BOM else 0
+        f.seek(pos)
+        for line in f:
+            if wanted(n):
+                starts[n] = pos
+            n, pos = n + 1, pos + len(line)
+    return n, starts, pos
+
+
+def chunk_ranges(path: str | os.PathLike, chunk_lines: int = CHUNK_LINES) -> tuple[int, list[tuple[int, int]]]:
+    """(number of lines, [(byte start, byte end)] of consecutive chunks of `chunk_lines` lines)."""
+    n, starts, end = _line_starts(path, lambda i: i % chunk_lines == 0)
+    begins = [starts[i] for i in sorted(starts)]
+    return n, list(zip(begins, begins[1:] + [end]))
+
+
+def line_byte_ranges(path: str | os.PathLike, bounds: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The byte range of each line range [a, b) of `bounds` (consecutive, covering the file)."""
+    n, starts, end = _line_starts(path, {a for a, _ in bounds}.__contains__)
+    starts[n] = end
+    return [(starts[a], starts[b]) for a, b in bounds]
+
+
+def read_range(path: str | os.PathLike, start: int, end: int) -> list[str]:
+    """The lines in bytes [start, end) of a file, a range from chunk_ranges."""
+    if end <= start:
+        return []
+    with open(path, "rb") as f:
+        f.seek(start)
+        data = f.read(end - start)
+    return data.removesuffix(b"\n").decode("utf-8").split("\n")
+
+
+@ray.remote(num_cpus=1, max_retries=2)
+def encode_chunk(text_path: str, start: int, end: int, spm_path: str, part_prefix: str) -> int:
+    """Encode the lines in bytes [start, end) of `text_path` into the part `part_prefix`;
+    returns the number of lines. Idempotent (the part is written atomically), so a retry after
+    a lost worker redoes only this chunk."""
+    tok = Tokenizer(spm_path)
+    lines = read_range(text_path, start, end)
+    with IndexedWriter(part_prefix, tok.vocab_size) as w:
+        w.add_many(tok.encode_batch(lines))
+    return len(lines)
+
+
+def binarize(text_path: str | os.PathLike, spm_path: str | os.PathLike, out_prefix: str | os.PathLike,
+             chunk_lines: int = CHUNK_LINES, progress: bool = False) -> int:
+    """Encode every line of `text_path` into `out_prefix`.bin/.idx with Ray tasks (Ray must be
+    initialized); returns the number of sentences, which equals the number of lines."""
+    text_path, out_prefix = Path(text_path).resolve(), Path(out_prefix).resolve()
+    n, ranges = chunk_ranges(text_path, chunk_lines)
+    parts = [out_prefix.with_name(f"{out_prefix.name}.part{k:05d}") for k in range(len(ranges))]
+    refs = [encode_chunk.remote(str(text_path), a, b, str(Path(spm_path).resolve()), str(p))
+            for (a, b), p in zip(ranges, parts)]
+    counted = 0
+    with tqdm(total=n, unit="line", desc=f"binarize {text_path.name}", disable=not progress) as bar:
+        pending = list(refs)
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            k = ray.get(done[0])
+            counted += k
+            bar.update(k)
+    if counted != n:
+        raise RuntimeError(f"binarize {text_path}: the chunks hold {counted} lines, the file {n}")
+    if parts:
+        merge_indexed([str(p) for p in parts], str(out_prefix))
+    else:  # an empty file: an empty dataset
+        with IndexedWriter(out_prefix, Tokenizer(spm_path).vocab_size):
+            pass
+    for p in parts:
+        for suffix in (".bin", ".idx"):
+            Path(f"{p}{suffix}").unlink(missing_ok=True)
+    if len(IndexedDataset(out_prefix)) != n:
+        raise RuntimeError(f"binarize {text_path}: {out_prefix} does not hold {n} sentences")
+    return n

@@ -1,0 +1,163 @@
+"""The binarized data path: the tokenizer stage's .bin/.idx hold the tokenizer's ids for every
+line (Ray tasks, several chunks), the training plan from the memory-mapped lengths equals the
+in-memory path's, workers get disjoint batches, and opening the data costs a rank almost no
+memory."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from imitate_nat.data import read_lines, token_batches
+from imitate_nat.indexed import IndexedDataset, IndexedWriter
+from imitate_nat.tokenizer import Tokenizer
+from orchestrator.binarize import binarize
+from orchestrator.run.files import sha256_file
+from orchestrator.run.layout import bin_prefix, spm_path, split_path
+from orchestrator.run.manifest import read_manifest
+from orchestrator.stages.train_worker import TrainData, batch_stream
+
+from helpers import ROOT
+
+
+def test_binarized_train_set_holds_the_tokenizers_ids_for_every_line(ray_local, prepared_run, tmp_path):
+    run_dir, _ = prepared_run
+    tok = Tokenizer(spm_path(run_dir))
+    for side in ("src", "tgt"):
+        lines = read_lines(split_path(run_dir, "train", side))
+        ds = IndexedDataset(bin_prefix(run_dir, "tokenizer", f"train.{side}"))
+        assert len(ds) == len(lines)
+        assert [ds[i].tolist() for i in range(len(ds))] == tok.encode_batch(lines)
+        # in 7 chunks, empty lines included: the same bytes as the stage's single pass
+        text = tmp_path / f"{side}.txt"
+        text.write_text("\n".join(lines[:50] + ["", "  "] + lines[50:100]) + "\n", encoding="utf-8")
+        assert binarize(text, spm_path(run_dir), tmp_path / side, chunk_lines=15) == 102
+        part = IndexedDataset(tmp_path / side)
+        assert [part[i].tolist() for i in range(102)] == tok.encode_batch(read_lines(text))
+        assert not list(tmp_path.glob(f"{side}.part*"))         # the chunks are merged and gone
+
+
+def test_manifests_record_the_binarized_files_with_checksums(micro_run):
+    run_dir, _ = micro_run
+    for stage, names in (("tokenizer", ("train.src", "train.tgt")), ("distill", ("train.distilled.tgt",))):
+        outputs = read_manifest(run_dir / stage).outputs
+        for name in names:
+            for suffix in (".bin", ".idx"):
+                assert outputs[name + suffix]["sha256"] == sha256_file(run_dir / stage / (name + suffix))
+    # the distilled targets binarized line for line (the student trains on these)
+    lines = read_lines(run_dir / "distill" / "train.distilled.tgt")
+    ds = IndexedDataset(bin_prefix(run_dir, "distill", "train.distilled.tgt"))
+    assert [ds[i].tolist() for i in range(len(ds))] == Tokenizer(spm_path(run_dir)).encode_batch(lines)
+
+
+def old_path_batches(run_dir, max_len, batch_tokens, seed, epoch):
+    """What training did before the data was binarized: tokenize both files into lists, filter,
+    and cut token_batches over the filtered pairs (indices into the filtered list)."""
+    tok = Tokenizer(spm_path(run_dir))
+    src = tok.encode_batch(read_lines(split_path(run_dir, "train", "src")))
+    tgt = tok.encode_batch(read_lines(split_path(run_dir, "train", "tgt")))
+    keep = [i for i in range(len(src)) if 0 < len(src[i]) < max_len and 0 < len(tgt[i]) < max_len]
+    lengths = [max(len(src[i]), len(tgt[i])) + 1 for i in keep]
+    return keep, token_batches(lengths, batch_tokens, shuffle=True, seed=seed * 1000 + epoch)
+
+
+def test_one_worker_takes_the_batches_of_the_in_memory_path_epoch_after_epoch(prepared_run):
+    run_dir, _ = prepared_run
+    data = TrainData(bin_prefix(run_dir, "tokenizer", "train.src"), bin_prefix(run_dir, "tokenizer", "train.tgt"), 64)
+    stream = batch_stream(data, 300, seed=3, start_step=0, rank=0, world=1)
+    for epoch in range(2):
+        keep, expected = old_path_batches(run_dir, 64, 300, 3, epoch)
+        assert data.keep.tolist() == keep
+        for batch in expected:
+            step, micro, tokens, step_tokens = next(stream)
+            [b] = micro
+            assert b.tgt.shape[0] == len(batch) and tokens == [step_tokens]
+    # resuming at a step gives what the uninterrupted stream gives from there
+    again = batch_stream(data, 300, seed=3, start_step=len(expected) + 2, rank=0, world=1)
+    stream = batch_stream(data, 300, seed=3, start_step=0, rank=0, world=1)
+    for _ in range(len(expected) + 2):
+        next(stream)
+    for _ in range(5):
+        a, b = next(stream), next(again)
+        assert a[0] == b[0] and a[2:] == b[2:] and all((x.src == y.src).all() for x, y in zip(a[1], b[1]))
+
+
+def test_workers_take_disjoint_whole_batches_and_a_step_counts_every_workers_tokens(prepared_run):
+    run_dir, _ = prepared_run
+    data = TrainData(bin_prefix(run_dir, "tokenizer", "train.src"), bin_prefix(run_dir, "tokenizer", "train.tgt"), 64)
+    world, update_freq, batch_tokens = 2, 2, 200
+    n_batches = len(data.cut(batch_tokens))
+    steps = n_batches // (world * update_freq)
+    seen = []
+    streams = [batch_stream(data, batch_tokens, 1, 0, rank, world, update_freq) for rank in range(world)]
+    for _ in range(steps):   # one epoch
+        outs = [next(s) for s in streams]
+        assert len({o[0] for o in outs}) == 1 and len({o[3] for o in outs}) == 1     # same step, same total
+        assert sum(sum(o[2]) for o in outs) == outs[0][3]       # the step's tokens: every worker's micro-batches
+        for o in outs:
+            assert len(o[1]) == update_freq
+            for b in o[1]:
+                # a batch's rows, as (source, target) byte strings, identify its pairs
+                seen.append(frozenset((bytes(s.numpy()), bytes(t.numpy())) for s, t in zip(b.src, b.tgt)))
+    pairs = [p for b in seen for p in b]
+    assert len(pairs) == len(set(pairs))                        # disjoint
+    assert n_batches - len(seen) < world * update_freq          # all but what cannot fill a step
+
+
+MEMORY_PROBE = """
+import json, resource, sys
+import numpy as np
+from orchestrator.stages.train_worker import TrainData, batch_stream
+
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+before = rss()
+data = TrainData(sys.argv[1], sys.argv[2], 256)
+stream = batch_stream(data, 4096, 1, 0, 0, 2, 2)
+for _ in range(20):
+    next(stream)
+print(json.dumps({"pairs": len(data), "growth": rss() - before}))
+"""
+
+
+def test_a_rank_opening_200k_pairs_grows_by_little(tmp_path):
+    """Binarized and memory-mapped, a rank holds lengths and the plan only: 200k pairs of ~30
+    tokens cost it a few MB (the token-list path took ~140 MB for this corpus)."""
+    rng = np.random.default_rng(0)
+    for side in ("src", "tgt"):
+        with IndexedWriter(tmp_path / side, 32000) as w:
+            for n in rng.integers(10, 50, 200_000):
+                w.add(rng.integers(4, 32000, n))
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "src"), str(tmp_path / "tgt")],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    print(result)
+    assert result["pairs"] == 200_000
+    assert result["growth"] < 40 * 2 ** 20
+
+
+def test_a_run_dir_from_before_binarization_shows_stale_from_the_tokenizer_on(tmp_path):
+    """Run dirs made before the tokenizer binarized the train set hold no .bin/.idx: their
+    tokenizer (and every later stage) is stale and rebuilds; prepare is reused."""
+    from orchestrator.run.files import sha256_json
+    from orchestrator.run.hashing import stage_hashes
+    from orchestrator.run.layout import STAGE, STAGES, run_dir
+    from orchestrator.run.manifest import Manifest, write_manifest
+    from orchestrator.run.runner import stage_states
+    from orchestrator.spec.loading import spec_from_dict
+
+    spec = spec_from_dict({"name": "old", "workdir": str(tmp_path)})
+    upstream, old_hashes = None, {}
+    for stage in STAGES:   # the stage hashes as they were computed before stage versions
+        sections = {n: getattr(spec, n).model_dump(mode="json") for n in STAGE[stage].reads}
+        old_hashes[stage] = upstream = sha256_json({"stage": stage, "seed": spec.seed, "sections": sections,
+                                                    "upstream": upstream})
+    assert old_hashes["prepare"] == stage_hashes(spec)["prepare"]
+    for stage in STAGES:
+        d = run_dir(spec) / stage
+        d.mkdir(parents=True)
+        write_manifest(d, Manifest(stage=stage, input_hash=old_hashes[stage], status="done"))
+    assert [s.state for s in stage_states(spec)] == ["done"] + ["stale"] * (len(STAGES) - 1)
