@@ -23,6 +23,7 @@ from imitate_nat.tokenizer import Tokenizer
 log = logging.getLogger("imitate_orch")
 
 CHUNK_LINES = 250_000   # lines per Ray task: ~40 MB of text at WMT sentence lengths
+ENCODE_BATCH = 8192     # lines encoded at once: Python id lists cost ~1 KB a sentence
 BOM = b"\xef\xbb\xbf"
 
 
@@ -74,7 +75,8 @@ def encode_chunk(text_path: str, start: int, end: int, spm_path: str, part_prefi
     tok = Tokenizer(spm_path)
     lines = read_range(text_path, start, end)
     with IndexedWriter(part_prefix, tok.vocab_size) as w:
-        w.add_many(tok.encode_batch(lines))
+        for i in range(0, len(lines), ENCODE_BATCH):   # id lists of a few thousand lines at a time
+            w.add_many(tok.encode_batch(lines[i:i + ENCODE_BATCH]))
     return len(lines)
 
 
