@@ -35,7 +35,7 @@ SETS=(--set workdir="$WD" --set data.dir="$DATA" --set ray.include_dashboard=fal
       --set teacher.max_steps="$(steps 2400)" --set student.max_steps="$(steps 1600)"
       --set teacher.eval_every=600 --set teacher.checkpoint_every=600
       --set student.eval_every=400 --set student.checkpoint_every=400
-      --set distill.actors=1 --set distill.gpus_per_actor="$GPUS" --set distill.shards=4)
+      --set distill.actors=1 --set distill.gpus_per_actor="$GPUS" --set distill.shards=4 --set eval.gpus="$GPUS")
 if [ -n "${MAX_TRAIN:-}" ]; then SETS+=(--set data.max_train="$MAX_TRAIN" --set eval.latency_sentences=5); fi
 
 step "multi30k job"

@@ -25,18 +25,27 @@ def load_or_exit(job: str, overrides: tuple[str, ...]) -> JobSpec:
         sys.exit(EXIT_USAGE)
 
 
-def exit_if_it_does_not_fit(spec: JobSpec) -> None:
-    """Right after connecting to Ray: a worker group or actor the cluster cannot place would wait
-    for ever, so it is a bad spec (exit 2) and no stage starts."""
+def check_cluster_or_exit(spec: JobSpec):
+    """Right after connecting to Ray, before any stage: a worker group or actor the cluster cannot
+    place would wait for ever, and a work dir some node does not see would fail a stage hours in;
+    both exit 2 naming the field. Returns the work dir probe (run/workdir.py): the caller probes
+    the nodes an autoscaler adds before each stage, and closes it at the end."""
     import ray
 
     from .run.cluster import check_fits_cluster
+    from .run.workdir import WorkdirProbe
 
+    probe = None
     try:
         check_fits_cluster(spec)
+        probe = WorkdirProbe(spec.workdir)
+        probe.check_new_nodes()
+        return probe
     except SpecError as e:
+        if probe:
+            probe.close()
         ray.shutdown()   # a local cluster started for this run goes away; a joined one stays
-        click.echo(f"error: the job does not fit the Ray cluster (no stage was started)\n{e}", err=True)
+        click.echo(f"error: the job cannot run on this Ray cluster (no stage was started)\n{e}", err=True)
         sys.exit(EXIT_USAGE)
 
 
@@ -77,15 +86,21 @@ def run(job, overrides, address, force, until, no_progress, verbose) -> None:
     from .run.runner import StageFailed
 
     init_ray(spec, address)
-    exit_if_it_does_not_fit(spec)
+    probe = check_cluster_or_exit(spec)
     try:
-        run_pipeline(spec, job, force=force, until=until, progress=not no_progress)
+        run_pipeline(spec, job, force=force, until=until, progress=not no_progress,
+                     before_stage=probe.check_new_nodes)
+    except SpecError as e:   # a node the autoscaler added does not see the work dir
+        click.echo(f"error: the job cannot go on on this Ray cluster (finished stages are kept)\n{e}", err=True)
+        sys.exit(EXIT_USAGE)
     except StageFailed as e:
         click.echo(f"\nerror: {e}\n  The stage's MLflow run is marked FAILED and its manifest records the error.\n"
                    f"  Finished stages are kept: fix the cause and rerun the same command to resume.", err=True)
         if verbose:
             raise
         sys.exit(1)
+    finally:
+        probe.close()
     summary = run_dir(spec) / "evaluate" / "summary.md"
     if summary.is_file():
         click.echo(f"\n{spec.name}: test set results\n\n{summary.read_text()}")
@@ -143,7 +158,7 @@ def sweep(job, overrides, num_samples, max_concurrent, fresh, address, no_progre
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_USAGE)
     init_ray(spec, address)
-    exit_if_it_does_not_fit(spec)  # trials use the job's teacher, distill and student resources
+    check_cluster_or_exit(spec).close()  # trials use the job's teacher, distill and student resources
     try:
         out = run_sweep(spec, job, progress=not no_progress, echo=click.echo)
     except KeyboardInterrupt:
@@ -288,7 +303,7 @@ def ablate(job, overrides, lambda1_zero_teacher, only, address, no_progress, ver
     from .studies.ablate import ablation_dir, run_ablation, table2_markdown
 
     init_ray(spec, address)
-    exit_if_it_does_not_fit(spec)
+    check_cluster_or_exit(spec).close()
     try:
         result = run_ablation(spec, job, lambda1_zero_teacher=lambda1_zero_teacher, progress=not no_progress,
                               echo=lambda m: click.echo(m, err=True), only=only)

@@ -38,10 +38,11 @@ def stage_functions() -> dict[str, Callable[[StageContext], StageResult]]:
 
 def run_pipeline(spec: JobSpec, job_yaml: str, force: str | None = None, until: str | None = None,
                  progress: bool = True, tracker: Tracker | None = None,
-                 linked: dict[str, Path] | None = None) -> dict:
+                 linked: dict[str, Path] | None = None, before_stage: Callable[[], object] | None = None) -> dict:
     """Run every stage that is not already done. Ray must be initialized by the caller.
     `force` reruns that stage and every later one; `until` stops after that stage. `linked` maps
     stages to directories shared with other runs (see run/sharing.py `shared_stage_dirs`).
+    `before_stage` runs before each stage (the CLI probes nodes an autoscaler added, run/workdir.py).
     Returns {stage: metrics}. Raises StageFailed naming the failed stage."""
     funcs = stage_functions()
     tracker = tracker or make_tracker(spec)
@@ -54,6 +55,8 @@ def run_pipeline(spec: JobSpec, job_yaml: str, force: str | None = None, until: 
         parent.log_text(dump_spec(spec), "job.yaml")
         parent.log_text(Path(job_yaml).read_text() if Path(job_yaml).is_file() else "", "job.original.yaml")
         for stage in STAGES[: last + 1]:
+            if before_stage:
+                before_stage()
             if linked and stage in linked:
                 link_stage(rd, stage, linked[stage])
             with stage_lock(rd / stage, stage):

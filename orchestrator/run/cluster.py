@@ -8,10 +8,14 @@ with the cluster and exits 2 naming the field, as for any other bad spec.
 What the cluster can offer:
 - a cluster config published to the GCS (autoscaler v2, KubeRay): the largest size each node
   type can scale to, the same source Ray Train's own pre-check uses;
-- else, if an autoscaler with node types is running (`ray up`), nodes may still be added and
-  their size is not known here: the check is skipped (`ray status` shows infeasible requests).
-  A cluster made by hand (`ray start`, `ray.init()`) also runs the autoscaler's monitor, but
-  read-only: its node types are the nodes themselves, named `node_<node id>`;
+- else, if an autoscaler with node types is running (`ray up`): the `available_node_types` of
+  the config file its monitor was started with (`--autoscaling-config`, on the head:
+  ~/ray_bootstrap_config.yaml), each type up to its max_workers. That file is read where the
+  driver runs, so this needs the driver on the head (`ray job submit`, or `run` on the head);
+  elsewhere, or if a type leaves its resources to be detected, the sizes are unknown and the
+  check is skipped (`ray status` shows infeasible requests). A cluster made by hand
+  (`ray start`, `ray.init()`) also runs the autoscaler's monitor, but read-only: its node types
+  are the nodes themselves, named `node_<node id>`;
 - else (a local or fixed cluster): the nodes alive now.
 Only CPU and GPU are compared; memory and custom resources are left to Ray.
 """
@@ -20,6 +24,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 
@@ -35,7 +40,7 @@ class ClusterCapacity:
     # One entry per node the cluster has or can have: {"CPU": 8.0, "GPU": 1.0}.
     # `count` is how many such nodes (math.inf: the node type has no upper bound).
     nodes: list[tuple[dict[str, float], float]]
-    source: str                       # "nodes" | "cluster config" | "autoscaler (sizes unknown)"
+    source: str       # "nodes" | "cluster config" | "autoscaler node types" | "autoscaler (sizes unknown)"
 
     @property
     def known(self) -> bool:
@@ -75,8 +80,50 @@ def cluster_capacity() -> ClusterCapacity:
         return ClusterCapacity([(n, c) for n, c in nodes if c], "cluster config")
     alive = [({k: float(v) for k, v in n["Resources"].items()}, 1) for n in ray.nodes() if n.get("Alive")]
     if autoscaler_adds_nodes(_internal_kv_get(ray_constants.DEBUG_AUTOSCALING_STATUS)):
-        return ClusterCapacity(alive, "autoscaler (sizes unknown)")
+        types = node_types_capacity(autoscaler_config(ray.get_runtime_context().gcs_address))
+        return types or ClusterCapacity(alive, "autoscaler (sizes unknown)")
     return ClusterCapacity(alive, "nodes")
+
+
+def autoscaler_config(gcs_address: str) -> dict | None:
+    """The cluster config the autoscaler monitor of the cluster at `gcs_address` was started
+    with, if that monitor runs on this machine (its `--autoscaling-config` file); else None."""
+    import psutil
+    import yaml
+
+    for proc in psutil.process_iter(["cmdline"]):
+        try:
+            args = proc.info["cmdline"] or []
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if not any(a.endswith("autoscaler/_private/monitor.py") for a in args) or f"--gcs-address={gcs_address}" not in args:
+            continue
+        path = next((a.split("=", 1)[1] for a in args if a.startswith("--autoscaling-config=")), None)
+        try:
+            with open(os.path.expanduser(path)) as f:
+                return yaml.safe_load(f)   # YAML or JSON (fake_multinode writes JSON)
+        except (TypeError, OSError, yaml.YAMLError) as e:
+            log.info("autoscaler config %s not readable here (%s)", path, e)
+            return None
+    return None
+
+
+def node_types_capacity(config: dict | None) -> ClusterCapacity | None:
+    """What an autoscaler config's node types can offer: the head once, every other type up to its
+    max_workers (capped by the cluster's). None if a type leaves its CPU/GPU to be detected."""
+    types = (config or {}).get("available_node_types") or {}
+    if not types:
+        return None
+    cluster_max = config.get("max_workers", math.inf)
+    nodes = []
+    for name, t in types.items():
+        res = t.get("resources")
+        if res is None or "CPU" not in res:   # filled in by the provider at launch: unknown here
+            return None
+        count = 1 if name == config.get("head_node_type") else min(t.get("max_workers", cluster_max), cluster_max)
+        if count:
+            nodes.append(({k: float(v) for k, v in res.items() if k in KINDS}, count))
+    return ClusterCapacity(nodes, "autoscaler node types")
 
 
 def autoscaler_adds_nodes(status: bytes | str | None) -> bool:
@@ -91,9 +138,11 @@ def _need(cpus: float, gpus: float) -> dict[str, float]:
     return {"CPU": float(cpus), "GPU": float(gpus)}
 
 
-def _too_big(section: str, unit: str, need: dict[str, float], cap: ClusterCapacity) -> list[tuple[str, str]]:
-    """One worker/actor that no node can hold: name the field that asks too much."""
-    field = {"CPU": f"cpus_per_{unit}", "GPU": f"gpus_per_{unit}"}
+def _too_big(section: str, unit: str, need: dict[str, float], cap: ClusterCapacity,
+             field: dict[str, str] | None = None) -> list[tuple[str, str]]:
+    """One worker/actor/task that no node can hold: name the field that asks too much
+    (`field`: kind -> field name, default cpus_per_<unit>/gpus_per_<unit>)."""
+    field = field or {"CPU": f"cpus_per_{unit}", "GPU": f"gpus_per_{unit}"}
     for kind in KINDS:
         if need[kind] > cap.largest(kind):
             return [(f"{section}.{field[kind]}",
@@ -104,12 +153,17 @@ def _too_big(section: str, unit: str, need: dict[str, float], cap: ClusterCapaci
 
 
 def fit_errors(spec: JobSpec, cap: ClusterCapacity,
-               sections: Iterable[str] = ("teacher", "distill", "student")) -> list[tuple[str, str]]:
+               sections: Iterable[str] = ("teacher", "distill", "student", "eval")) -> list[tuple[str, str]]:
     """(field, message) for every part of the job the cluster cannot place."""
     if not cap.known:
         return []
     errors: list[tuple[str, str]] = []
     for section in sections:
+        if section == "eval":   # the evaluate stage's one decoding task
+            need = _need(spec.eval.cpus, spec.eval.gpus)
+            if not cap.fits(need):
+                errors += _too_big(section, "task", need, cap, {"CPU": "cpus", "GPU": "gpus"})
+            continue
         if section == "distill":
             d = spec.distill
             need = _need(d.cpus_per_actor, d.gpus_per_actor)
@@ -130,7 +184,7 @@ def fit_errors(spec: JobSpec, cap: ClusterCapacity,
 
 
 def check_fits_cluster(spec: JobSpec, cap: ClusterCapacity | None = None,
-                       sections: Iterable[str] = ("teacher", "distill", "student")) -> None:
+                       sections: Iterable[str] = ("teacher", "distill", "student", "eval")) -> None:
     """Raise SpecError if the connected cluster cannot place the job (Ray must be initialized)."""
     cap = cap or cluster_capacity()
     if not cap.known:

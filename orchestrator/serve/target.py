@@ -28,7 +28,7 @@ import yaml
 from ..run.layout import MODEL_FILES, check_finished
 from ..run.tracking import resolve_tracking_uri, store_client
 from ..spec.loading import SpecError, apply_overrides, spec_from_dict
-from ..spec.schema import JobSpec
+from ..spec.schema import JobSpec, default_workdir
 
 log = logging.getLogger("imitate_orch")
 
@@ -161,7 +161,7 @@ def _from_run_dir(rd: Path, overrides, tracking_uri) -> ServeTarget:
 def _from_mlflow(run_id: str, overrides, tracking_uri) -> ServeTarget:
     from mlflow.exceptions import MlflowException
 
-    uri = tracking_uri or resolve_tracking_uri(None, JobSpec.model_fields["workdir"].default)
+    uri = tracking_uri or resolve_tracking_uri(None, default_workdir())
     client = store_client(uri)
     if client is None:
         raise ServeSetupError(f"MLflow store {uri} not found (set --tracking-uri or MLFLOW_TRACKING_URI)")

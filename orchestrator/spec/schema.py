@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import warnings
 from typing import Any, Literal, Optional
 
@@ -166,6 +167,10 @@ class TrainSpec(_Section):
     cpus_per_worker: int = Field(1, ge=0)
     gpus_per_worker: float = Field(0, ge=0.0)
     strategy: Literal["ddp", "deepspeed"] = "ddp"
+    # torch.distributed backend: auto = nccl when workers have GPUs, else gloo. gloo with GPUs
+    # lets GPU-requesting workers run on nodes whose GPUs are only advertised (Ray's fake
+    # multi-node autoscaler in tests/run/test_autoscaling.py); on real GPUs nccl is much faster.
+    backend: Literal["auto", "nccl", "gloo"] = "auto"
     zero_stage: Literal[0, 1, 2, 3] = 2              # DeepSpeed only
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     max_failures: int = Field(0, ge=-1)              # Ray FailureConfig; -1: retry forever
@@ -210,6 +215,19 @@ class DistillSpec(_Section):
     length_penalty: float = Field(1.0, ge=0.0)
     max_len_a: float = Field(1.5, ge=0.0)            # max output length = a * src_len + b
     max_len_b: int = Field(10, ge=0)
+    # torch autocast around the teacher's beam search in the actors (weights stay fp32, beam
+    # scores are summed in fp32). auto: bf16 where an actor decodes on CUDA, fp32 on the CPU,
+    # where bf16 pays only with AVX512-BF16/AMX (BENCHMARKS.md, "Distillation precision").
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+
+    @model_validator(mode="after")
+    def _fp16_needs_gpu(self) -> "DistillSpec":
+        # fp16 is for GPUs: on a CPU it is bf16's precision with a narrower range and, on CPUs
+        # without fp16 matrix units (most), slower than fp32. Refused before anything starts.
+        if self.precision == "fp16" and self.gpus_per_actor == 0:
+            raise FieldError("precision",
+                             "fp16 needs GPU actors (distill.gpus_per_actor > 0); on a CPU use bf16 or fp32")
+        return self
 
 
 class EvalSpec(_Section):
@@ -218,6 +236,10 @@ class EvalSpec(_Section):
     length_penalty: float = Field(1.0, ge=0.0)
     latency_sentences: int = Field(100, gt=0)        # sentences decoded one by one for latency
     batch_tokens: int = Field(4096, gt=0)
+    # The evaluate stage decodes and times in a Ray task holding these: gpus: 1 puts it on a GPU
+    # node (decoding on cuda) instead of the driver's CPU-only head. cpus is also its torch threads (≥ 1).
+    cpus: float = Field(1, ge=0.0)
+    gpus: float = Field(0, ge=0.0)
 
 
 class ServeSpec(_Section):
@@ -298,9 +320,17 @@ class RaySpec(_Section):
 
 # ------------------------------------------------------------------------------- the job --
 
+WORKDIR_ENV = "IMITATE_WORKDIR"   # cluster.yaml sets it on every node: the shared file system
+
+
+def default_workdir() -> str:
+    """Where runs go when a job does not say: $IMITATE_WORKDIR, else ./runs."""
+    return os.environ.get(WORKDIR_ENV) or "./runs"
+
+
 class JobSpec(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")  # used in paths: runs/<name>/...
-    workdir: str = "./runs"
+    workdir: str = Field(default_factory=default_workdir)
     seed: int = Field(1, ge=0)
     data: DataSpec = Field(default_factory=DataSpec)
     tokenizer: TokenizerSpec = Field(default_factory=TokenizerSpec)
@@ -323,6 +353,12 @@ class JobSpec(_Section):
     @field_validator("workdir")
     @classmethod
     def _workdir_usable(cls, v: str) -> str:
+        # A URI would silently become a local folder ("s3://b/runs" -> "s3:/b/runs"): the run dir
+        # needs a POSIX file system (atomic renames, memory-mapped data) that every node mounts.
+        if re.match(r"^[A-Za-z][A-Za-z0-9+.-]*:/", v):
+            raise ValueError(f"{v!r} is a URI; the work dir must be a file system path every Ray node "
+                             f"mounts (NFS/EFS, e.g. /mnt/imitate/runs). Object stores are supported for "
+                             f"checkpoints: teacher.storage_path / student.storage_path")
         # Caught now rather than as a traceback when the first stage makes its directory.
         if os.path.exists(v) and not os.path.isdir(v):
             raise ValueError(f"exists and is not a directory: {v}")

@@ -17,7 +17,10 @@ marker records the Ray node that made its shard (the stage's `nodes` metric coun
 `shards/plan.json` fingerprints what the shards depend on (input, teacher, tokenizer, decoding
 settings, shard bounds); if it changed since the shards were written, they are all discarded,
 so a rerun with a new teacher never reuses stale translations. batch_tokens and the pool size
-are not in it: they change speed, not (beyond float rounding) the output.
+are not in it: they change speed, not (beyond float rounding) the output. The precision setting
+is in it (bf16 changes some translations); `auto` is resolved by each actor from its device,
+bf16 on CUDA and fp32 on the CPU, so actors that ask Ray for GPUs CUDA cannot see (Ray's fake
+autoscaler nodes) decode like CPU actors.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ import json
 import logging
 import shutil
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import ray
@@ -45,16 +49,33 @@ from ..run.shards import shard_done, shard_marker, shard_path, write_shard
 
 log = logging.getLogger(__name__)
 
-DECODE_KEYS = ("beam_size", "batch_tokens", "length_penalty", "max_len_a", "max_len_b")
+DECODE_KEYS = ("beam_size", "batch_tokens", "length_penalty", "max_len_a", "max_len_b", "precision")
+AUTOCAST = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}   # precision -> autocast dtype
+
+
+def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
+    """The autocast dtype of a distill.precision on `device` (None: fp32, no autocast). auto is
+    bf16 on CUDA and fp32 on the CPU, where bf16 is slower without bf16 matrix units
+    (BENCHMARKS.md, "Distillation precision"); fp16 on the CPU is an error."""
+    cuda = torch.device(device).type == "cuda"
+    if precision == "auto":
+        precision = "bf16" if cuda else "fp32"
+    if precision == "fp16" and not cuda:
+        raise ValueError(f"distill.precision fp16 needs a CUDA device; this decoding runs on {device}")
+    return AUTOCAST[precision]
 
 
 def beam_translate(model, tok, lines, beam_size=4, batch_tokens=4096, length_penalty=1.0,
-                    max_len_a=1.5, max_len_b=10, device="cpu", min_len=0) -> list[str]:
+                    max_len_a=1.5, max_len_b=10, device="cpu", min_len=0, precision="fp32") -> list[str]:
     """Beam-decode `lines` in token-bucketed batches (source length × beam ≤ batch_tokens);
-    one detokenized line per input, in input order (imitate_nat.translate does the work)."""
+    one detokenized line per input, in input order (imitate_nat.translate does the work).
+    precision (distill.precision): bf16/fp16 run the model under torch autocast; beam_search
+    sums its scores in fp32 either way."""
     decoder = at_beam(model, beam_size, length_penalty, max_len_a, max_len_b, min_len)
-    return translate(list(lines), tok, decoder, batch_tokens=batch_tokens, device=device,
-                     max_src_len=model.cfg.max_positions, cost_factor=beam_size)
+    dtype = autocast_dtype(precision, device)
+    with torch.autocast(torch.device(device).type, dtype=dtype) if dtype else nullcontext():
+        return translate(list(lines), tok, decoder, batch_tokens=batch_tokens, device=device,
+                         max_src_len=model.cfg.max_positions, cost_factor=beam_size)
 
 
 @ray.remote(max_restarts=2, max_task_retries=-1)

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib
 import logging
 import random
 import tempfile
@@ -164,6 +165,36 @@ def _import_datasets():
     return datasets
 
 
+class HubUnreachable(ConnectionError):
+    """No Hugging Face Hub (offline mode or no network) and the dataset is not cached."""
+
+
+def _offline_errors() -> tuple[type[BaseException], ...]:
+    """What `load_dataset` raises without the Hub: `datasets` wraps its lookup's errors in
+    ConnectionError, a download that loses the network raises the HTTP libraries' own. HTTP
+    status errors (a wrong name, a gated dataset) are left out: they need another fix."""
+    errors: list[type[BaseException]] = [ConnectionError, TimeoutError]
+    for module, names in (("huggingface_hub.errors", ("LocalEntryNotFoundError",)),
+                          ("requests.exceptions", ("ConnectionError", "Timeout")),
+                          ("httpx", ("TransportError",)), ("httpx2", ("TransportError",))):
+        with contextlib.suppress(ImportError):
+            mod = importlib.import_module(module)
+            errors += [getattr(mod, name) for name in names if hasattr(mod, name)]
+    return tuple(errors)
+
+
+def _hub_unreachable(data: DataSpec, cache: str, error: BaseException) -> HubUnreachable:
+    name = f"{data.hf_name!r}" + (f" (config {data.hf_config!r})" if data.hf_config else "")
+    return HubUnreachable(
+        f"data.hf_name {name}: the Hugging Face Hub cannot be reached and the dataset is not in the "
+        f"cache {cache} ({type(error).__name__}: {error}). Without the Hub, either: "
+        "1) fill a cache where the Hub is reachable (datasets.load_dataset with cache_dir=DIR), "
+        "copy DIR here, set data.hf_cache_dir=DIR and run with HF_DATASETS_OFFLINE=1; "
+        "2) save the dataset there with DatasetDict.save_to_disk(DIR), copy DIR here and set "
+        "data.hf_name=DIR; or 3) write the splits as text files and use data.source=files with "
+        "data.dir=DIR (<prefix>.<lang>, one sentence a line).")
+
+
 def _hf_pairs(ds, data: DataSpec, split: str, indices: Optional[Sequence[int]] = None) -> Iterator[Pair]:
     """Rows {"translation": {src_lang: ..., tgt_lang: ...}} -> a stream of (source, target)."""
     if "translation" not in ds.column_names:
@@ -191,8 +222,11 @@ def _load_huggingface(data: DataSpec, seed: int, stack: contextlib.ExitStack) ->
     if local.is_dir() and ((local / "dataset_dict.json").is_file() or (local / "state.json").is_file()):
         dd = datasets.load_from_disk(str(local))     # a dataset saved with save_to_disk
     else:
-        dd = datasets.load_dataset(data.hf_name, data.hf_config, revision=data.hf_revision,
-                                   cache_dir=data.hf_cache_dir)
+        try:
+            dd = datasets.load_dataset(data.hf_name, data.hf_config, revision=data.hf_revision,
+                                       cache_dir=data.hf_cache_dir)
+        except _offline_errors() as exc:
+            raise _hub_unreachable(data, data.hf_cache_dir or datasets.config.HF_DATASETS_CACHE, exc) from exc
     if not isinstance(dd, datasets.DatasetDict):
         raise ValueError(f"{data.hf_name}: expected a dataset with train/validation/test splits, "
                          f"got a single {type(dd).__name__}")

@@ -58,7 +58,7 @@ def worker_config(ctx: StageContext, kind: str) -> WorkerConfig:
 
 def run_trainer(ctx: StageContext, kind: str, callbacks=()):
     import ray.train
-    from ray.train.torch import TorchTrainer
+    from ray.train.torch import TorchConfig, TorchTrainer
 
     from ..run.hashing import extend_key
 
@@ -72,6 +72,7 @@ def run_trainer(ctx: StageContext, kind: str, callbacks=()):
         train_loop_config={"worker": worker_config(ctx, kind)},
         scaling_config=ray.train.ScalingConfig(num_workers=t.workers, use_gpu=t.gpus_per_worker > 0,
                                                resources_per_worker=resources),
+        torch_config=TorchConfig(backend=None if t.backend == "auto" else t.backend),
         run_config=ray.train.RunConfig(
             name=f"{ctx.spec.name}-{ctx.stage}-{extend_key(ctx.spec, ctx.stage)[:12]}", storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),

@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -198,7 +199,7 @@ def setup(c: WorkerConfig, device) -> Trainee:
         model, optimizer, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
                                                       config=deepspeed_config(t), dist_init_required=False)
     else:
-        model = ray.train.torch.prepare_model(model)
+        model = ray.train.torch.prepare_model(model, move_to_device=device)
     # ddp + bf16: autocast the forward (and loss); weights, gradients and Adam stay fp32.
     return Trainee(model, optimizer, teacher, use_ds, autocast_bf16=not use_ds and t.precision == "bf16")
 
@@ -261,7 +262,8 @@ def train_loop(config: dict) -> None:
     torch.manual_seed(c.seed + rank)
     if c.threads:
         torch.set_num_threads(c.threads)
-    device = ray.train.torch.get_device()
+    # A GPU Ray assigned but CUDA cannot see (a node that only advertises GPUs): train on the CPU.
+    device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     tok = Tokenizer(c.spm)
     data = TrainData(c.train_src, c.train_tgt, c.model.max_positions)
     valid = (read_lines(c.valid_src)[:c.valid_sentences], read_lines(c.valid_tgt)[:c.valid_sentences])
@@ -297,19 +299,28 @@ def train_loop(config: dict) -> None:
     if bar:
         bar.update(start_step)
     tr.model.train()
+    # Throughput between log points, validation and checkpoints left out: train/tokens_per_s
+    # (target tokens of all workers) and train/steps_per_s (updates).
+    clock, paused, tokens_since, steps_since = time.perf_counter(), 0.0, 0, 0
     for step, micro, tokens, step_tokens in batch_stream(data, t.batch_tokens, c.seed, start_step, rank, world,
                                                          t.update_freq):
         lr = lr_at(step, t.lr, t.warmup_steps)
         loss, nll, stats = train_step(tr, c, micro, [n * world / step_tokens for n in tokens], lr, device)
+        tokens_since, steps_since = tokens_since + step_tokens, steps_since + 1
 
         if step % t.log_every == 0 or step == t.max_steps:
             g = torch.stack([loss, torch.tensor(float(nll), device=device)])
             if world > 1:
                 dist.all_reduce(g)
             g = (g / world).tolist()
+            now = time.perf_counter()
+            seconds = max(now - clock - paused, 1e-9)
+            speed = {"train/tokens_per_s": tokens_since / seconds, "train/steps_per_s": steps_since / seconds}
+            clock, paused, tokens_since, steps_since = now, 0.0, 0, 0
             if tracker:
                 tracker.log_metrics({"train/loss": g[0], "train/nll": g[1], "train/lr": lr, "train/tokens": step_tokens,
-                                     **{f"train/{k}": v for k, v in stats.items() if k not in ("loss", "nll")}}, step=step)
+                                     **speed, **{f"train/{k}": v for k, v in stats.items() if k not in ("loss", "nll")}},
+                                    step=step)
             if bar:
                 bar.set_description(f"{name} loss {g[0]:.3f}")
         if bar:
@@ -317,11 +328,13 @@ def train_loop(config: dict) -> None:
 
         last, stop = step >= t.max_steps, False
         if step % t.checkpoint_every == 0 or step % t.eval_every == 0 or last:
+            pause_start = time.perf_counter()
             score, stop, bad_evals = validate(tr, c, tok, valid, rank, world, device, best, bad_evals)
             if tracker:
                 tracker.log_metrics({"valid/bleu": score}, step=step)
             best = max(best, score)
             report_checkpoint(tr, t, rank, device, {"step": step, "best": best, "bad_evals": bad_evals}, score, c.kind)
+            paused += time.perf_counter() - pause_start
         if last or stop:
             break
     if bar:

@@ -29,9 +29,12 @@ from orchestrator.spec.loading import load_spec
 from helpers import MICRO_JOB_SETS
 
 ROOT = Path(__file__).resolve().parents[2]
-PLACEHOLDERS = {"IMITATE_S3": "s3://my-bucket/imitate-nat",
+PLACEHOLDERS = {"IMITATE_AMI": "ami-0123456789abcdef0",
+                "IMITATE_HEAD_PROFILE": "arn:aws:iam::123456789012:instance-profile/imitate-head",
+                "IMITATE_WORKER_PROFILE": "arn:aws:iam::123456789012:instance-profile/imitate-worker",
+                "IMITATE_S3": "s3://my-bucket/imitate-nat",
                 "IMITATE_EFS": "fs-0123456789abcdef0.efs.us-west-2.amazonaws.com",
-                "IMITATE_WORKER_PROFILE": "arn:aws:iam::123456789012:instance-profile/imitate-worker"}
+                "IMITATE_MLFLOW_DB": "sqlite:////mnt/imitate/mlflow/mlflow.db"}
 
 
 def cluster_config(fill: bool = False) -> dict:
@@ -92,6 +95,34 @@ def test_cluster_yaml_installs_the_package_mounts_jobs_and_names_shared_storage(
     assert "MLFLOW_TRACKING_URI=http://" in head and "--artifacts-destination ${IMITATE_S3}/mlflow" in head
     assert "--dashboard-host" not in head          # the dashboard stays on 127.0.0.1 (SSH tunnel)
     assert all(cfg["provider"][k] for k in ("region", "availability_zone"))
+
+
+def test_placeholders_image_roles_and_workdir():
+    """The envsubst line names every ${...} of the file (a bare envsubst would empty the nodes'
+    $HOME); each node boots the pinned image, the head with its own role (iam:PassRole for the
+    workers' role, cluster/iam/); the work dir is set where Ray's processes inherit it."""
+    import re
+    text = (ROOT / "cluster.yaml").read_text()
+    body = "\n".join(line for line in text.splitlines() if not line.lstrip().startswith("#"))
+    assert set(re.findall(r"\$\{(\w+)\}", body)) == set(PLACEHOLDERS)
+    envsubst = re.search(r"envsubst '([^']*)'", text).group(1)
+    assert set(re.findall(r"\$\{(\w+)\}", envsubst)) == set(PLACEHOLDERS)
+    cfg = cluster_config()
+    for node_type in cfg["available_node_types"].values():
+        assert node_type["node_config"]["ImageId"] == "${IMITATE_AMI}"
+        assert node_type["node_config"]["IamInstanceProfile"]["Arn"].startswith("${IMITATE_")
+    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
+        start = next(c for c in cfg[key] if "ray start" in c)
+        assert "IMITATE_WORKDIR=/mnt/imitate/runs ray start" in start
+    mlflow = next(c for c in cfg["head_start_ray_commands"] if "mlflow server" in c)
+    assert '--backend-store-uri "${IMITATE_MLFLOW_DB}"' in mlflow
+
+    policies = {p.name: json.loads(p.read_text()) for p in (ROOT / "cluster" / "iam").glob("*.json")}
+    assert {"head-policy.json", "worker-policy.json", "trust-ec2.json"} <= set(policies)
+    head = policies["head-policy.json"]["Statement"]
+    passrole = next(s for s in head if s["Action"] == "iam:PassRole")
+    assert passrole["Resource"].endswith(":role/imitate-worker")
+    assert any("ec2:RunInstances" in s["Action"] for s in head)
 
 
 def test_the_gpu_nodes_fit_the_wmt14_job():

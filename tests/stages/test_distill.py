@@ -5,6 +5,7 @@ in, original order, which shards are redone), not translation quality. max_len_b
 decoding is fast.
 """
 import json
+import shutil
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from imitate_nat.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
 from orchestrator.run.files import atomic_write_json
 from orchestrator.run.runner import StageContext  # noqa: E402
 from orchestrator.run.shards import read_shard, shard_done, shard_marker
-from orchestrator.spec.loading import spec_from_dict  # noqa: E402
+from orchestrator.spec.loading import SpecError, spec_from_dict  # noqa: E402
 from orchestrator.binarize import line_byte_ranges  # noqa: E402
 from orchestrator.stages.distill import beam_translate, distill, shard_bounds  # noqa: E402
 
@@ -70,13 +71,13 @@ def _sharpened(model):
     return model.eval()
 
 
-def _ctx(run, actors=2):
-    spec = spec_from_dict({"name": "t", "distill": {"shards": SHARDS, "actors": actors, **DECODE}})
+def _ctx(run, actors=2, **distill_settings):
+    spec = spec_from_dict({"name": "t", "distill": {"shards": SHARDS, "actors": actors, **DECODE, **distill_settings}})
     return StageContext(spec=spec, run_dir=run, stage="distill", tracker=RecordingTracker(),
                         progress=False)
 
 
-def _reference(run, src):
+def _reference(run, src, precision="fp32"):
     """Single-process translation, shard by shard with the actors' batching and 1 thread."""
     model, _ = load_model(run / "teacher" / "model.pt")
     tok = Tokenizer(run / "tokenizer" / "spm.model")
@@ -84,7 +85,8 @@ def _reference(run, src):
     torch.set_num_threads(1)
     try:
         return model, tok, [line for a, b in shard_bounds(len(src), SHARDS)
-                            for line in beam_translate(model, tok, src[a:b], device="cpu", **DECODE)]
+                            for line in beam_translate(model, tok, src[a:b], device="cpu", precision=precision,
+                                                       **DECODE)]
     finally:
         torch.set_num_threads(threads)
 
@@ -186,6 +188,33 @@ def test_changed_teacher_discards_stale_shards(ray_local, run_dir, tmp_path):
         assert res.metrics["shards_reused"] == 0
     finally:
         model_file.write_bytes(saved)
+
+
+def test_bf16_precision_reaches_the_actors_and_the_plan(ray_local, run_dir, tmp_path):
+    """distill.precision bf16: the actors decode under bf16 autocast (their shards equal an
+    in-process bf16 decode, and differ from auto's, which is fp32 on the CPU: the first test),
+    and the plan records it, so a change of precision redoes the shards."""
+    run, src = run_dir
+    distill(_ctx(run))                                    # auto
+    auto_plan = json.loads((run / "distill" / "shards" / "plan.json").read_text())
+    auto_out = (run / "distill" / "train.distilled.tgt").read_text().split("\n")[:-1]
+    copy = tmp_path / "t"                                 # the module's run dir keeps its fp32 shards
+    for stage in ("prepare", "tokenizer", "teacher"):
+        shutil.copytree(run / stage, copy / stage)
+    res = distill(_ctx(copy, precision="bf16"))
+    plan = json.loads((copy / "distill" / "shards" / "plan.json").read_text())
+    assert auto_plan["decode"]["precision"] == "auto"
+    assert plan == {**auto_plan, "decode": {**auto_plan["decode"], "precision": "bf16"}}   # only that differs
+    assert res.metrics["shards_reused"] == 0
+    bounds = shard_bounds(N_LINES, SHARDS)
+    assert all(shard_done(copy / "distill" / "shards", i, b - a) for i, (a, b) in enumerate(bounds))
+    out = (copy / "distill" / "train.distilled.tgt").read_text().split("\n")[:-1]
+    assert out == _reference(copy, src, precision="bf16")[2]
+    assert out != auto_out and sum(a == b for a, b in zip(out, auto_out)) >= 0.5 * N_LINES
+    with pytest.raises(SpecError, match="distill.precision: fp16 needs GPU actors"):
+        spec_from_dict({"name": "t", "distill": {"precision": "fp16"}})
+    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):   # GPU actors CUDA cannot see
+        beam_translate(None, None, [], device="cpu", precision="fp16")
 
 
 def test_killed_actor_restarts_and_its_shard_is_retried(ray_local, run_dir, tmp_path):

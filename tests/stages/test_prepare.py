@@ -186,6 +186,59 @@ def test_huggingface_wrong_language_and_missing_package(tmp_path, monkeypatch):
         _run(tmp_path, {**data, "tgt_lang": "de"})
 
 
+# A fresh interpreter: `datasets` and `huggingface_hub` read the offline switches when they are
+# imported, which this test process may have done already.
+_NO_HUB_SCRIPT = """
+import sys
+from pathlib import Path
+from orchestrator.run.runner import StageContext
+from orchestrator.spec.loading import spec_from_dict
+from orchestrator.stages.prepare import prepare
+data = {"source": "huggingface", "hf_name": "wmt14", "hf_config": "de-en", "src_lang": "en",
+        "tgt_lang": "de", "hf_cache_dir": sys.argv[1] + "/hf-cache"}
+spec = spec_from_dict({"name": "t", "workdir": sys.argv[1], "data": data})
+prepare(StageContext(spec, run_dir=Path(sys.argv[1]) / "run", stage="prepare"))
+"""
+
+
+def test_huggingface_without_the_hub_says_how_to_proceed(tmp_path):
+    """jobs/wmt14.yaml's data on a machine without the Hub: offline mode, an empty cache."""
+    import os
+    import subprocess
+
+    pytest.importorskip("datasets")
+    (tmp_path / "hf-cache").mkdir()
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf-home")}
+    proc = subprocess.run([sys.executable, "-c", _NO_HUB_SCRIPT, str(tmp_path)], cwd=Path(__file__).parents[2],
+                          env=env, capture_output=True, text=True, timeout=300)
+    msg = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and msg.startswith("orchestrator.stages.prepare.HubUnreachable: "), proc.stderr[-3000:]
+    assert "\nConnectionError: " in proc.stderr and "direct cause" in proc.stderr   # the library's error, kept
+    assert "'wmt14'" in msg and str(tmp_path / "hf-cache") in msg
+    for way_out in ("HF_DATASETS_OFFLINE=1", "data.hf_cache_dir", "save_to_disk", "data.hf_name=DIR",
+                    "data.source=files", "data.dir"):
+        assert way_out in msg
+    assert not (tmp_path / "run" / "prepare" / "train.src").exists()
+
+
+def test_huggingface_network_errors_are_told_from_other_errors(tmp_path, monkeypatch):
+    """A download that loses the network mid-way raises the HTTP library's error: also wrapped.
+    Any other error (here a bad config name) reaches the caller unchanged."""
+    datasets = pytest.importorskip("datasets")
+    requests = pytest.importorskip("requests")
+    from orchestrator.stages.prepare import HubUnreachable
+
+    data = {"source": "huggingface", "hf_name": "wmt14", "hf_config": "de-en", "src_lang": "en", "tgt_lang": "de"}
+    for error in (requests.exceptions.ConnectionError("Connection reset by peer"), ValueError("no config 'xx'")):
+        monkeypatch.setattr(datasets, "load_dataset", lambda *a, **k: (_ for _ in ()).throw(error))
+        with pytest.raises(Exception) as caught:
+            _run(tmp_path, data)
+        if isinstance(error, ValueError):
+            assert caught.value is error
+        else:
+            assert isinstance(caught.value, HubUnreachable) and caught.value.__cause__ is error
+
+
 def test_tokenizer_stage(ray_local, synthetic_run):
     tmp, _, out = synthetic_run
     spec = _spec(tmp, SYNTH, tokenizer={"vocab_size": 200})
