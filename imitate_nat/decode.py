@@ -150,15 +150,27 @@ def nat_decode(nat: NATLearner, src: torch.Tensor, lengths: torch.Tensor | None 
     return [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
 
 
+def longest_candidate(max_positions: int, delta_t: int) -> int:
+    """The longest LPD candidate (and decoder width) the models can take: the NAT's positional
+    table, less one when the AT rescores (ΔT > 0), since its teacher-forced pass reads
+    BOS + y, one position more than y. Longer candidates are clamped to it, so a source near
+    the model's limit (T̂ ≈ S) decodes rather than overflowing the AT's table."""
+    return max_positions - (1 if delta_t > 0 else 0)
+
+
 def lpd_candidates(nat: NATLearner, at: ATDemonstrator, nat_enc, at_enc, lengths: torch.Tensor, delta_t: int,
                    length_penalty: float = 1.0, width: int | None = None):
     """The core of LPD, free of host syncs when `width` is given (CUDA graphs, graphs.py): decode
     the 2ΔT+1 lengths around each T̂ in ONE NAT pass, score them in ONE teacher-forced AT pass.
     nat_enc / at_enc: (memory, src_keep) of each model's encoder (at_enc unused when ΔT = 0).
+    Candidate lengths and `width` are at most longest_candidate().
     Returns tokens (B·C, W) padded, candidate lengths (B·C,), AT scores (B, C)."""
     cfg, B, C = nat.cfg, lengths.size(0), 2 * delta_t + 1
+    longest = longest_candidate(cfg.max_positions, delta_t)
+    if width is not None and width > longest:
+        raise ValueError(f"decoder width {width} exceeds {longest} (max_positions={cfg.max_positions}, ΔT={delta_t})")
     offsets = torch.arange(-delta_t, delta_t + 1, device=lengths.device)
-    cand_len = (lengths.unsqueeze(1) + offsets).clamp(1, cfg.max_positions).view(-1)  # (B*C,)
+    cand_len = (lengths.unsqueeze(1) + offsets).clamp(1, longest).view(-1)  # (B*C,)
     # Each source's C candidates are consecutive rows: they share its memory (no per-candidate
     # copies), so encoder keys/values are projected once per source in both passes.
     logits, _ = nat.decode(*nat_enc, cand_len, width=width)
@@ -180,9 +192,9 @@ def pick_best(tokens: torch.Tensor, cand_len: torch.Tensor, scores: torch.Tensor
 @torch.no_grad()
 def lpd_decode(nat: NATLearner, at: ATDemonstrator, src: torch.Tensor, delta_t: int = 3,
                lengths: torch.Tensor | None = None, length_penalty: float = 1.0):
-    """Length Parallel Decoding (§4): decode lengths T̂-ΔT … T̂+ΔT (clamped to ≥ 1) in ONE batched
-    NAT pass, score all 2ΔT+1 candidates in ONE teacher-forced AT pass, keep the best per source.
-    With ΔT = 0 this is exactly nat_decode."""
+    """Length Parallel Decoding (§4): decode lengths T̂-ΔT … T̂+ΔT (clamped to 1 … longest_candidate)
+    in ONE batched NAT pass, score all 2ΔT+1 candidates in ONE teacher-forced AT pass, keep the
+    best per source. With ΔT = 0 this is exactly nat_decode."""
     if delta_t < 0:
         raise ValueError(f"delta_t must be >= 0, got {delta_t}")
     nat_enc = nat.encode(src)

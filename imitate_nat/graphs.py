@@ -20,7 +20,7 @@ from __future__ import annotations
 import torch
 
 from .at import ATDemonstrator
-from .decode import lpd_candidates, lpd_decode, pick_best
+from .decode import longest_candidate, lpd_candidates, lpd_decode, pick_best
 from .nat import NATLearner
 
 BUCKET = 8  # sources and decoder widths are padded to a multiple of this many columns
@@ -28,6 +28,13 @@ BUCKET = 8  # sources and decoder widths are padded to a multiple of this many c
 
 def _round_up(n: int, m: int) -> int:
     return -(-n // m) * m
+
+
+def decoder_width(widest: int, max_positions: int, delta_t: int) -> int:
+    """The bucketed decoder width for candidates up to `widest` long: rounded up to BUCKET, but
+    never past decode.longest_candidate (rounding up to max_positions would overflow the AT's
+    positional table in the rescoring pass, which reads one position more)."""
+    return min(_round_up(max(widest, 1), BUCKET), longest_candidate(max_positions, delta_t))
 
 
 def _capture(fn):
@@ -113,7 +120,7 @@ class GraphedLPD:
         if lengths is not None:
             len_buf[:n].copy_(lengths)
         widest = int(len_buf.max()) + self.delta_t  # the one host sync between the two graphs
-        W = min(_round_up(max(widest, 1), BUCKET), cfg.max_positions)
+        W = decoder_width(widest, cfg.max_positions, self.delta_t)
         graph, (best, best_len) = self._chooser(B, Sb, W)
         graph.replay()
         return [row[:k] for row, k in zip(best[:n].tolist(), best_len[:n].tolist())]

@@ -78,29 +78,40 @@ def run(job, overrides, address, force, until, no_progress, verbose) -> None:
     """Run the pipeline of JOB: prepare → tokenizer → teacher → distill → student → evaluate.
 
     Finished stages are reused; an interrupted stage resumes. Results go to
-    <workdir>/<job>/ and to MLflow."""
+    <workdir>/<job>/ and to MLflow. One run of a job at a time: a second exits 2."""
     spec = load_or_exit(job, overrides)
     setup_logging(verbose)
+    from contextlib import ExitStack
+
     from .pipeline import run_pipeline
     from .run.layout import run_dir
     from .run.runner import StageFailed
+    from .run.sharing import RunLocked, run_lock
 
     init_ray(spec, address)
     probe = check_cluster_or_exit(spec)
-    try:
-        run_pipeline(spec, job, force=force, until=until, progress=not no_progress,
-                     before_stage=probe.check_new_nodes)
-    except SpecError as e:   # a node the autoscaler added does not see the work dir
-        click.echo(f"error: the job cannot go on on this Ray cluster (finished stages are kept)\n{e}", err=True)
-        sys.exit(EXIT_USAGE)
-    except StageFailed as e:
-        click.echo(f"\nerror: {e}\n  The stage's MLflow run is marked FAILED and its manifest records the error.\n"
-                   f"  Finished stages are kept: fix the cause and rerun the same command to resume.", err=True)
-        if verbose:
-            raise
-        sys.exit(1)
-    finally:
+    held = ExitStack()
+    try:   # after the cluster checks, which leave no file behind when they refuse the job
+        held.enter_context(run_lock(run_dir(spec)))
+    except RunLocked as e:
         probe.close()
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
+    with held:
+        try:
+            run_pipeline(spec, job, force=force, until=until, progress=not no_progress,
+                         before_stage=probe.check_new_nodes)
+        except SpecError as e:   # a node the autoscaler added does not see the work dir
+            click.echo(f"error: the job cannot go on on this Ray cluster (finished stages are kept)\n{e}", err=True)
+            sys.exit(EXIT_USAGE)
+        except StageFailed as e:
+            click.echo(f"\nerror: {e}\n  The stage's MLflow run is marked FAILED and its manifest records the error.\n"
+                       f"  Finished stages are kept: fix the cause and rerun the same command to resume.", err=True)
+            if verbose:
+                raise
+            sys.exit(1)
+        finally:
+            probe.close()
     summary = run_dir(spec) / "evaluate" / "summary.md"
     if summary.is_file():
         click.echo(f"\n{spec.name}: test set results\n\n{summary.read_text()}")
@@ -125,6 +136,8 @@ def status(job, overrides) -> None:
         extra = f"  error: {m.error}" if m and m.error and s.state == "failed" else ""
         if s.state == "extend":
             extra = f"  trained to max_steps {m.max_steps}, the job asks {max_steps(spec, s.stage)}"
+        if m and m.package_version:
+            extra += f"  (imitate-orch {m.package_version})"
         click.echo(f"  {s.stage:<10} {s.state:<8} {when}{extra}")
 
 

@@ -3,6 +3,7 @@ and scoring a set, and batch-1 latency. Used by the evaluate stage, `eval`, Serv
 the studies (ablate, report)."""
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from imitate_nat.translate import at_beam, nat_lpd, nat_one_pass, translate
 
 from .run.layout import model_path, split_path, spm_path
 from .spec.schema import JobSpec
+
+log = logging.getLogger("imitate_orch")
 
 
 def decoders(at, nat, beam_size: int, delta_t: int, length_penalty: float = 1.0) -> dict:
@@ -54,16 +57,28 @@ def latencies_ms(lines, tok, timed: dict, device, n: int, progress: bool = False
     return {name: sorted(t)[len(t) // 2] for name, t in times.items()}
 
 
+def truncated_sources(tok, src, max_src_len: int) -> int:
+    """How many of `src` have more tokens than the model takes (max_src_len, one kept for EOS):
+    `translate` decodes their first max_src_len - 1 tokens. Logged, since the scores then
+    cover less than the test set says (Serve answers such a text with 422 instead)."""
+    n = sum(len(ids) >= max_src_len for ids in tok.encode_batch(src))
+    if n:
+        log.warning("%d of %d sources are over %d tokens: decoded truncated to that", n, len(src), max_src_len - 1)
+    return n
+
+
 def translate_and_score(decoder_and_cost, tok, src, ref, batch_tokens: int, device, max_src_len: int):
     """Translate src with one entry of decoders() and score it against ref: (row, hypotheses);
-    the row holds BLEU, chrF, their sacreBLEU signatures and the seconds it took."""
+    the row holds BLEU, chrF, their sacreBLEU signatures, the seconds it took and how many
+    sources were truncated (truncated_sources)."""
     decoder, cost = decoder_and_cost
     t0 = time.perf_counter()
+    truncated = truncated_sources(tok, src, max_src_len)
     hyps = translate(src, tok, decoder, batch_tokens=batch_tokens, device=device, max_src_len=max_src_len,
                      cost_factor=cost)
     b, c = bleu(hyps, ref), chrf(hyps, ref)
     return {"bleu": b.score, "chrf": c.score, "bleu_signature": b.signature, "chrf_signature": c.signature,
-            "seconds": time.perf_counter() - t0}, hyps
+            "seconds": time.perf_counter() - t0, "truncated_sources": truncated}, hyps
 
 
 def score_all(decs: dict, tok, src, ref, batch_tokens: int, device, max_src_len: int):

@@ -78,7 +78,7 @@ echo "== imitate-orch run jobs/tiny.yaml --address $RAY_ADDRESS"
 $PYTHON -m orchestrator.cli run jobs/tiny.yaml --address "$RAY_ADDRESS" --no-progress \
     --set "workdir=$WORKDIR" --set teacher.workers=2 --set "teacher.cpus_per_worker=$CPUS" \
     --set student.workers=2 --set "student.cpus_per_worker=$CPUS" \
-    --set distill.actors=2 --set "distill.cpus_per_actor=$CPUS" "$@"
+    --set distill.actors=2 --set "distill.cpus_per_actor=$CPUS" --set "eval.cpus=$CPUS" "$@"
 
 echo "== where the work ran (Ray logs: $RAY_TEMP)"
 $PYTHON - "$WORKDIR" <<'EOF'

@@ -7,15 +7,27 @@ stage had when this one ran ("consumed"): a stage redone with different bytes ma
 ones stale even when no setting changed. A training stage whose only change is a higher
 max_steps is not stale but extended from its last checkpoint (its extend key
 is the input hash without max_steps).
+
+The data the first stage reads from outside the run dir is identified by its bytes, not its
+path: the manifest records the sha256 of each input file (`input_digests`), and a file edited
+in place makes that stage stale (and so, through the consumed digests, whatever its redo
+changes). These digests are not in the input hash: that stays a function of the spec alone,
+which reports, sweeps and shared stage dirs compute without the data at hand.
 """
 from __future__ import annotations
 
+import json
+import os
+import time
 from pathlib import Path
 
-from ..spec.schema import JobSpec
-from .files import sha256_json
-from .layout import STAGE, STAGES, TRAINING
+from ..spec.schema import DataSpec, JobSpec
+from .files import atomic_write_json, sha256_file, sha256_json
+from .layout import STAGE, STAGES, TRAINING, run_dir
 from .manifest import Manifest, read_manifest
+
+DIGEST_CACHE = ".input-sha256.json"   # in the run dir: input file -> sha256, keyed by its stat
+_RACY_NS = 2 * 10**9   # a file written this recently may change again within one mtime tick: not cached
 
 
 def stage_hashes(spec: JobSpec) -> dict[str, str]:
@@ -66,3 +78,54 @@ def consumed_digests(rd: Path, stage: str) -> dict[str, str]:
 def upstream_changed(m: Manifest | None, consumed: dict[str, str]) -> bool:
     """Did an earlier stage's output change since this stage (manifest `m`) ran on it?"""
     return m is not None and bool(m.consumed) and m.consumed != consumed
+
+
+def data_files(data: DataSpec) -> list[Path]:
+    """The files the prepare stage reads: a `files` source's split files (a valid split it carves
+    from train has none), every file of a local Hugging Face dataset dir. None for synthetic
+    data (the spec determines it) or a Hub dataset (name, config and hf_revision in the spec
+    identify it; without hf_revision a new version on the Hub is not noticed)."""
+    if data.source == "files":
+        paths = [Path(p) for prefix in (data.train_prefix, data.valid_prefix, data.test_prefix)
+                 for p in data.split_files(prefix)]
+        return [p for p in paths if p.is_file()]
+    if data.source == "huggingface" and os.path.isdir(data.hf_name):
+        return sorted(p for p in Path(data.hf_name).rglob("*") if p.is_file())
+    return []
+
+
+def input_digests(spec: JobSpec, stage: str) -> dict[str, str]:
+    """sha256 of each file `stage` reads from outside the run dir (only prepare reads any), by
+    absolute path. Hashing a multi-GB corpus at every `status` and `run` would take minutes, so
+    hashes are cached in the run dir by (path, size, mtime_ns, ctime_ns): an edit changes the
+    mtime, and one that restores it (touch -r, cp -p) still changes the ctime."""
+    files = data_files(spec.data) if stage == STAGES[0] else []
+    if not files:
+        return {}
+    cache_path = run_dir(spec) / DIGEST_CACHE
+    try:
+        cache = json.loads(cache_path.read_text(encoding="utf-8"))
+        cache = cache if isinstance(cache, dict) else {}
+    except (OSError, ValueError):
+        cache = {}
+    out, changed = {}, False
+    for p in files:
+        key, st = str(p.resolve()), p.stat()
+        stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+        hit = cache.get(key)
+        if isinstance(hit, dict) and hit.get("stat") == stamp and isinstance(hit.get("sha256"), str):
+            out[key] = hit["sha256"]
+            continue
+        out[key] = sha256_file(p)
+        if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) > _RACY_NS:
+            cache[key], changed = {"stat": stamp, "sha256": out[key]}, True
+    if changed:
+        atomic_write_json(cache_path, cache)   # two processes racing lose at most a cache entry
+    return out
+
+
+def inputs_changed(m: Manifest | None, digests: dict[str, str]) -> bool:
+    """Did the files this stage (manifest `m`) read change since it ran? A manifest from before
+    input digests were recorded (no package version) is taken as it is, like one without
+    consumed digests: otherwise every existing run would retrain from scratch."""
+    return m is not None and m.package_version is not None and m.inputs != digests

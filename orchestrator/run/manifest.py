@@ -8,6 +8,8 @@ again instead of being silently consumed.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.metadata
 import json
 import logging
 import os
@@ -43,6 +45,11 @@ class Manifest:
     # asking for more steps on the same inputs extends it from the last checkpoint.
     extend_key: str | None = None
     max_steps: int | None = None
+    # files read from outside the run dir (the first stage's data) -> their sha256 when it ran: an
+    # edited file makes the stage stale (run/hashing.py input_digests)
+    inputs: dict[str, str] = dataclasses.field(default_factory=dict)
+    # the imitate-orch version that ran the stage (None in manifests from before this field)
+    package_version: str | None = None
 
     def __post_init__(self) -> None:
         if self.status not in STATUSES:
@@ -58,6 +65,16 @@ class Manifest:
         if "continue_key" in d:  # the extend key's name in manifests written before 2026-12
             d = {"extend_key": d["continue_key"], **d}
         return cls(**{k: v for k, v in d.items() if k in names})
+
+
+@functools.cache
+def package_version() -> str:
+    """This package's installed version, recorded in each manifest ("unknown" when run from a
+    source tree that was never installed)."""
+    try:
+        return importlib.metadata.version("imitate-orch")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 def write_manifest(stage_dir: str | os.PathLike, manifest: Manifest) -> Path:

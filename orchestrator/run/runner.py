@@ -16,9 +16,10 @@ from typing import Callable
 
 from ..spec.schema import JobSpec
 from .files import utc_now
-from .hashing import can_extend, consumed_digests, extend_key, max_steps, stage_hashes, upstream_changed
+from .hashing import (can_extend, consumed_digests, extend_key, input_digests, inputs_changed, max_steps,
+                      stage_hashes, upstream_changed)
 from .layout import STAGE, STAGES, run_dir
-from .manifest import Manifest, is_complete, read_manifest, record_outputs, write_manifest
+from .manifest import Manifest, is_complete, package_version, read_manifest, record_outputs, write_manifest
 from .tracking import NullRunHandle, RunHandle, Tracker
 
 log = logging.getLogger("imitate_orch")
@@ -61,13 +62,17 @@ class StageState:
 
 
 def stage_states(spec: JobSpec) -> list[StageState]:
-    hashes, out = stage_hashes(spec), []
+    """Each stage's state as `run` would find it. A done stage after a stale one shows stale: it
+    is redone when the stale one's redo changes its outputs (changed data would; a redo that
+    gives the same bytes leaves it reused)."""
+    hashes, out, after_stale = stage_hashes(spec), [], False
     for stage in STAGES:
         d = run_dir(spec) / stage
         m = read_manifest(d)
         if m is None:
             state = "pending"
-        elif upstream_changed(m, consumed_digests(run_dir(spec), stage)):
+        elif (upstream_changed(m, consumed_digests(run_dir(spec), stage))
+              or inputs_changed(m, input_digests(spec, stage))):
             state = "stale"
         elif m.input_hash != hashes[stage]:
             state = "extend" if can_extend(m, spec, stage) else "stale"
@@ -75,6 +80,9 @@ def stage_states(spec: JobSpec) -> list[StageState]:
             state = "done" if is_complete(d, hashes[stage]) else "damaged"
         else:
             state = m.status
+        if after_stale and state == "done":
+            state = "stale"
+        after_stale = after_stale or state == "stale"
         out.append(StageState(stage, state, m))
     return out
 
@@ -93,11 +101,15 @@ def run_stage(spec: JobSpec, stage: str, func: Callable[[StageContext], StageRes
     (re)run it with `func`; returns its metrics. The caller holds the stage's lock (run/sharing.py)."""
     rd = run_dir(spec)
     d, input_hash = rd / stage, stage_hashes(spec)[stage]
-    consumed = consumed_digests(rd, stage)
+    # Hashed before the stage runs: a file edited while it runs no longer matches next time.
+    consumed, inputs = consumed_digests(rd, stage), input_digests(spec, stage)
     before = read_manifest(d)
     stale = upstream_changed(before, consumed)
     if stale:
         log.info("%-9s an earlier stage's output changed since it ran: redoing it", stage)
+    elif inputs_changed(before, inputs):
+        stale = True
+        log.info("%-9s its input files changed since it ran: redoing it", stage)
     if not force and not stale and is_complete(d, input_hash):
         m = read_manifest(d)
         log.info("%-9s done (reused)", stage)
@@ -109,7 +121,8 @@ def run_stage(spec: JobSpec, stage: str, func: Callable[[StageContext], StageRes
     # Kept: a same-hash unfinished dir (resume) or one to extend; wiped: a stale, forced or changed one.
     prepare_stage_dir(d, wipe=force or stale or before is None or (before.input_hash != input_hash and not extend))
     manifest = Manifest(stage=stage, input_hash=input_hash, status="running", started=utc_now(), consumed=consumed,
-                        extend_key=extend_key(spec, stage), max_steps=max_steps(spec, stage))
+                        extend_key=extend_key(spec, stage), max_steps=max_steps(spec, stage), inputs=inputs,
+                        package_version=package_version())
     write_manifest(d, manifest)
     if extend:
         log.info("%-9s extending from its last checkpoint (max_steps %d -> %d)", stage, before.max_steps,

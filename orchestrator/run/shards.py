@@ -1,7 +1,9 @@
 """Shard files with done markers: a distill actor's output survives a killed driver.
 
 A shard is written atomically, then its `.done` marker (line count, checksum, metadata); a
-shard without a marker, or whose text no longer matches it, is decoded again.
+shard without a marker, or whose text no longer matches it, is decoded again. The marker also
+names the plan the shard was made for (distill's shards/plan.json, hashed): a shard an actor of
+an earlier, killed driver finishes after the plan changed looks valid but is redone.
 """
 from __future__ import annotations
 
@@ -57,11 +59,12 @@ def shard_marker(directory: str | os.PathLike, index: int) -> dict | None:
     return info if isinstance(info, dict) else None
 
 
-def shard_done(directory: str | os.PathLike, index: int, expected_lines: int) -> bool:
-    """True only if the marker exists and the shard has its line count and checksum: a
-    half-written, truncated or altered shard is redone, never merged."""
+def shard_done(directory: str | os.PathLike, index: int, expected_lines: int, plan: str | None = None) -> bool:
+    """True only if the marker exists and the shard has its line count and checksum (and, when
+    `plan` is given, the marker names that plan): a half-written, truncated, altered or
+    stale-plan shard is redone, never merged."""
     info = shard_marker(directory, index)
-    if info is None:
+    if info is None or (plan is not None and info.get("plan") != plan):
         return False
     try:
         data = _shard_paths(directory, index)[0].read_bytes()

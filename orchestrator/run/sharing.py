@@ -1,10 +1,11 @@
-"""Sharing stage dirs between runs, and one process at a time per stage dir.
+"""Sharing stage dirs between runs, one process at a time per stage dir, one `run` per job.
 
 Sweep trials and ablation variants that agree up to a stage share its dir: `run_pipeline(...,
 linked=...)` makes <run>/<stage> a symlink to a content-addressed dir from `shared_stage_dirs`
 (<root>/<stage>/<hash>). Every stage runs under an exclusive file lock on its resolved dir, so
 two runs that need the same teacher train it once: the second waits, then finds it done and
-reuses it.
+reuses it. `run` also holds an exclusive lock on the job's run dir (`run_lock`): a second `run`
+of the same job stops at once instead.
 """
 from __future__ import annotations
 
@@ -12,9 +13,10 @@ import fcntl
 import logging
 import os
 import shutil
+import socket
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import IO, Iterable, Iterator
 
 from ..spec.schema import JobSpec
 from .hashing import stage_hashes
@@ -43,18 +45,53 @@ def link_stage(run: Path, stage: str, target: Path) -> None:
 
 
 @contextmanager
-def stage_lock(d: Path, stage: str) -> Iterator[None]:
-    """Exclusive lock on a stage dir (its resolved path, so links share it) for as long as the
-    stage is checked and run. Another process holding it makes this one wait."""
+def _dir_lock(d: Path) -> Iterator[IO[str]]:
+    """The lock file of dir `d` (its resolved path, so links share it), open: `.<name>.lock`
+    beside the dir, not in it, because a stage dir is emptied when redone. An flock on it is
+    released when the file is closed or the process dies, however it dies."""
     real = d.resolve()
     real.parent.mkdir(parents=True, exist_ok=True)
     with open(real.parent / f".{real.name}.lock", "a+") as f:
+        yield f
+
+
+@contextmanager
+def stage_lock(d: Path, stage: str) -> Iterator[None]:
+    """Exclusive lock on a stage dir for as long as the stage is checked and run. Another
+    process holding it makes this one wait."""
+    with _dir_lock(d) as f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            log.info("%-9s is being run by another process (%s); waiting", stage, real)
+            log.info("%-9s is being run by another process (%s); waiting", stage, d.resolve())
             fcntl.flock(f, fcntl.LOCK_EX)
         try:
             yield
         finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+class RunLocked(RuntimeError):
+    """Another process is running this job's run dir; the message names it."""
+
+
+@contextmanager
+def run_lock(rd: Path) -> Iterator[None]:
+    """Exclusive lock on a job's run dir for a whole `run`: two runs of one job would wipe and
+    rewrite the same stage dirs under each other. Never waits: raises RunLocked naming the
+    holder (pid and host, which it writes into the lock file) if another process has it."""
+    with _dir_lock(rd) as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"   # (empty if it has not written itself yet)
+            raise RunLocked(f"{rd.resolve()} is being run by {holder}; wait for it to end or stop it") from None
+        try:
+            f.truncate(0)
+            f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+            f.flush()
+            yield
+        finally:
+            f.truncate(0)
             fcntl.flock(f, fcntl.LOCK_UN)

@@ -14,14 +14,19 @@ one NAT pass and one AT rescoring pass (split only when a group exceeds eval.bat
 sentences × longest × (2ΔT+1)). Results equal offline decoding of the same texts.
 
 Bad input never becomes a 500: the body size is checked before parsing (Content-Length and
-the streamed bytes), the body is parsed here (malformed JSON -> 400 whatever the
-Content-Type), validated by a strict pydantic model (-> 422), then against the configured
-limits (-> 422). Every error is JSON {"error": "..."}.
+the streamed bytes), then the Content-Type (anything but application/json -> 415), the body
+is parsed here (malformed JSON -> 400), validated by a strict pydantic model (-> 422), then
+each text (not UTF-8 encodable, blank, over max_chars or over the model's source tokens ->
+422) and ΔT (-> 422). All of this runs in the request's own handler, before it joins a batch,
+so a bad request fails alone. Every error is JSON {"error": "..."}; none names a file path.
 """
 from __future__ import annotations
 
 import json
+import logging
+import unicodedata
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -32,6 +37,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 APP_NAME = "imitate-nat"
+log = logging.getLogger("ray.serve")  # Serve's logger: lines go to the replica's log file
 
 
 class ApiError(Exception):
@@ -137,20 +143,55 @@ def parse_request(body: bytes) -> TranslateRequest:
         raise ApiError(422, _validation_message(e.errors())) from None
 
 
-def check_limits(req: TranslateRequest, limits: dict, default_delta_t: int) -> tuple[list[str], int]:
-    """The request's texts and ΔT, or ApiError(422) naming the field and the limit."""
+def check_content_type(value: str | None) -> None:
+    """ApiError(415) unless the body is declared JSON. Browsers send text/plain, form and
+    multipart bodies cross-site without a CORS preflight: requiring application/json keeps a
+    web page from making its visitor's browser POST to a server on localhost."""
+    if (value or "").split(";", 1)[0].strip().lower() != "application/json":
+        shown = (value or "none")[:100]
+        raise ApiError(415, f"Content-Type must be application/json, got '{shown}'")
+
+
+# Characters that carry nothing to translate: whitespace (str.isspace also covers NBSP, U+3000
+# and the line separators), controls (Cc: NUL, ESC, ...) and format characters (Cf: zero-width
+# space and joiners, BOM, bidirectional marks, soft hyphen, tag characters).
+_INVISIBLE = frozenset({"Cc", "Cf"})
+
+
+def is_blank(text: str) -> bool:
+    return all(c.isspace() or unicodedata.category(c) in _INVISIBLE for c in text)
+
+
+def check_limits(req: TranslateRequest, limits: dict, default_delta_t: int,
+                 token_counts: Callable[[list[str]], list[int]]) -> tuple[list[str], int]:
+    """The request's texts and ΔT, or ApiError(422) naming the field and the limit.
+    `token_counts`: each text's source tokens (the tokenizer), compared with limits["max_tokens"]:
+    past it offline decoding would truncate the source, which a 200 must never hide."""
     field = "text" if req.text is not None else "texts"
     texts = [req.text] if req.text is not None else req.texts
     if not texts:
         raise ApiError(422, "texts: must contain at least one text")
     if len(texts) > limits["max_texts"]:
         raise ApiError(422, f"texts: {len(texts)} texts, the limit is {limits['max_texts']} per request")
-    for i, t in enumerate(texts):
-        where = field if field == "text" else f"texts[{i}]"
-        if not t.strip():
-            raise ApiError(422, f"{where}: empty text")
+    wheres = [field if field == "text" else f"texts[{i}]" for i in range(len(texts))]
+    for where, t in zip(wheres, texts):
+        try:
+            # JSON escapes can spell a lone surrogate ("\ud800"), which is no character: the
+            # tokenizer would raise on it.
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ApiError(422, f"{where}: not valid Unicode (lone surrogate U+{ord(t[e.start]):04X} "
+                                f"at character {e.start})") from None
+        if is_blank(t):
+            raise ApiError(422, f"{where}: empty text (nothing but whitespace, control or format characters)")
         if len(t) > limits["max_chars"]:
             raise ApiError(422, f"{where}: {len(t)} characters, the limit is {limits['max_chars']}")
+    for where, n in zip(wheres, token_counts(texts)):
+        if n == 0:  # e.g. only U+FFFD, which the tokenizer drops: it would translate to ""
+            raise ApiError(422, f"{where}: empty text (no token to translate)")
+        if n > limits["max_tokens"]:
+            raise ApiError(422, f"{where}: {n} tokens, the limit is {limits['max_tokens']} "
+                                f"(the model's positions, less one for end of sentence)")
     delta_t = default_delta_t if req.delta_t is None else req.delta_t
     if not 0 <= delta_t <= limits["max_delta_t"]:
         raise ApiError(422, f"delta_t: must be between 0 and {limits['max_delta_t']}, got {delta_t}")
@@ -183,15 +224,19 @@ def build_app(translator: Translator) -> FastAPI:
 
     schema = {"content": {"application/json": {"schema": TranslateRequest.model_json_schema()}}, "required": True}
     errors = {s: {"description": d, "content": {"application/json": {"example": {"error": "..."}}}}
-              for s, d in ((400, "malformed JSON"), (413, "body too large"), (422, "invalid request or over a limit"))}
+              for s, d in ((400, "malformed JSON"), (413, "body too large"),
+                           (415, "Content-Type is not application/json"), (422, "invalid request or over a limit"))}
 
     @app.post("/translate", response_model=TranslateResponse, openapi_extra={"requestBody": schema},
               responses=errors)
     async def translate(request: Request):
         """Translate one text or a list of texts with NAT + LPD."""
+        check_content_type(request.headers.get("content-type"))
         req = parse_request(await request.body())
-        texts, delta_t = check_limits(req, translator.limits, translator.default_delta_t)
+        texts, delta_t = check_limits(req, translator.limits, translator.default_delta_t, translator.token_counts)
         translations = await translator.translate_batch((tuple(texts), delta_t))
+        if isinstance(translations, Exception):  # this request's own failure (decode_batch)
+            raise translations
         return {"translations": translations, "delta_t": delta_t, "model": translator.model_info}
 
     @app.get("/health")
@@ -218,6 +263,8 @@ class Translator:
         self.tok, self.at, self.nat = load_models(source, self.device)
         self.model_info = source.describe()
         self.limits = {k: serve_cfg[k] for k in ("max_texts", "max_chars", "max_delta_t", "max_body_bytes")}
+        # Source tokens + EOS fill at most the positional table (translate's max_src_len).
+        self.limits["max_tokens"] = self.at.cfg.max_positions - 1
         self.default_delta_t = eval_cfg["delta_t"]
         self.eval_cfg = eval_cfg
         self.lpd_decoders: dict[int, tuple] = {}  # ΔT -> (LPD decoder, batching cost factor)
@@ -242,14 +289,30 @@ class Translator:
         return translate(texts, self.tok, decoder, batch_tokens=e["batch_tokens"], device=self.device,
                          max_src_len=self.at.cfg.max_positions, cost_factor=cost)
 
-    def decode_batch(self, items: list[tuple[tuple[str, ...], int]]) -> list[list[str]]:
-        """One output list per request; requests grouped by ΔT, each group decoded at once."""
-        out: list[list[str]] = [[] for _ in items]
+    def token_counts(self, texts: list[str]) -> list[int]:
+        return [len(ids) for ids in self.tok.encode_batch(texts)]
+
+    def decode_batch(self, items: list[tuple[tuple[str, ...], int]]) -> list[list[str] | Exception]:
+        """One output list per request, or the exception its texts raised; requests grouped by
+        ΔT, each group decoded at once."""
+        out: list = [[] for _ in items]
         by_delta = defaultdict(list)
         for i, (_, delta_t) in enumerate(items):
             by_delta[delta_t].append(i)
         for delta_t, idx in by_delta.items():
-            hyps = self.lpd([t for i in idx for t in items[i][0]], delta_t)
+            try:
+                hyps = self.lpd([t for i in idx for t in items[i][0]], delta_t)
+            except Exception:
+                # Texts are validated before they join a batch, so this is a bug or the device
+                # (e.g. out of memory); either way it must not fail every request batched with
+                # the culprit: decode them one by one, and only those that fail alone get a 500.
+                log.exception("a batch of %d requests (ΔT %d) failed; decoding them one by one", len(idx), delta_t)
+                for i in idx:
+                    try:
+                        out[i] = self.lpd(list(items[i][0]), delta_t)
+                    except Exception as e:  # handed to that request's own handler
+                        out[i] = e
+                continue
             pos = 0
             for i in idx:
                 out[i] = hyps[pos: pos + len(items[i][0])]
@@ -262,7 +325,7 @@ class Translator:
         return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # reset from the job in __init__
-    async def translate_batch(self, items: list[tuple[tuple[str, ...], int]]) -> list[list[str]]:
+    async def translate_batch(self, items: list[tuple[tuple[str, ...], int]]) -> list[list[str] | Exception]:
         # Decoded on the replica's user event loop (Serve runs it in a thread of its own), not
         # in a worker thread: requests arriving meanwhile wait and then form the next batch
         # together. With a worker thread, @serve.batch would seal the next batch from the first

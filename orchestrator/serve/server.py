@@ -87,9 +87,9 @@ def run_server(target: ServeTarget, address: str | None = None) -> int:
     code, ours = 0, True
     try:
         url = start(target)
-        info = target.source.describe()
-        log.info("serving job '%s' (run %s) from %s with %d replica(s)", info["job"], info["run_id"],
-                 info["source"], s.replicas)
+        src = target.source
+        log.info("serving job '%s' (run %s) from %s with %d replica(s)", src.job, src.run_id, src.location(),
+                 s.replicas)
         print(f"{url}/translate  (docs: {url}/docs, health: {url}/health); Ctrl-C stops", flush=True)
         while True:
             time.sleep(3600)

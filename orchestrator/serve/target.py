@@ -11,7 +11,9 @@ A model source is one of
 The job's spec gives the serve and eval sections (limits, replicas, GPUs, ΔT, beam settings):
 the job YAML itself, or the job.yaml logged on the MLflow parent run (for a run directory:
 the newest finished parent run of that job in the tracking store, if any; else defaults).
-CLI flags become `serve.*` / `eval.delta_t` overrides, validated like `--set`.
+Where to listen (serve.host) and which cluster to join (ray.address) come only from a local
+job YAML or the flags, never from a stored job.yaml. CLI flags become `serve.*` /
+`eval.delta_t` overrides, validated like `--set`.
 """
 from __future__ import annotations
 
@@ -35,6 +37,9 @@ log = logging.getLogger("imitate_orch")
 # Sections of a stored job.yaml that serving reads; the others (e.g. data.dir, which must
 # exist to validate) belong to training and may not hold on the serving machine.
 SERVE_SECTIONS = ("name", "eval", "serve", "ray")
+# Settings of a stored job.yaml that are not taken: anyone who can write to the tracking store
+# could otherwise make `serve <run id>` listen on every interface or join another cluster.
+LOCAL_ONLY = {"serve": ("host",), "ray": ("address",)}
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
@@ -53,8 +58,13 @@ class ModelSource:
     stage_runs: dict[str, str] = field(default_factory=dict)  # MLflow: stage -> run holding its file
 
     def describe(self) -> dict:
-        where = self.run_dir if self.run_dir else f"mlflow:{self.run_id}"
-        return {"job": self.job, "run_id": self.run_id, "source": where}
+        """What /health and every response say about the model: the kind of source, not its
+        path (a server's directories are none of its clients' business)."""
+        return {"job": self.job, "run_id": self.run_id, "source": "run_dir" if self.run_dir else "mlflow"}
+
+    def location(self) -> str:
+        """Where the models are, for the operator's log."""
+        return self.run_dir or f"MLflow run {self.run_id} ({self.tracking_uri})"
 
 
 @dataclass(frozen=True)
@@ -82,13 +92,25 @@ def latest_parent_run(uri: str, job: str):
 
 
 def _stored_spec(client, run) -> dict:
-    """The serving sections of the job.yaml logged on a parent run ({} when absent)."""
+    """The serving sections of the job.yaml logged on a parent run ({} when absent), less
+    LOCAL_ONLY."""
     names = {a.path for a in client.list_artifacts(run.info.run_id)}
     if "job.yaml" not in names:
         return {}
     with tempfile.TemporaryDirectory() as tmp:
         raw = yaml.safe_load(Path(client.download_artifacts(run.info.run_id, "job.yaml", tmp)).read_text()) or {}
-    return {k: v for k, v in raw.items() if k in SERVE_SECTIONS}
+    out, ignored = {k: v for k, v in raw.items() if k in SERVE_SECTIONS}, []
+    for section, keys in LOCAL_ONLY.items():
+        if isinstance(out.get(section), dict):
+            default = JobSpec.model_fields[section].default_factory()
+            # A stored job.yaml holds every field: name only those that would have mattered.
+            ignored += [f"{section}.{k}={out[section][k]}" for k in keys
+                        if out[section].get(k, getattr(default, k)) != getattr(default, k)]
+            out[section] = {k: v for k, v in out[section].items() if k not in keys}
+    if ignored:
+        log.info("ignoring %s of the job.yaml stored on MLflow run %s (local settings only: --host, --address)",
+                 ", ".join(ignored), run.info.run_id)
+    return out
 
 
 def stage_runs(client, parent) -> dict[str, str]:

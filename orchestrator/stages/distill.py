@@ -16,8 +16,10 @@ marker records the Ray node that made its shard (the stage's `nodes` metric coun
 
 `shards/plan.json` fingerprints what the shards depend on (input, teacher, tokenizer, decoding
 settings, shard bounds); if it changed since the shards were written, they are all discarded,
-so a rerun with a new teacher never reuses stale translations. batch_tokens and the pool size
-are not in it: they change speed, not (beyond float rounding) the output. The precision setting
+so a rerun with a new teacher never reuses stale translations; each shard's done marker carries
+the plan's hash, so neither does a shard that an actor of an earlier, killed driver writes after
+that (it is redone, and checked again before the merge). batch_tokens and the pool size
+are not in the plan: they change speed, not (beyond float rounding) the output. The precision setting
 is in it (bf16 changes some translations); `auto` is resolved by each actor from its device,
 bf16 on CUDA and fp32 on the CPU, so actors that ask Ray for GPUs CUDA cannot see (Ray's fake
 autoscaler nodes) decode like CPU actors.
@@ -42,7 +44,7 @@ from imitate_nat.translate import at_beam, translate
 
 from ..binarize import binarize, line_byte_ranges, read_range
 from ..run.cluster import check_fits_cluster, init_ray
-from ..run.files import atomic_write_json, atomic_writer, sha256_file
+from ..run.files import atomic_write_json, atomic_writer, sha256_file, sha256_json
 from ..run.layout import DISTILLED, model_path, spm_path
 from ..run.runner import StageContext, StageResult
 from ..run.shards import shard_done, shard_marker, shard_path, write_shard
@@ -94,13 +96,14 @@ class DistillWorker:
     def ready(self) -> str:
         return self.device
 
-    def translate_shard(self, index: int, src_path: str, start: int, end: int) -> dict:
+    def translate_shard(self, index: int, src_path: str, start: int, end: int, plan: str | None = None) -> dict:
         """Translate the lines in bytes [start, end) of the source file (read here, from the
-        shared run directory: the driver never holds the corpus) and write them as shard `index`."""
+        shared run directory: the driver never holds the corpus) and write them as shard `index`,
+        its marker naming `plan` (the hash of the plan the job came from)."""
         t0 = time.perf_counter()
         out = beam_translate(self.model, self.tok, read_range(src_path, start, end), device=self.device, **self.decode)
         node = ray.get_runtime_context().get_node_id()   # kept in the marker: where each shard was made
-        write_shard(self.shard_dir, index, out, node=node)
+        write_shard(self.shard_dir, index, out, node=node, plan=plan)
         return {"index": index, "n": len(out), "seconds": time.perf_counter() - t0, "node": node}
 
 
@@ -118,12 +121,13 @@ def make_workers(n: int, model_path, spm_path, shard_dir, decode: dict, cpus: fl
 
 
 def run_pool(workers: list, jobs: list[tuple], on_done=None) -> tuple[float, int]:
-    """Translate `jobs` [(shard index, source path, byte start, byte end)] on `workers`, one shard in flight per actor, each
-    actor taking the next shard as soon as it is ready or done (load balancing). An actor that
-    dies for good (restarts exhausted) is dropped and its shard goes back in the queue. An actor
-    that never starts (the cluster has no room for it) is not waited for once every shard is
-    done. Returns (seconds from the first ready actor to the last shard, sentences translated);
-    calls `on_done(result_dict)` after each shard."""
+    """Translate `jobs` [(shard index, source path, byte start, byte end[, plan hash])] on
+    `workers`, one shard in flight per actor, each actor taking the next shard as soon as it is
+    ready or done (load balancing). An actor that dies for good (restarts exhausted) is dropped
+    and its shard goes back in the queue. An actor that never starts (the cluster has no room
+    for it) is not waited for once every shard is done. Returns (seconds from the first ready
+    actor to the last shard, sentences translated); calls `on_done(result_dict)` after each
+    shard."""
     queue, live, idle = list(reversed(jobs)), list(workers), []
     refs = {w.ready.remote(): (w, None) for w in live}
     t0, sentences = None, 0
@@ -188,12 +192,13 @@ def distill(ctx: StageContext) -> StageResult:
             "decode": {k: v for k, v in decode.items() if k != "batch_tokens"},
             "bounds": [list(b) for b in bounds]}
     _check_plan(shard_dir, plan)
+    plan_hash = sha256_json(plan)   # in each shard's marker, checked below and before the merge
     for debris in shard_dir.glob(".shard-*.tmp"):    # left by a write killed mid-way
         debris.unlink(missing_ok=True)
 
     byte_ranges = line_byte_ranges(src_path, bounds)
-    todo = [(i, str(src_path), *byte_ranges[i]) for i, (a, b) in enumerate(bounds)
-            if not shard_done(shard_dir, i, b - a)]
+    todo = [(i, str(src_path), *byte_ranges[i], plan_hash) for i, (a, b) in enumerate(bounds)
+            if not shard_done(shard_dir, i, b - a, plan_hash)]
     reused = len(bounds) - len(todo)
     log.info("distill: %d lines, %d shards (%d already done)", n_lines, len(bounds), reused)
 
@@ -221,7 +226,7 @@ def distill(ctx: StageContext) -> StageResult:
             for w in workers:
                 ray.kill(w)
 
-    bad = [i for i, (a, b) in enumerate(bounds) if not shard_done(shard_dir, i, b - a)]
+    bad = [i for i, (a, b) in enumerate(bounds) if not shard_done(shard_dir, i, b - a, plan_hash)]
     if bad:
         raise RuntimeError(f"distill: shard(s) {bad} missing or incomplete after translation")
     out = ctx.out_dir / DISTILLED

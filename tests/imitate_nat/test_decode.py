@@ -212,3 +212,63 @@ def test_negative_delta_t_is_rejected():
     at, nat = model_pair()
     with pytest.raises(ValueError, match="delta_t"):
         lpd_decode(nat, at, sources(7), delta_t=-1)
+
+
+def _models_with_positions(max_positions: int, vocab: int = 15):
+    at, _ = model_pair(vocab=vocab, seed=25)
+    cfg = dataclasses.replace(at.cfg, max_positions=max_positions, max_length_offset=4)
+    at = ATDemonstrator(cfg).eval()
+    nat = NATLearner(cfg).eval()
+    nat.init_from_at(at)
+    return at, nat
+
+
+@pytest.mark.parametrize("delta_t", [1, 3])
+def test_lpd_at_the_positional_table_clamps_candidates_instead_of_overflowing(delta_t):
+    """A source filling the table (S tokens + EOS = max_positions) predicts T̂ up to max_positions;
+    T̂+ΔT candidates, and the AT's BOS + y rescoring pass over them, must still fit the table
+    (they overflowed it: a crash for every sentence batched with that source)."""
+    P = 16
+    at, nat = _models_with_positions(P)
+    g = torch.Generator().manual_seed(26)
+    src = source_tensor([torch.randint(SPECIALS, 15, (P - 1,), generator=g).tolist(), [5, 6, 7]])
+    assert src.size(1) == P
+    for lengths in (torch.tensor([P, 3]), None):               # T̂ at the table's end; predicted
+        hyps = lpd_decode(nat, at, src, delta_t=delta_t, lengths=lengths)
+        assert len(hyps) == 2 and all(1 <= len(h) <= P - 1 for h in hyps)
+    with torch.no_grad():
+        tokens, cand_len, _ = lpd_candidates(nat, at, nat.encode(src), at.encode(src), torch.tensor([P, 3]), delta_t)
+    assert int(cand_len.max()) == P - 1 == decode.longest_candidate(P, delta_t)
+    # Without rescoring (ΔT = 0) the NAT alone may use the whole table.
+    assert len(lpd_decode(nat, at, src, delta_t=0, lengths=torch.tensor([P, 3]))[0]) == P
+
+
+def test_graph_decoder_width_stays_within_what_the_at_rescores():
+    """GraphedLPD's bucketed width (graphs.decoder_width) never passes longest_candidate: the
+    width that rounding up to max_positions gave overflowed the AT pass. Here the width is fed to
+    the eager lpd_candidates, which the recorded graph runs."""
+    from imitate_nat.graphs import decoder_width
+
+    P, delta_t = 16, 2
+    at, nat = _models_with_positions(P)
+    src = source_tensor([[SPECIALS + i % 11 for i in range(P - 1)]])
+    lengths = torch.tensor([P - 2])
+    W = decoder_width(int(lengths.max()) + delta_t, P, delta_t)
+    assert W == P - 1
+    with torch.no_grad():
+        args = (nat, at, nat.encode(src), at.encode(src), lengths, delta_t)
+        best, best_len = decode.pick_best(*lpd_candidates(*args, width=W))
+        with pytest.raises(ValueError, match="decoder width"):
+            lpd_candidates(*args, width=P)
+    assert [best[0, : int(best_len[0])].tolist()] == lpd_decode(nat, at, src, delta_t=delta_t, lengths=lengths)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graphed_lpd_at_the_positional_table_equals_eager():
+    from imitate_nat.graphs import GraphedLPD
+
+    P = 32
+    at, nat = (m.cuda() for m in _models_with_positions(P))
+    src = source_tensor([list(range(SPECIALS, 15)) * 2 + [5] * (P - 1 - 22)]).cuda()
+    for lengths in (torch.tensor([P], device="cuda"), None):
+        assert GraphedLPD(nat, at, delta_t=2)(src, lengths) == lpd_decode(nat, at, src, delta_t=2, lengths=lengths)

@@ -132,6 +132,12 @@ def test_shard_marker_keeps_meta_and_checksum(tmp_path):
     assert not shards.shard_done(tmp_path, 2, 2)
 
 
+def test_shard_done_checks_the_plan_when_asked(tmp_path):
+    shards.write_shard(tmp_path, 0, ["a", "b"], plan="p1")
+    assert shards.shard_done(tmp_path, 0, 2, "p1") and shards.shard_done(tmp_path, 0, 2)
+    assert not shards.shard_done(tmp_path, 0, 2, "p2")          # made for another plan: redone
+
+
 def test_shard_not_done_cases(tmp_path):
     shards.write_shard(tmp_path, 0, ["a", "b"])
     assert not shards.shard_done(tmp_path, 0, 3)  # wrong line count

@@ -116,6 +116,8 @@ def test_placeholders_image_roles_and_workdir():
         assert "IMITATE_WORKDIR=/mnt/imitate/runs ray start" in start
     mlflow = next(c for c in cfg["head_start_ray_commands"] if "mlflow server" in c)
     assert '--backend-store-uri "${IMITATE_MLFLOW_DB}"' in mlflow
+    # MLflow has no authentication: it binds the head's private address, not every interface.
+    assert "--host $(hostname -I | awk '{print $1}') " in mlflow and "0.0.0.0" not in mlflow
 
     policies = {p.name: json.loads(p.read_text()) for p in (ROOT / "cluster" / "iam").glob("*.json")}
     assert {"head-policy.json", "worker-policy.json", "trust-ec2.json"} <= set(policies)

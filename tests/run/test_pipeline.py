@@ -134,6 +134,36 @@ def test_bad_spec_exits_2_naming_the_field_before_anything_starts(tmp_path, over
     assert not wd.exists()          # nothing was started or written
 
 
+HOLD_RUN_LOCK = """import sys, time
+from pathlib import Path
+from orchestrator.run.sharing import run_lock
+with run_lock(Path(sys.argv[1])):
+    print("locked", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_second_run_of_the_same_job_exits_2_naming_the_first(tmp_path):
+    """One `run` of a job at a time: while another process holds the job's run dir, `run`
+    exits 2 naming its pid before Ray starts; the lock goes when that process dies (SIGKILL)."""
+    from orchestrator.run.sharing import run_lock
+
+    wd = tmp_path / "runs"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_RUN_LOCK, str(wd / "tiny")], cwd=ROOT, text=True,
+                              stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        r = cli("run", "jobs/tiny.yaml", *sets(wd), "--no-progress", workdir=wd, timeout=120)
+        assert r.returncode == 2, r.stderr[-3000:]
+        assert f"is being run by pid {holder.pid} on " in r.stderr
+        assert not (wd / "tiny" / "prepare").exists() and "Started a local Ray instance" not in r.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+    with run_lock(wd / "tiny"):
+        pass
+
+
 def test_relative_workdir_as_in_the_readme(tmp_path):
     """The default workdir is ./runs, relative to where the user stands; Ray Train workers run
     elsewhere, so every path handed to them must still point into the user's run dir."""

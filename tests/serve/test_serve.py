@@ -1,11 +1,12 @@
 """The Serve endpoint against a real Ray Serve instance on 127.0.0.1 (a free port) serving the
-micro run: translations equal offline LPD decoding, bad input gets 4xx JSON errors and the
-server keeps answering, concurrent requests are batched and all answered; model sources
-(run dir, job YAML, MLflow run id) and the `translate` client."""
+micro run: translations equal offline LPD decoding, bad input (malformed, wrong Content-Type,
+Unicode oddities, over a limit) gets 4xx JSON errors, fails alone and the server keeps
+answering; no response names a path; concurrent requests are batched and all answered; the
+`translate` client. Model sources are in test_target.py."""
 from __future__ import annotations
 
 import json
-import socket
+import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -16,16 +17,16 @@ from imitate_nat.data import read_lines
 from imitate_nat.translate import translate
 from orchestrator.cli import main
 from orchestrator.decoding import decoders, load_run_models
-from orchestrator.run.layout import RunNotReady
 from orchestrator.serve.client import RetryLog, ServeRequestError, translate_remote
 from orchestrator.serve.server import start
-from orchestrator.serve.target import ServeSetupError, load_models, resolve_target, stage_runs
-from orchestrator.spec.loading import SpecError
+from orchestrator.serve.target import ServeSetupError, resolve_target
 
 from helpers import free_port
 
-# Small limits so that every limit is cheap to cross.
-LIMITS = {"max_texts": 8, "max_chars": 300, "max_delta_t": 4, "max_body_bytes": 20_000}
+# Small limits so that every limit is cheap to cross; max_chars leaves room for a text over the
+# model's source tokens (the micro model's 1024 positions).
+LIMITS = {"max_texts": 8, "max_chars": 6000, "max_delta_t": 4, "max_body_bytes": 20_000}
+JSON = {"Content-Type": "application/json"}
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +45,7 @@ def served(micro_run):
         decoder, cost = decoders(at, nat, ev.beam_size, delta_t, ev.length_penalty)["lpd"]
         return translate(texts, tok, decoder, cost_factor=cost, max_src_len=at.cfg.max_positions)
 
+    offline.tok, offline.max_tokens = tok, at.cfg.max_positions - 1
     url = start(target)
     yield url, target, offline
     serve.shutdown()
@@ -72,9 +74,9 @@ def test_translations_equal_offline_lpd(served, sources, micro_run):
 
 
 def test_health_and_openapi_docs(served):
-    url, _, _ = served
+    url, _, offline = served
     health = requests.get(f"{url}/health", timeout=10).json()
-    assert health["status"] == "ok" and health["limits"] == LIMITS
+    assert health["status"] == "ok" and health["limits"] == {**LIMITS, "max_tokens": offline.max_tokens}
     assert health["replica"].startswith("SERVE_REPLICA::")
     docs = requests.get(f"{url}/docs", timeout=10)
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
@@ -99,10 +101,21 @@ def _chunked(data: bytes, size: int = 4096):
 
 OVER = LIMITS["max_body_bytes"] + 1
 BAD_REQUESTS = {
-    "malformed JSON": ({"data": b'{"text": "a"'}, 400, "malformed JSON"),
-    "empty body": ({"data": b""}, 400, "empty request body"),
-    "invalid UTF-8": ({"data": b'{"text": "\xff\xfe"}'}, 400, "malformed JSON"),
-    "deeply nested JSON": ({"data": b"[" * 15_000}, 400, "malformed JSON"),
+    "malformed JSON": ({"data": b'{"text": "a"', "headers": JSON}, 400, "malformed JSON"),
+    "empty body": ({"data": b"", "headers": JSON}, 400, "empty request body"),
+    "invalid UTF-8": ({"data": b'{"text": "\xff\xfe"}', "headers": JSON}, 400, "malformed JSON"),
+    "deeply nested JSON": ({"data": b"[" * 15_000, "headers": JSON}, 400, "malformed JSON"),
+    "raw NUL in a JSON string": ({"data": b'{"text": "a\x00b"}', "headers": JSON}, 400, "malformed JSON"),
+    "raw newline in a JSON string": ({"data": b'{"text": "a\nb"}', "headers": JSON}, 400, "malformed JSON"),
+    # A page on any web site can make a browser send these to localhost without asking.
+    "text/plain body": ({"data": b'{"text": "a"}', "headers": {"Content-Type": "text/plain"}}, 415,
+                        "Content-Type must be application/json, got 'text/plain'"),
+    "form body": ({"data": {"text": "a"}}, 415, "got 'application/x-www-form-urlencoded'"),
+    "multipart body": ({"files": {"text": ("a.json", b'{"text": "a"}', "application/json")}}, 415,
+                       "got 'multipart/form-data"),
+    "no Content-Type": ({"data": b'{"text": "a"}'}, 415, "got 'none'"),
+    "JSON look-alike type": ({"data": b'{"text": "a"}', "headers": {"Content-Type": "application/jsonx"}}, 415,
+                             "Content-Type must be"),
     "JSON array": ({"json": ["a"]}, 422, "JSON object"),
     "JSON string": ({"json": "a"}, 422, "JSON object"),
     "missing text": ({"json": {}}, 422, "exactly one of 'text' or 'texts'"),
@@ -121,9 +134,10 @@ BAD_REQUESTS = {
     "delta_t negative": ({"json": {"text": "a", "delta_t": -1}}, 422, "delta_t: must be between 0 and 4"),
     "delta_t too large": ({"json": {"text": "a", "delta_t": 5}}, 422, "delta_t: must be between 0 and 4, got 5"),
     "too many texts": ({"json": {"texts": ["a"] * 9}}, 422, "9 texts, the limit is 8"),
-    "text too long": ({"json": {"text": "a" * 301}}, 422, "text: 301 characters, the limit is 300"),
+    "text too long": ({"json": {"text": "a" * 6001}}, 422, "text: 6001 characters, the limit is 6000"),
     "unknown field": ({"json": {"text": "a", "beam": 4}}, 422, "beam: Extra inputs are not permitted"),
-    "oversized body": ({"data": b'{"text": "' + b"a" * OVER + b'"}'}, 413, "over the limit of 20000 bytes"),
+    "oversized body": ({"data": b'{"text": "' + b"a" * OVER + b'"}', "headers": JSON}, 413,
+                       "over the limit of 20000 bytes"),
     "oversized chunked body": ({"chunked": b"a" * OVER}, 413, "over the limit"),
 }
 
@@ -139,6 +153,170 @@ def test_bad_input_gets_4xx_json_and_server_keeps_answering(served, sources, cas
     assert message in r.json()["error"]
     good = requests.post(f"{url}/translate", json={"text": sources[0]}, timeout=60)
     assert good.status_code == 200 and good.json()["translations"] == offline(sources[:1])
+
+
+BIRD = "a happy bird sees the horse"
+# Unicode oddities: (text or texts, expected status: 200, 422, or None for "200 or a 4xx naming a
+# limit", what the 422 says). Sent as raw UTF-8; what UTF-8 cannot carry (lone surrogates) and
+# the cases named "escaped" as JSON escapes ("\ud800"), as a client spells them.
+ODDITIES = {
+    "lone high surrogate": ("\ud800", 422, "text: not valid Unicode (lone surrogate U+D800 at character 0)"),
+    "lone low surrogate inside": (f"a\udc00{BIRD}", 422, "lone surrogate U+DC00 at character 1"),
+    "surrogate in texts[1]": ([BIRD, "b\udfff"], 422, "texts[1]: not valid Unicode"),
+    "NUL only": ("\x00", 422, "text: empty text"),
+    "NUL and controls inside": (f"a\x00{BIRD}\x1b[31m\x07", 200, None),
+    "controls only": ("\x01\x02\x1b\x7f", 422, "empty text"),
+    "zero-width space": ("\u200b", 422, "empty text"),
+    "BOM": ("\ufeff", 422, "empty text"),
+    "zero-width joiners, word joiner, BOM": ("\u200c\u200d\u2060\ufeff", 422, "empty text"),
+    "bidi marks only": ("\u200e\u200f\u202a\u202e\u2066\u2069", 422, "empty text"),
+    "soft hyphen and tag characters": ("\u00ad\U000e0001\U000e0041", 422, "empty text"),
+    "NBSP, ideographic space, line separators": ("\u00a0\u3000\u2028\u2029\u0085", 422, "empty text"),
+    "replacement character only": ("\ufffd", 422, "text: empty text (no token to translate)"),
+    "zero-width and bidi marks inside": (f"\ufeff\u202e{BIRD}\u200b\u202c", 200, None),
+    "emoji": ("\U0001f600", 200, None),
+    "emoji ZWJ sequence and flags": ("\U0001f468\u200d\U0001f469\u200d\U0001f467 \U0001f1e9\U0001f1ea", 200, None),
+    "escaped surrogate pair (emoji)": ("\U0001f426 " + BIRD, 200, None),
+    "CJK": ("鸟看见马。中文翻译", 200, None),
+    "Arabic and Hebrew": ("طائر سعيد يرى الحصان שלום", 200, None),
+    "combining marks only": ("\u0301\u0302\u0303" * 10, 200, None),
+    "Zalgo": ("b" + "\u0301\u0336" * 400 + "ird", 200, None),
+    "private use and noncharacters": ("\ue000\uffff\U0010fffe", 200, None),
+    "one 5,000-char token": ("ж" * 5000, None, "tokens, the limit is"),
+    "one 5,000-char ASCII token": ("x" * 5000, None, "tokens, the limit is"),
+    "newlines inside a text": (f"{BIRD}\nthe dog\r\nruns\u2028away", 200, None),
+    "all of them in one request": ([f"a\x00{BIRD}", "\U0001f600", "鸟看见马", "\u0301" * 5, f"{BIRD}\nx"], 200, None),
+}
+
+
+@pytest.mark.parametrize("case", list(ODDITIES))
+def test_unicode_oddities_get_one_translation_per_text_or_a_4xx(served, sources, case):
+    url, _, offline = served
+    texts, status, message = ODDITIES[case]
+    payload = {"texts" if isinstance(texts, list) else "text": texts}
+    try:
+        body = json.dumps(payload, ensure_ascii="escaped" in case).encode("utf-8")
+    except UnicodeEncodeError:
+        body = json.dumps(payload).encode()
+    r = requests.post(f"{url}/translate", data=body, headers=JSON, timeout=60)
+    assert r.status_code in ((200, 422) if status is None else (status,)), r.text
+    if r.status_code == 200:
+        got = r.json()["translations"]
+        n = len(texts) if isinstance(texts, list) else 1
+        assert len(got) == n and all("\n" not in t and "\r" not in t for t in got)
+    else:
+        assert message in r.json()["error"]
+    good = requests.post(f"{url}/translate", json={"text": sources[0]}, timeout=60)
+    assert good.status_code == 200 and good.json()["translations"] == offline(sources[:1])
+
+
+def test_bad_requests_batched_with_good_ones_fail_alone(served, sources):
+    """A lone surrogate used to reach the batch and crash the tokenizer there, failing every
+    request batched with it (and the client retried them all)."""
+    url, _, offline = served
+    jobs = [{"text": sources[i % 4]} if i % 2 else {"text": f"{sources[0]}\ud800"} for i in range(16)]
+
+    def post(payload):
+        return requests.post(f"{url}/translate", json=payload, timeout=60)
+
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(post, jobs))
+    for payload, r in zip(jobs, got):
+        if "\ud800" in payload["text"]:
+            assert r.status_code == 422 and "lone surrogate" in r.json()["error"]
+        else:
+            assert r.status_code == 200, r.text
+            assert r.json()["translations"] == offline([payload["text"]])
+
+
+def test_a_request_failing_in_its_batch_fails_alone():
+    """decode_batch: a request whose texts raise gets the exception (its handler's 500); the
+    requests batched with it, of its ΔT or another, still get their translations."""
+    from orchestrator.serve.app import Translator
+
+    replica = object.__new__(Translator.func_or_class)
+    replica.batch_stats = {"count": 0, "requests": 0, "texts": 0, "max_requests": 0}
+    calls = []
+
+    def lpd(texts, delta_t):
+        calls.append(len(texts))
+        if "boom" in texts:
+            raise RuntimeError("boom")
+        return [f"{t}@{delta_t}" for t in texts]
+
+    replica.lpd = lpd
+    out = replica.decode_batch([(("a", "b"), 1), (("boom",), 1), (("c",), 2), (("d",), 1)])
+    assert out[0] == ["a@1", "b@1"] and isinstance(out[1], RuntimeError) and out[2:] == [["c@2"], ["d@1"]]
+    assert calls == [4, 2, 1, 1, 1]  # the ΔT 1 group at once, then one by one; ΔT 2 at once
+
+
+def _word_text(tok, sources, n: int) -> str:
+    """A text of exactly n source tokens: a word that is one token, n times."""
+    word = min((w for w in " ".join(sources).split() if len(tok.encode(w)) == 1), key=len)
+    text = " ".join([word] * n)
+    assert len(tok.encode(text)) == n
+    return text
+
+
+def test_texts_over_the_model_positions_get_422_and_at_the_limit_decode(served, sources):
+    """max_tokens (= max_positions - 1, one position kept for EOS) is the source the model takes.
+    One token more used to be truncated and, like a text at the limit, overflow the AT's
+    positional table in LPD rescoring (ΔT ≥ 1): a 500 for it and every request batched with it."""
+    url, _, offline = served
+    limit = offline.max_tokens
+    at_limit, over = _word_text(offline.tok, sources, limit), _word_text(offline.tok, sources, limit + 1)
+    for delta_t in (1, LIMITS["max_delta_t"]):
+        r = requests.post(f"{url}/translate", json={"texts": [sources[0], at_limit], "delta_t": delta_t}, timeout=120)
+        assert r.status_code == 200, r.text
+        assert r.json()["translations"] == offline([sources[0], at_limit], delta_t)
+    r = requests.post(f"{url}/translate", json={"texts": [sources[0], over]}, timeout=60)
+    assert r.status_code == 422
+    assert r.json()["error"].startswith(f"texts[1]: {limit + 1} tokens, the limit is {limit} ")
+
+
+def test_offline_scoring_counts_and_logs_truncated_sources(served, sources, micro_run, caplog):
+    """Offline (evaluate, eval) the same text is decoded truncated: counted in the row and logged."""
+    from orchestrator.decoding import translate_and_score
+
+    _, _, offline = served
+    tok, at, nat = load_run_models(micro_run[0], "cpu")
+    texts = [sources[0], _word_text(tok, sources, offline.max_tokens + 5)]
+    lpd = decoders(at, nat, 1, 2)["lpd"]
+    with caplog.at_level("WARNING", logger="imitate_orch"):
+        row, hyps = translate_and_score(lpd, tok, texts, ["x", "y"], 4096, "cpu", at.cfg.max_positions)
+    assert row["truncated_sources"] == 1 and len(hyps) == 2
+    assert f"1 of 2 sources are over {offline.max_tokens} tokens" in caplog.text
+
+
+def _strings(value):
+    if isinstance(value, dict):
+        for v in value.values():
+            yield from _strings(v)
+    elif isinstance(value, list):
+        for v in value:
+            yield from _strings(v)
+    elif isinstance(value, str):
+        yield value
+
+
+def test_no_response_names_a_server_path(served, sources, micro_run):
+    url, _, _ = served
+    responses = [requests.get(f"{url}/health", timeout=10),
+                 requests.post(f"{url}/translate", json={"text": sources[0]}, timeout=60),
+                 requests.post(f"{url}/translate", json={"text": "\ud800"}, timeout=60),
+                 requests.post(f"{url}/translate", json={"text": "a", "nope": 1}, timeout=60),
+                 requests.post(f"{url}/nowhere", json={}, timeout=10)]
+    for r in responses:
+        assert str(micro_run[0].parent) not in r.text, r.text
+        assert not [s for s in _strings(r.json()) if os.path.isabs(s)], r.text
+    assert responses[0].json()["model"]["source"] == "run_dir"
+
+
+def test_json_with_a_charset_is_json(served, sources):
+    url, _, offline = served
+    r = requests.post(f"{url}/translate", data=f'{{"text": "{sources[0]}"}}'.encode(),
+                      headers={"Content-Type": "Application/JSON; charset=utf-8"}, timeout=60)
+    assert r.status_code == 200 and r.json()["translations"] == offline(sources[:1])
 
 
 def test_wrong_method_and_path_are_json_errors(served):
@@ -185,79 +363,3 @@ def test_client_retries_then_gives_up_on_connection_errors():
     with pytest.raises(ServeRequestError, match="gave up after 3 attempts"):
         translate_remote(f"http://127.0.0.1:{free_port()}", "a", retries=2, backoff_s=0.01, retry_log=retry_log)
     assert len(retry_log.failures) == 3 and all("ConnectionError" in f for f in retry_log.failures)
-
-
-# ------------------------------------------------------------------ model sources --
-
-def test_sources_job_yaml_and_errors(micro_run, tmp_path):
-    run_dir, spec = micro_run
-    job = tmp_path / "job.yaml"
-    job.write_text(json.dumps(spec.model_dump(mode="json")))  # JSON is YAML
-    target = resolve_target(str(job), ["serve.replicas=2"])
-    assert target.source.run_dir == str(run_dir) and target.spec.serve.replicas == 2
-    assert target.source.run_id == resolve_target(str(run_dir)).source.run_id
-
-    with pytest.raises(SpecError, match="eval.delta_t"):
-        resolve_target(str(run_dir), ["eval.delta_t=8", "serve.max_delta_t=5"])
-    with pytest.raises(SpecError, match="serve.prot"):
-        resolve_target(str(run_dir), ["serve.prot=1"])
-    (tmp_path / "unfinished" / "tokenizer").mkdir(parents=True)
-    with pytest.raises(RunNotReady, match="stage 'tokenizer' is pending"):  # the one "is this run usable" check
-        resolve_target(str(tmp_path / "unfinished"))
-    with pytest.raises(ServeSetupError, match="not a run directory"):
-        resolve_target("no-such-thing")
-    # The CLI: exit 2 before starting anything (a port in use included).
-    with socket.socket() as busy:
-        busy.bind(("127.0.0.1", 0))
-        for args in (["serve", str(tmp_path / "unfinished")], ["serve", str(job), "--set", "serve.prot=1"],
-                     ["serve", str(run_dir), "--delta-t", "11"],
-                     ["serve", str(run_dir), "--port", str(busy.getsockname()[1])]):
-            res = CliRunner().invoke(main, args)
-            assert res.exit_code == 2, (args, res.output)
-
-
-def test_source_mlflow_run_id(micro_run):
-    import torch
-
-    run_dir, spec = micro_run
-    uri = f"sqlite:///{run_dir.parent / 'mlflow.db'}"
-    run_id = resolve_target(str(run_dir)).source.run_id
-    target = resolve_target(run_id, ["serve.max_texts=5"], tracking_uri=uri)
-    assert target.spec.name == spec.name and target.spec.serve.max_texts == 5
-    assert target.source.run_dir is None and set(target.source.stage_runs) == {"tokenizer", "teacher", "student"}
-    tok, at, nat = load_models(target.source, "cpu")
-    ref_tok, ref_at, ref_nat = load_run_models(run_dir, "cpu")
-    assert tok.encode("a happy bird") == ref_tok.encode("a happy bird")
-    for got, ref in ((at, ref_at), (nat, ref_nat)):
-        assert all(torch.equal(a, b) for a, b in zip(got.state_dict().values(), ref.state_dict().values()))
-    with pytest.raises(ServeSetupError, match="not found"):
-        resolve_target("0" * 32, tracking_uri=uri)
-
-
-def test_stage_runs_follow_reused_stages(tmp_path):
-    """A rerun that reused stages logged no files for them: they come from the newest earlier
-    run of the same job that ran the stage, never from another job."""
-    from mlflow import MlflowClient
-
-    from orchestrator.run.tracking import Tracker
-
-    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", tmp_path / "art")
-    (tmp_path / "model.pt").write_text("x")
-    (tmp_path / "spm.model").write_text("x")
-
-    def pipeline(job, reused):
-        with tracker.parent(job, {}, tags={"job": job}) as parent:
-            ids = {}
-            for stage in ("tokenizer", "teacher", "student"):
-                with tracker.child(stage, {"reused": stage in reused}) as h:
-                    if stage not in reused:
-                        h.log_artifact(tmp_path / ("spm.model" if stage == "tokenizer" else "model.pt"))
-                    ids[stage] = h.run_id
-        return parent.run_id, ids
-
-    _, first = pipeline("a", reused=())
-    pipeline("b", reused=())                       # another job, newer: must not be picked
-    second_id, second = pipeline("a", reused=("tokenizer", "teacher"))
-    client = MlflowClient(tracker.tracking_uri)
-    assert stage_runs(client, client.get_run(second_id)) == {
-        "tokenizer": first["tokenizer"], "teacher": first["teacher"], "student": second["student"]}

@@ -16,9 +16,9 @@ from imitate_nat import ATDemonstrator, preset  # noqa: E402
 from imitate_nat.checkpoint import load_model, save_model  # noqa: E402
 from imitate_nat.synthetic import generate_corpus  # noqa: E402
 from imitate_nat.tokenizer import Tokenizer, train_sentencepiece  # noqa: E402
-from orchestrator.run.files import atomic_write_json
+from orchestrator.run.files import atomic_write_json, sha256_json
 from orchestrator.run.runner import StageContext  # noqa: E402
-from orchestrator.run.shards import read_shard, shard_done, shard_marker
+from orchestrator.run.shards import read_shard, shard_done, shard_marker, write_shard
 from orchestrator.spec.loading import SpecError, spec_from_dict  # noqa: E402
 from orchestrator.binarize import line_byte_ranges  # noqa: E402
 from orchestrator.stages.distill import beam_translate, distill, shard_bounds  # noqa: E402
@@ -173,6 +173,27 @@ def test_marker_with_wrong_line_count_is_redone_and_all_done_needs_no_actors(ray
     res = distill(_ctx(run))
     assert res.metrics["shards_reused"] == SHARDS and res.metrics["sentences_per_s"] == 0
     assert (run / "distill" / "train.distilled.tgt").read_bytes().count(b"\n") == N_LINES
+
+
+def test_a_valid_looking_shard_made_for_an_old_plan_is_redone(ray_local, run_dir):
+    """An actor of a killed driver can finish its shard after a new run rewrote plan.json (a
+    new teacher) and discarded the old shards: line count and checksum verify, but its marker
+    names the old plan, so it is translated again and never merged."""
+    run, src = run_dir
+    distill(_ctx(run))
+    shards = run / "distill" / "shards"
+    merged = (run / "distill" / "train.distilled.tgt").read_bytes()
+    plan = sha256_json(json.loads((shards / "plan.json").read_text()))
+    a, b = shard_bounds(N_LINES, SHARDS)[4]
+    write_shard(shards, 4, ["stale translation"] * (b - a), node="old-driver", plan="0" * 64)
+    res = distill(_ctx(run, actors=1))
+    assert res.metrics["shards_reused"] == SHARDS - 1
+    assert (run / "distill" / "train.distilled.tgt").read_bytes() == merged
+    assert shard_marker(shards, 4)["plan"] == plan and shard_done(shards, 4, b - a, plan)
+    lines = read_shard(shards, 4)
+    write_shard(shards, 4, lines)                   # a marker without a plan (older code's) is no better
+    assert shard_done(shards, 4, b - a) and not shard_done(shards, 4, b - a, plan)
+    write_shard(shards, 4, lines, plan=plan)        # (the module's run dir stays complete)
 
 
 def test_changed_teacher_discards_stale_shards(ray_local, run_dir, tmp_path):

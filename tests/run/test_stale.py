@@ -1,0 +1,143 @@
+"""What must never be reused although the spec did not change: data edited in place (its bytes
+are part of the prepare stage's identity), and a run dir that another `run` holds.
+
+The stages are cheap fakes (the real ones run in test_pipeline.py): each writes one file from
+its upstream's, prepare from the data's train.en, so a changed file shows all the way down."""
+import dataclasses
+import os
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from orchestrator import pipeline
+from orchestrator.cli import main
+from orchestrator.run import hashing, runner
+from orchestrator.run.files import sha256_file
+from orchestrator.run.layout import STAGE_TABLE, STAGES, run_dir
+from orchestrator.run.manifest import package_version, read_manifest, write_manifest
+from orchestrator.run.runner import StageResult
+from orchestrator.run.sharing import RunLocked, run_lock
+from orchestrator.spec.loading import spec_from_dict
+
+HOUR_AGO = time.time() - 3600
+
+
+def _data(d):
+    """A files source (train/valid/test, en-de), its files dated an hour back."""
+    d.mkdir()
+    for prefix in ("train", "valid", "test"):
+        for lang in ("en", "de"):
+            p = d / f"{prefix}.{lang}"
+            p.write_text(f"{prefix} {lang} one\n{prefix} {lang} two\n")
+            os.utime(p, (HOUR_AGO, HOUR_AGO))
+    return d
+
+
+@pytest.fixture
+def fake_job(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(stage):
+        def run(ctx):
+            calls.append(stage)
+            if stage == "prepare":
+                text = (tmp_path / "data" / "train.en").read_text()
+            else:
+                text = "".join((ctx.run_dir / s / "out.txt").read_text() for s in STAGES[: STAGES.index(stage)])
+            (ctx.out_dir / "out.txt").write_text(f"{stage}({text})")
+            return StageResult(outputs={"out.txt": "out.txt"})
+        return run
+
+    monkeypatch.setattr(pipeline, "stage_functions", lambda: {s: fake(s) for s in STAGES})
+    monkeypatch.setattr(runner, "STAGE", {s.name: dataclasses.replace(s, logged=()) for s in STAGE_TABLE})
+    # The data was just written (ctime now), so it would not be cached for 2 s: cache at once.
+    monkeypatch.setattr(hashing, "_RACY_NS", 0)
+    raw = {"name": "fake", "workdir": str(tmp_path / "runs"), "data": {"source": "files", "dir": str(_data(tmp_path / "data"))}}
+    return spec_from_dict(raw), raw, calls
+
+
+def _states(spec):
+    return [s.state for s in runner.stage_states(spec)]
+
+
+def test_data_edited_in_place_makes_prepare_and_all_after_it_stale(fake_job, tmp_path):
+    spec, raw, calls = fake_job
+    pipeline.run_pipeline(spec, "", progress=False)
+    assert calls == list(STAGES)
+    m = read_manifest(run_dir(spec) / "prepare")
+    files = sorted((tmp_path / "data").iterdir())
+    assert m.inputs == {str(p.resolve()): sha256_file(p) for p in files}     # every split, both sides
+    for stage in STAGES:
+        assert read_manifest(run_dir(spec) / stage).package_version == package_version()
+
+    # The sneakiest edit: same size, and the mtime put back (cp -p, touch -r): only the ctime moves.
+    train = tmp_path / "data" / "train.en"
+    train.write_text(train.read_text().replace("one", "ONE"))
+    os.utime(train, (HOUR_AGO, HOUR_AGO))
+    assert _states(spec) == ["stale"] * len(STAGES)
+    job = tmp_path / "job.yaml"
+    job.write_text(f"name: fake\nworkdir: {raw['workdir']}\ndata: {{source: files, dir: {raw['data']['dir']}}}\n")
+    shown = CliRunner().invoke(main, ["status", str(job)])
+    assert shown.exit_code == 0 and shown.output.count(" stale ") == len(STAGES)
+    assert shown.output.count(f"(imitate-orch {package_version()})") == len(STAGES)
+
+    calls.clear()
+    pipeline.run_pipeline(spec, "", progress=False)
+    assert calls == list(STAGES)                                           # nothing built on the old bytes
+    assert "ONE" in (run_dir(spec) / "evaluate" / "out.txt").read_text()
+    assert _states(spec) == ["done"] * len(STAGES)
+    calls.clear()
+    pipeline.run_pipeline(spec, "", progress=False)
+    assert calls == []
+
+    # A manifest from before input digests were recorded is trusted, as before (no mass retraining).
+    m = read_manifest(run_dir(spec) / "prepare")
+    write_manifest(run_dir(spec) / "prepare", dataclasses.replace(m, inputs={}, package_version=None))
+    assert _states(spec) == ["done"] * len(STAGES)
+
+
+def test_input_digests_are_cached_by_stat_in_the_run_dir(fake_job, tmp_path, monkeypatch):
+    spec, _, _ = fake_job
+    hashed = []
+    monkeypatch.setattr(hashing, "sha256_file", lambda p: hashed.append(p.name) or sha256_file(p))
+    first = hashing.input_digests(spec, "prepare")
+    assert len(hashed) == 6 and (run_dir(spec) / hashing.DIGEST_CACHE).is_file()
+    assert hashing.input_digests(spec, "prepare") == first and len(hashed) == 6      # no file read again
+    assert hashing.input_digests(spec, "tokenizer") == {}                           # reads the run dir only
+
+    train = tmp_path / "data" / "train.en"
+    with open(train, "a") as f:
+        f.write("three\n")
+    again = hashing.input_digests(spec, "prepare")
+    assert hashed[6:] == ["train.en"] and again != first
+    assert hashing.input_digests(spec, "prepare") == again and len(hashed) == 7
+    # A file written within the last 2 s may change again within one timestamp tick, its stat
+    # unchanged: it is hashed, not cached.
+    monkeypatch.setattr(hashing, "_RACY_NS", 2 * 10**9)
+    with open(train, "a") as f:
+        f.write("four\n")
+    for _ in range(2):
+        hashing.input_digests(spec, "prepare")
+    assert hashed[7:] == ["train.en", "train.en"]
+
+
+def test_a_local_hugging_face_dataset_is_hashed_a_hub_one_is_named_by_the_spec(tmp_path):
+    ds = tmp_path / "hfds"
+    (ds / "train").mkdir(parents=True)
+    (ds / "dataset_dict.json").write_text('{"splits": ["train"]}')
+    (ds / "train" / "data-00000-of-00001.arrow").write_bytes(b"arrow")
+    local = spec_from_dict({"name": "h", "data": {"source": "huggingface", "hf_name": str(ds)}}).data
+    assert [p.name for p in hashing.data_files(local)] == ["dataset_dict.json", "data-00000-of-00001.arrow"]
+    hub = spec_from_dict({"name": "h", "data": {"source": "huggingface", "hf_name": "wmt14", "hf_config": "de-en"}})
+    assert hashing.data_files(hub.data) == [] and hashing.data_files(spec_from_dict({"name": "s"}).data) == []
+
+
+def test_run_lock_is_exclusive_names_its_holder_and_is_released(tmp_path):
+    rd = tmp_path / "runs" / "job"
+    with run_lock(rd):
+        with pytest.raises(RunLocked, match=f"is being run by pid {os.getpid()} on "):
+            with run_lock(rd):
+                pass
+    with run_lock(rd):      # released at the end of the block (and by the kernel when a process dies)
+        pass
