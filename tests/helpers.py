@@ -55,6 +55,32 @@ def copy_micro_workdir(micro, dst):
     return dst / rd.name, micro_job_spec(dst)
 
 
+def fake_stages(monkeypatch, label=lambda stage: stage, source=lambda stage: ""):
+    """Every stage of the pipeline replaced by a cheap fake: stage S writes out.txt =
+    f"{label(S)}({source(S)}{the out.txt of every stage before S})". Returns the list the
+    fakes append their stage names to as they run."""
+    import dataclasses
+
+    from orchestrator import pipeline
+    from orchestrator.run import runner
+    from orchestrator.run.layout import STAGE_TABLE, STAGES
+    from orchestrator.run.runner import StageResult
+
+    calls = []
+
+    def fake(stage):
+        def run(ctx):
+            calls.append(stage)
+            upstream = "".join((ctx.run_dir / s / "out.txt").read_text() for s in STAGES[: STAGES.index(stage)])
+            (ctx.out_dir / "out.txt").write_text(f"{label(stage)}({source(stage)}{upstream})")
+            return StageResult(outputs={"out.txt": "out.txt"})
+        return run
+
+    monkeypatch.setattr(pipeline, "stage_functions", lambda: {s: fake(s) for s in STAGES})
+    monkeypatch.setattr(runner, "STAGE", {s.name: dataclasses.replace(s, logged=()) for s in STAGE_TABLE})
+    return calls
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port nothing listens on right now."""
     with socket.socket() as s:

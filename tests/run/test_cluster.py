@@ -19,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 import jsonschema
-import psutil
 import pytest
 import yaml
 
@@ -27,6 +26,7 @@ from orchestrator.run.cluster import ClusterCapacity, autoscaler_adds_nodes, fit
 from orchestrator.spec.loading import load_spec
 
 from helpers import MICRO_JOB_SETS
+from ray_nodes import processes_mentioning
 
 ROOT = Path(__file__).resolve().parents[2]
 PLACEHOLDERS = {"IMITATE_AMI": "ami-0123456789abcdef0",
@@ -170,17 +170,6 @@ def free_port_block(n: int = 5) -> int:
         except OSError:
             continue
     raise RuntimeError("no free block of ports")
-
-
-def processes_mentioning(text: str) -> list[psutil.Process]:
-    found = []
-    for p in psutil.process_iter(["cmdline"]):
-        try:
-            if any(text in arg for arg in p.info["cmdline"] or []):
-                found.append(p)
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            pass
-    return found
 
 
 @pytest.mark.slow

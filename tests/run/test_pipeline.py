@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from orchestrator.run.layout import STAGE_TABLE, STAGES
 
-from helpers import MICRO_JOB_SETS
+from helpers import MICRO_JOB_SETS, fake_stages
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -233,22 +233,11 @@ def test_a_stage_redone_with_new_bytes_makes_the_stages_after_it_stale(tmp_path,
     output; if its redo gives other bytes, distill/student/evaluate run again on them, and if
     it gives the same bytes, nothing after it reruns."""
     from orchestrator import pipeline
-    from orchestrator.run import hashing, layout, runner  # noqa: F401 (some tests use only some)  # noqa: F401
-    from orchestrator.run.runner import StageResult
+    from orchestrator.run import layout, runner
     from orchestrator.spec.loading import spec_from_dict
 
-    version, calls = {"teacher": 0}, []
-
-    def fake(stage):
-        def run(ctx):
-            calls.append(stage)
-            upstream = "".join((ctx.run_dir / s / "out.txt").read_text() for s in STAGES[: STAGES.index(stage)])
-            (ctx.out_dir / "out.txt").write_text(f"{stage}{version.get(stage, 0)}({upstream})")
-            return StageResult(outputs={"out.txt": "out.txt"})
-        return run
-
-    monkeypatch.setattr(pipeline, "stage_functions", lambda: {s: fake(s) for s in STAGES})
-    monkeypatch.setattr(runner, "STAGE", {s.name: dataclasses.replace(s, logged=()) for s in STAGE_TABLE})
+    version = {"teacher": 0}
+    calls = fake_stages(monkeypatch, label=lambda stage: f"{stage}{version.get(stage, 0)}")
     spec = spec_from_dict({"name": "fake", "workdir": str(tmp_path)})
     rd = layout.run_dir(spec)
     pipeline.run_pipeline(spec, "", progress=False)

@@ -14,11 +14,12 @@ from orchestrator import pipeline
 from orchestrator.cli import main
 from orchestrator.run import hashing, runner
 from orchestrator.run.files import sha256_file
-from orchestrator.run.layout import STAGE_TABLE, STAGES, run_dir
+from orchestrator.run.layout import STAGES, run_dir
 from orchestrator.run.manifest import package_version, read_manifest, write_manifest
-from orchestrator.run.runner import StageResult
 from orchestrator.run.sharing import RunLocked, run_lock
 from orchestrator.spec.loading import spec_from_dict
+
+from helpers import fake_stages
 
 HOUR_AGO = time.time() - 3600
 
@@ -36,21 +37,8 @@ def _data(d):
 
 @pytest.fixture
 def fake_job(tmp_path, monkeypatch):
-    calls = []
-
-    def fake(stage):
-        def run(ctx):
-            calls.append(stage)
-            if stage == "prepare":
-                text = (tmp_path / "data" / "train.en").read_text()
-            else:
-                text = "".join((ctx.run_dir / s / "out.txt").read_text() for s in STAGES[: STAGES.index(stage)])
-            (ctx.out_dir / "out.txt").write_text(f"{stage}({text})")
-            return StageResult(outputs={"out.txt": "out.txt"})
-        return run
-
-    monkeypatch.setattr(pipeline, "stage_functions", lambda: {s: fake(s) for s in STAGES})
-    monkeypatch.setattr(runner, "STAGE", {s.name: dataclasses.replace(s, logged=()) for s in STAGE_TABLE})
+    calls = fake_stages(monkeypatch,   # prepare's output follows the data file's bytes
+                        source=lambda stage: (tmp_path / "data" / "train.en").read_text() if stage == "prepare" else "")
     # The data was just written (ctime now), so it would not be cached for 2 s: cache at once.
     monkeypatch.setattr(hashing, "_RACY_NS", 0)
     raw = {"name": "fake", "workdir": str(tmp_path / "runs"), "data": {"source": "files", "dir": str(_data(tmp_path / "data"))}}
