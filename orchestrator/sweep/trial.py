@@ -51,9 +51,6 @@ log = logging.getLogger("imitate_orch")
 
 # Tune refuses an all-zero bundle; a trial reserves this much memory and no CPU (see above).
 TRIAL_RESOURCES = {"memory": 64 * 1024 ** 2}
-# Test-only hook (tests/test_sweep.py): trials whose action count is listed here (comma
-# separated) raise before their first stage, to check that a failing trial is recorded as
-# failed while the sweep goes on. Read by the sweep driver, never inside a trial.
 TRAIN_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
 SAMPLED = {"lambda1": ("teacher", "lambda1"), "n_actions": ("model", "n_actions"), "lambda2": ("student", "lambda2")}
 
