@@ -18,6 +18,11 @@ batch size, then the two targets:
   which also waits up to batch_wait_timeout_s for a batch to fill.
 Also printed: the bare decoding in batches of --max-batch-size, i.e. the most batching can
 save inside the model, whatever Serve does.
+--overload N adds a third deployment, batched with serve.max_queued_requests =
+--overload-queue, driven by N clients (more than its 32 request slots and the queue hold)
+for --duration seconds: each waits what a 503's Retry-After asks before sending again.
+Reported per status: how many answers, p50/p99 latency; overload is handled when the 503s
+come back in milliseconds and the 200s' p99 stays bounded instead of growing with N.
 
     python bench/serve_load.py runs/tiny                      # a finished run
     python bench/serve_load.py jobs/tiny.yaml --duration 20 --json bench/results/serve.json
@@ -31,11 +36,13 @@ import asyncio
 import json
 import os
 import platform
+import socket
 import sys
+from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from orchestrator.serve.server import start  # noqa: E402
-from orchestrator.serve.target import free_port, resolve_target  # noqa: E402
+from orchestrator.serve.target import resolve_target  # noqa: E402
 
 TARGET_BATCHING = 3.0   # × requests/s at the highest concurrency
 TARGET_OVERHEAD = 0.20  # of the bare model's LPD latency at concurrency 1
@@ -49,6 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--duration", type=float, default=10.0, help="measured seconds per point (default 10)")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each point (default 2)")
     p.add_argument("--max-batch-size", type=int, default=16, help="batched mode's serve.max_batch_size")
+    p.add_argument("--overload", type=int, default=0, metavar="N", help="also the overload scenario, N clients")
+    p.add_argument("--overload-queue", type=int, default=8, help="its serve.max_queued_requests (default 8)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--json", metavar="PATH", help="also write all figures as JSON")
     a = p.parse_args(argv)
@@ -56,6 +65,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     if min(a.concurrency) < 1 or a.duration <= 0 or a.warmup < 0 or a.max_batch_size < 1:
         p.error("concurrency, duration and max-batch-size must be positive; warmup >= 0")
     return a
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -125,6 +140,36 @@ async def closed_loop(url: str, lines: list[str], concurrency: int, warmup_s: fl
             "p99_ms": percentile(latencies, 0.99)}
 
 
+async def overload(url: str, lines: list[str], clients: int, duration_s: float) -> dict:
+    """`clients` clients sending without pause (after a 503, what its Retry-After asks):
+    status -> {"n", "p50_ms", "p99_ms"} of the answers."""
+    import aiohttp
+
+    loop = asyncio.get_running_loop()
+    t_end = loop.time() + duration_s
+    by_status: dict[str, list[float]] = defaultdict(list)
+
+    async def client(k: int, session) -> None:
+        i = k
+        while loop.time() < t_end:
+            t0, wait_s = loop.time(), 0.0
+            try:
+                async with session.post(url, json={"text": lines[i % len(lines)]}) as resp:
+                    await resp.read()
+                    status = str(resp.status)
+                    wait_s = float(resp.headers.get("Retry-After", 0)) if resp.status == 503 else 0.0
+            except aiohttp.ClientError as e:
+                status = type(e).__name__
+            by_status[status].append((loop.time() - t0) * 1000)
+            i += clients
+            await asyncio.sleep(wait_s)
+
+    connector = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=300)) as session:
+        await asyncio.gather(*(client(k, session) for k in range(clients)))
+    return {s: {"n": len(v), "p50_ms": percentile(v, 0.5), "p99_ms": percentile(v, 0.99)} for s, v in by_status.items()}
+
+
 def batch_stats(base: str) -> dict:
     import requests
 
@@ -146,6 +191,15 @@ def run_mode(source: str, sets: list[str], tracking_uri, lines, a) -> tuple[dict
         print(f"  concurrency {c:>3}: {row['rps']:8.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
               f"p99 {row['p99_ms']:7.1f} ms  mean batch {row['mean_batch']:5.2f}  errors {row['errors']}", flush=True)
     return target.spec.serve.model_dump(), rows
+
+
+def run_overload(a, sets: list[str], lines: list[str]) -> dict:
+    target = resolve_target(a.source, sets, a.tracking_uri)
+    by_status = asyncio.run(overload(f"{start(target)}/translate", lines, a.overload, a.duration))
+    print(f"overload ({a.overload} clients, max_queued_requests {a.overload_queue}):", flush=True)
+    for status, row in sorted(by_status.items()):
+        print(f"  {status:>6}: {row['n']:6d} answers  p50 {row['p50_ms']:8.1f} ms  p99 {row['p99_ms']:8.1f} ms")
+    return {"clients": a.overload, "serve": target.spec.serve.model_dump(), "by_status": by_status}
 
 
 def main(argv=None) -> int:
@@ -180,6 +234,9 @@ def main(argv=None) -> int:
             print(f"{name}:", flush=True)
             cfg, rows = run_mode(a.source, sets, a.tracking_uri, lines, a)
             results[name] = {"serve": cfg, "rows": rows}
+        if a.overload:
+            results["overload"] = run_overload(a, [port, f"serve.max_batch_size={a.max_batch_size}",
+                                                   f"serve.max_queued_requests={a.overload_queue}"], lines)
     finally:
         serve.shutdown()
         ray.shutdown()

@@ -6,12 +6,12 @@ and plain containers are unpickled, never code.
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
 from .at import ATDemonstrator
+from .atomic import atomic_writer
 from .config import ModelConfig
 from .nat import NATLearner
 
@@ -32,13 +32,11 @@ def _kind(model) -> str:
 
 def save_model(model, path: str | Path, meta: dict | None = None) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     blob = {"format": FORMAT, "kind": _kind(model), "config": model.cfg.to_dict(),
             "state_dict": state, "meta": dict(meta or {})}
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    torch.save(blob, tmp)
-    os.replace(tmp, path)
+    with atomic_writer(path, "wb") as f:   # fsynced and renamed; no temp file left if torch.save fails
+        torch.save(blob, f)
     return path
 
 

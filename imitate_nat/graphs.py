@@ -14,8 +14,14 @@ BUCKET columns, widths rounded up alike and batches to a power of two (by repeat
 source), so a handful of graphs serves every input. Padding is masked, so the outputs are
 those of eager `lpd_decode` (tests/imitate_nat/test_graphs.py compares them on a GPU).
 Inputs are copied into each graph's static tensors and outputs read back before the call returns.
+Each graph keeps its own GPU memory, and a server sees every source length: at most
+`max_graphs` are kept, the least recently used dropped first (GraphCache).
 """
 from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -51,13 +57,55 @@ def _capture(fn):
     return graph, out
 
 
+class GraphCache:
+    """The graphs of one GraphedLPD: encoders by (B, S), each with its choosers by width W. At
+    most `max_graphs` in all, the least recently used dropped first; a chooser reads its
+    encoder's static output tensors, so the choosers go with their encoder."""
+
+    def __init__(self, max_graphs: int):
+        if max_graphs < 2:
+            raise ValueError(f"max_graphs must be at least 2 (an encoder and a chooser), got {max_graphs}")
+        self.max_graphs = max_graphs
+        self._encoders: OrderedDict[tuple, tuple[Any, OrderedDict]] = OrderedDict()  # key -> (graph, choosers)
+
+    def __len__(self) -> int:
+        return sum(1 + len(choosers) for _, choosers in self._encoders.values())
+
+    def encoder(self, key: tuple, record: Callable[[], Any]):
+        if key in self._encoders:
+            self._encoders.move_to_end(key)
+        else:
+            self._encoders[key] = (record(), OrderedDict())
+            self._shrink(key)
+        return self._encoders[key][0]
+
+    def chooser(self, key: tuple, width: int, record: Callable[[Any], Any]):
+        """The chooser at `width` of encoder `key` (used just before, so never dropped here);
+        `record` gets that encoder."""
+        encoder, choosers = self._encoders[key]
+        if width in choosers:
+            choosers.move_to_end(width)
+        else:
+            choosers[width] = record(encoder)
+            self._shrink(key)
+        return choosers[width]
+
+    def _shrink(self, keep: tuple) -> None:
+        while len(self) > self.max_graphs:
+            oldest = next(iter(self._encoders))
+            if oldest != keep:
+                del self._encoders[oldest]
+            else:  # the only encoder left: drop its oldest chooser (never the newest, in use)
+                self._encoders[keep][1].popitem(last=False)
+
+
 class GraphedLPD:
     """Callable like `lpd_decode(nat, at, src, delta_t, lengths)`; batches larger than
     `max_batch` (compute-bound anyway) and sources beyond the positional table run eagerly.
     With delta_t = 0 it is NAT decoding and `at` may be None."""
 
     def __init__(self, nat: NATLearner, at: ATDemonstrator | None, delta_t: int = 3, length_penalty: float = 1.0,
-                 max_batch: int = 8):
+                 max_batch: int = 8, max_graphs: int = 128):
         if delta_t < 0 or max_batch < 1:
             raise ValueError(f"need delta_t >= 0 and max_batch >= 1 (got {delta_t}, {max_batch})")
         if at is None and delta_t > 0:
@@ -71,16 +119,16 @@ class GraphedLPD:
             raise ValueError("call .eval() on the models first: a graph would record dropout")
         self.nat, self.at, self.delta_t, self.length_penalty = nat, at, delta_t, length_penalty
         self.max_batch, self.device = max_batch, device
-        self._encoders: dict[tuple[int, int], tuple] = {}  # (B, S) -> (graph, src, lengths, outputs)
-        self._choosers: dict[tuple[int, int, int], tuple] = {}  # (B, S, W) -> (graph, outputs)
+        # (B, S) -> (graph, src, lengths, outputs), each with W -> (graph, outputs)
+        self._graphs = GraphCache(max_graphs)
 
     @property
     def graphs(self) -> int:
-        """How many graphs are recorded so far (each holds its own GPU memory)."""
-        return len(self._encoders) + len(self._choosers)
+        """How many graphs are held (each holds its own GPU memory)."""
+        return len(self._graphs)
 
     def _encoder(self, B: int, S: int):
-        if (B, S) not in self._encoders:
+        def record():
             nat, at, cfg = self.nat, self.at, self.nat.cfg
             src = torch.full((B, S), cfg.pad_id, dtype=torch.long, device=self.device)
             lengths = torch.ones(B, dtype=torch.long, device=self.device)  # T̂, or the caller's lengths
@@ -90,19 +138,19 @@ class GraphedLPD:
                 at_enc = at.encode(src) if self.delta_t > 0 else None
                 return nat_enc, at_enc, nat.predict_lengths(*nat_enc)
             graph, out = _capture(encode)
-            self._encoders[B, S] = (graph, src, lengths, out)
-        return self._encoders[B, S]
+            return graph, src, lengths, out
+        return self._graphs.encoder((B, S), record)
 
     def _chooser(self, B: int, S: int, W: int):
-        if (B, S, W) not in self._choosers:
-            _, _, lengths, (nat_enc, at_enc, _) = self._encoders[B, S]
+        def record(encoder):
+            _, _, lengths, (nat_enc, at_enc, _) = encoder
 
             def choose():
                 tokens, cand_len, scores = lpd_candidates(self.nat, self.at, nat_enc, at_enc, lengths,
                                                           self.delta_t, self.length_penalty, width=W)
                 return pick_best(tokens, cand_len, scores)
-            self._choosers[B, S, W] = _capture(choose)
-        return self._choosers[B, S, W]
+            return _capture(choose)
+        return self._graphs.chooser((B, S), W, record)
 
     @torch.no_grad()
     def __call__(self, src: torch.Tensor, lengths: torch.Tensor | None = None) -> list[list[int]]:

@@ -23,18 +23,19 @@ Source grammar (English-like, lowercase, space-separated, 4-20 words):
     S      -> Clause (("and" | "but") Clause)?
     Clause -> NP "never"? Verb NP? (Prep NP)? Adverb?
     NP     -> Det ("very"? Adj){0,2} Noun
-Only the standard library is used; `random.Random` with an int seed is stable across Python
-versions, and no set is ever iterated, so everything is reproducible from the seeds.
+Only the standard library is used (and .atomic, itself stdlib only); `random.Random` with an
+int seed is stable across Python versions, and no set is ever iterated, so everything is
+reproducible from the seeds.
 """
 from __future__ import annotations
 
-import os
 import random
-import tempfile
 from collections import defaultdict
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
+
+from .atomic import atomic_writer
 
 GENDERS = ("m", "f", "n")
 ADJ_SUFFIX = {"m": "o", "f": "a", "n": "e"}     # adjective ending chosen by the noun's gender
@@ -275,14 +276,8 @@ def generate_corpus(n: int, seed: int, vocab_words: int = 300, lang_seed: int = 
 
 
 def _write_atomic(path: Path, lines: list[str]) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write("".join(line + "\n" for line in lines))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_writer(path) as f:
+        f.write("".join(line + "\n" for line in lines))
 
 
 def write_splits(out_dir, train_size: int, valid_size: int, test_size: int, seed: int = 1,

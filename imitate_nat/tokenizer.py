@@ -1,7 +1,6 @@
 """Joint source+target SentencePiece model with the project's fixed special ids."""
 from __future__ import annotations
 
-import contextlib
 import io
 import os
 import random
@@ -10,6 +9,7 @@ from typing import Iterable, Iterator, Sequence
 
 import sentencepiece as spm
 
+from .atomic import atomic_write_bytes
 from .config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 
@@ -45,19 +45,8 @@ def train_sentencepiece(files: Sequence[str | Path], model_path: str | Path, voc
         character_coverage=character_coverage, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
         hard_vocab_limit=False, num_threads=os.cpu_count() or 1,
         minloglevel=2, input_sentence_size=0, shuffle_input_sentence=False)
-    model_path = Path(model_path)
-    model_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = model_path.with_name(f".{model_path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(model.getvalue())
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, model_path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    # Trained in memory (model_writer), so the file appears whole or not at all: fsynced, renamed, no debris.
+    model_path = atomic_write_bytes(model_path, model.getvalue())
     return Tokenizer(model_path)
 
 

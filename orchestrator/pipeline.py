@@ -8,6 +8,9 @@ a training stage (teacher, student) whose only change is a higher max_steps: it 
 and is extended from its last checkpoint. Checkpoints hold the RNG states, and the data order and
 learning rate are functions of the step, so that equals training to the new max_steps at once.
 
+After each stage its MLflow run is tagged with the sha256 of each output (run/tracking.py
+OUTPUT_TAG), reused or not: `serve RUN_ID` finds the runs that logged the models by these.
+
 `linked` makes stage dirs symlinks to dirs shared with other runs (run/sharing.py): sweep
 trials and ablation variants train a shared teacher once.
 """
@@ -17,6 +20,7 @@ from pathlib import Path
 from typing import Callable
 
 from .run.layout import STAGES, run_dir
+from .run.manifest import read_manifest
 from .run.runner import StageContext, StageResult, run_stage
 from .run.sharing import link_stage, stage_lock
 from .run.tracking import Tracker, make_tracker
@@ -62,6 +66,7 @@ def run_pipeline(spec: JobSpec, job_yaml: str, force: str | None = None, until: 
             with stage_lock(rd / stage, stage):
                 results[stage] = run_stage(spec, stage, funcs[stage], tracker=tracker, force=stage in forced,
                                            progress=progress)
+                tracker.tag_outputs(stage, read_manifest(rd / stage).outputs)
         summary = rd / "evaluate" / "summary.md"
         if summary.is_file():
             parent.log_artifact(str(summary))

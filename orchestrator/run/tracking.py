@@ -26,6 +26,9 @@ MAX_PARAM_VALUE = 6000
 MAX_TAG_VALUE = 8000
 PARAMS_PER_BATCH = 100
 METRICS_PER_BATCH = 1000
+# On each stage run: the sha256 of each output its manifest recorded. serve finds the run that
+# logged a model file by these bytes, not by when it ran (serve/target.py).
+OUTPUT_TAG = "sha256.{}"
 
 
 def resolve_tracking_uri(spec_uri: str | None, workdir: str | os.PathLike) -> str:
@@ -107,6 +110,12 @@ class RunHandle:
         self._client.set_tag(self.run_id, key, _truncate(str(value), MAX_TAG_VALUE),
                              synchronous=True)
 
+    def set_tags(self, tags: dict[str, Any]) -> None:
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, _truncate(str(v), MAX_TAG_VALUE)) for k, v in tags.items()]
+        self._client.log_batch(self.run_id, tags=items, synchronous=True)
+
 
 class NullRunHandle(RunHandle):
     """Same interface, does nothing: tracking disabled."""
@@ -120,6 +129,7 @@ class NullRunHandle(RunHandle):
     def log_artifact(self, path, artifact_path=None): pass
     def log_text(self, text, artifact_file): pass
     def set_tag(self, key, value): pass
+    def set_tags(self, tags): pass
 
 
 class Tracker:
@@ -141,11 +151,13 @@ class Tracker:
         self._client = MlflowClient(tracking_uri=tracking_uri)
         self.experiment_id = self._ensure_experiment(artifact_root)
         self.parent_run_id: str | None = None  # set while inside parent()
+        self.last_child: dict[str, str] = {}     # child run name -> id of the latest child() of that name
 
     @classmethod
     def disabled(cls) -> "Tracker":
         t = cls.__new__(cls)
         t.tracking_uri = t.experiment_name = t.experiment_id = t.parent_run_id = None
+        t.last_child = {}
         t.enabled = False
         t._client = None
         return t
@@ -249,10 +261,18 @@ class Tracker:
             self.experiment_id, run_name=stage_name,
             tags={"mlflow.parentRunId": pid, "stage": stage_name})
         handle = RunHandle(self._client, run.info.run_id)
+        self.last_child[stage_name] = handle.run_id
         if params:
             handle.log_params(params)
         with self._terminate(handle):
             yield handle
+
+    def tag_outputs(self, stage: str, outputs: dict[str, dict[str, str]]) -> None:
+        """Tag the latest child run of `stage` with each output's sha256 (a manifest's
+        `outputs`), as OUTPUT_TAG. Done for reused stages too: they name the bytes they used."""
+        if self.enabled and stage in self.last_child:
+            self.handle(self.last_child[stage]).set_tags({OUTPUT_TAG.format(name): o["sha256"]
+                                                          for name, o in outputs.items()})
 
     @contextlib.contextmanager
     def _terminate(self, handle: RunHandle) -> Iterator[None]:

@@ -3,7 +3,8 @@ rescorer and the tokenizer, translating with Length Parallel Decoding (LPD).
 
     POST /translate  {"text": "..."} or {"texts": [...]}, optional "delta_t"
                      -> {"translations": [...], "delta_t": k, "model": {"job", "run_id", "source"}}
-    GET  /health     -> {"status": "ok", "model": ..., "replica": ..., "limits": ..., "batches": ...}
+    GET  /health     -> {"status": "ok", "model": ..., "replica": ..., "limits": ..., "batches": ...,
+                         "decoders": LPD decoders held}
     GET  /docs       OpenAPI docs (/openapi.json)
 
 Requests from all clients are batched with `@serve.batch` (one batch item per request); a
@@ -14,14 +15,20 @@ one NAT pass and one AT rescoring pass (split only when a group exceeds eval.bat
 sentences × longest × (2ΔT+1)). Results equal offline decoding of the same texts.
 
 Bad input never becomes a 500: the body size is checked before parsing (Content-Length and
-the streamed bytes), then the Content-Type (anything but application/json -> 415), the body
-is parsed here (malformed JSON -> 400), validated by a strict pydantic model (-> 422), then
-each text (not UTF-8 encodable, blank, over max_chars or over the model's source tokens ->
-422) and ΔT (-> 422). All of this runs in the request's own handler, before it joins a batch,
-so a bad request fails alone. Every error is JSON {"error": "..."}; none names a file path.
+the streamed bytes; -> 413), and a body not received within body_timeout_s gets 408, so slow
+clients cannot hold the replica's request slots; then the Content-Type (anything but
+application/json -> 415), the body is parsed here (malformed JSON -> 400), validated by a
+strict pydantic model (-> 422), then each text (not UTF-8 encodable, blank, over max_chars or
+over the model's source tokens -> 422), ΔT, and the request's decoding cost, source tokens ×
+(2ΔT+1), against max_lpd_tokens (-> 422). All of this runs in the request's own handler,
+before it joins a batch, so a bad request fails alone. Every error is JSON {"error": "..."};
+none names a file path. Overload is Serve's (server.py): 503 with Retry-After past
+max_queued_requests waiting, 408 past request_timeout_s.
 """
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 import logging
 import unicodedata
@@ -37,6 +44,12 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 APP_NAME = "imitate-nat"
+# LPD decoders kept per replica, one per ΔT, least recently used dropped first: on a GPU each
+# holds its CUDA graphs (imitate_nat/graphs.py, capped too).
+MAX_DECODERS = 4
+# A body deadline that fired more than TIMER_SLACK_S late passed while decoding blocked the
+# event loop: LOOP_GRACE_S more (BodyLimit._read_in_time).
+TIMER_SLACK_S, LOOP_GRACE_S = 0.05, 1.0
 log = logging.getLogger("ray.serve")  # Serve's logger: lines go to the replica's log file
 
 
@@ -84,38 +97,25 @@ def _validation_message(errors: list[dict]) -> str:
 
 
 class BodyLimit:
-    """ASGI middleware: reject bodies over `max_bytes` with 413 before anything parses them.
-    Checks the declared Content-Length first, then counts the streamed bytes (chunked uploads
-    declare none), and hands the app the buffered body."""
+    """ASGI middleware: read the whole body before anything parses it, and reject one over
+    `max_bytes` with 413 (the declared Content-Length first, then the streamed bytes: chunked
+    uploads declare none) or not received within `timeout_s` with 408: a request holds one of
+    the replica's slots while its body trickles in. Hands the app the buffered body."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, timeout_s: float):
+        self.app, self.max_bytes, self.timeout_s = app, max_bytes, timeout_s
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        too_big = _error(413, f"request body over the limit of {self.max_bytes} bytes")
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None:
-            try:
-                n = int(declared)
-            except ValueError:
-                return await _error(400, "invalid Content-Length header")(scope, receive, send)
-            if n > self.max_bytes:
-                return await too_big(scope, receive, send)
-        chunks, size = [], 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > self.max_bytes:
-                return await too_big(scope, receive, send)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                break
-        body, replayed = b"".join(chunks), False
+        try:
+            self._check_declared(scope)
+            body = await self._read_in_time(receive)
+        except ApiError as e:
+            return await _error(e.status, e.message)(scope, receive, send)
+        if body is None:  # the client went away
+            return
+        replayed = False
 
         async def replay():
             nonlocal replayed
@@ -125,6 +125,48 @@ class BodyLimit:
             return await receive()
 
         await self.app(scope, replay, send)
+
+    def _check_declared(self, scope) -> None:
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is None:
+            return
+        try:
+            n = int(declared)
+        except ValueError:
+            raise ApiError(400, "invalid Content-Length header") from None
+        if n > self.max_bytes:
+            raise self._too_big()
+
+    async def _read_in_time(self, receive) -> bytes | None:
+        """The body, None if the client went away, or ApiError(408) past the deadline. Decoding
+        blocks this event loop, and the body's bytes are handed over on it: a deadline that
+        passed while the loop was blocked is the replica's delay, not the client's (the bytes
+        may be waiting), and gets LOOP_GRACE_S more."""
+        loop, body = asyncio.get_running_loop(), bytearray()
+        deadline = loop.time() + self.timeout_s
+        while True:
+            try:
+                async with asyncio.timeout_at(deadline):
+                    return await self._read(receive, body)
+            except TimeoutError:
+                if loop.time() - deadline < TIMER_SLACK_S:   # fired on time: the client is slow
+                    raise ApiError(408, f"request body not received within {self.timeout_s:g} s") from None
+                deadline = loop.time() + LOOP_GRACE_S
+
+    async def _read(self, receive, body: bytearray) -> bytes | None:
+        """Reads on into `body` (kept when a deadline interrupts)."""
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            body += message.get("body", b"")
+            if len(body) > self.max_bytes:
+                raise self._too_big()
+            if not message.get("more_body", False):
+                return bytes(body)
+
+    def _too_big(self) -> ApiError:
+        return ApiError(413, f"request body over the limit of {self.max_bytes} bytes")
 
 
 def parse_request(body: bytes) -> TranslateRequest:
@@ -166,7 +208,8 @@ def check_limits(req: TranslateRequest, limits: dict, default_delta_t: int,
                  token_counts: Callable[[list[str]], list[int]]) -> tuple[list[str], int]:
     """The request's texts and ΔT, or ApiError(422) naming the field and the limit.
     `token_counts`: each text's source tokens (the tokenizer), compared with limits["max_tokens"]:
-    past it offline decoding would truncate the source, which a 200 must never hide."""
+    past it offline decoding would truncate the source, which a 200 must never hide. Their sum
+    × (2ΔT+1) is what decoding the request costs, compared with limits["max_lpd_tokens"]."""
     field = "text" if req.text is not None else "texts"
     texts = [req.text] if req.text is not None else req.texts
     if not texts:
@@ -186,7 +229,8 @@ def check_limits(req: TranslateRequest, limits: dict, default_delta_t: int,
             raise ApiError(422, f"{where}: empty text (nothing but whitespace, control or format characters)")
         if len(t) > limits["max_chars"]:
             raise ApiError(422, f"{where}: {len(t)} characters, the limit is {limits['max_chars']}")
-    for where, n in zip(wheres, token_counts(texts)):
+    counts = token_counts(texts)
+    for where, n in zip(wheres, counts):
         if n == 0:  # e.g. only U+FFFD, which the tokenizer drops: it would translate to ""
             raise ApiError(422, f"{where}: empty text (no token to translate)")
         if n > limits["max_tokens"]:
@@ -195,6 +239,11 @@ def check_limits(req: TranslateRequest, limits: dict, default_delta_t: int,
     delta_t = default_delta_t if req.delta_t is None else req.delta_t
     if not 0 <= delta_t <= limits["max_delta_t"]:
         raise ApiError(422, f"delta_t: must be between 0 and {limits['max_delta_t']}, got {delta_t}")
+    cost = sum(counts) * (2 * delta_t + 1)
+    if cost > limits["max_lpd_tokens"]:
+        raise ApiError(422, f"{field}: {sum(counts)} source tokens × {2 * delta_t + 1} LPD candidates (ΔT {delta_t}) "
+                            f"= {cost}, the limit is {limits['max_lpd_tokens']} per request (max_lpd_tokens): "
+                            f"send fewer texts or a smaller delta_t")
     return texts, delta_t
 
 
@@ -203,7 +252,7 @@ def build_app(translator: Translator) -> FastAPI:
     limits come from the job's serve section)."""
     app = FastAPI(title="imitate-NAT translation", version="1",
                   description="Non-autoregressive translation with Length Parallel Decoding (imitate-NAT).")
-    app.add_middleware(BodyLimit, max_bytes=translator.limits["max_body_bytes"])
+    app.add_middleware(BodyLimit, max_bytes=translator.limits["max_body_bytes"], timeout_s=translator.body_timeout_s)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, exc: ApiError):
@@ -224,7 +273,7 @@ def build_app(translator: Translator) -> FastAPI:
 
     schema = {"content": {"application/json": {"schema": TranslateRequest.model_json_schema()}}, "required": True}
     errors = {s: {"description": d, "content": {"application/json": {"example": {"error": "..."}}}}
-              for s, d in ((400, "malformed JSON"), (413, "body too large"),
+              for s, d in ((400, "malformed JSON"), (408, "body not received in time"), (413, "body too large"),
                            (415, "Content-Type is not application/json"), (422, "invalid request or over a limit"))}
 
     @app.post("/translate", response_model=TranslateResponse, openapi_extra={"requestBody": schema},
@@ -243,7 +292,7 @@ def build_app(translator: Translator) -> FastAPI:
     async def health():
         return {"status": "ok", "model": translator.model_info, "replica": translator.replica,
                 "limits": translator.limits, "default_delta_t": translator.default_delta_t,
-                "batches": translator.batch_stats}
+                "batches": translator.batch_stats, "decoders": translator.lpd_decoder.cache_info().currsize}
 
     return app
 
@@ -262,12 +311,14 @@ class Translator:
         self.device = "cuda" if gpu else "cpu"
         self.tok, self.at, self.nat = load_models(source, self.device)
         self.model_info = source.describe()
-        self.limits = {k: serve_cfg[k] for k in ("max_texts", "max_chars", "max_delta_t", "max_body_bytes")}
+        self.limits = {k: serve_cfg[k] for k in ("max_texts", "max_chars", "max_delta_t", "max_body_bytes",
+                                                 "max_lpd_tokens")}
+        self.body_timeout_s = serve_cfg["body_timeout_s"]
         # Source tokens + EOS fill at most the positional table (translate's max_src_len).
         self.limits["max_tokens"] = self.at.cfg.max_positions - 1
         self.default_delta_t = eval_cfg["delta_t"]
         self.eval_cfg = eval_cfg
-        self.lpd_decoders: dict[int, tuple] = {}  # ΔT -> (LPD decoder, batching cost factor)
+        self.lpd_decoder = functools.lru_cache(maxsize=MAX_DECODERS)(self._new_lpd_decoder)  # ΔT -> (decoder, cost)
         self.batch_stats = {"count": 0, "requests": 0, "texts": 0, "max_requests": 0}
         self.replica = serve.get_replica_context().replica_id.to_full_id_str()
         self.translate_batch.set_max_batch_size(serve_cfg["max_batch_size"])
@@ -276,17 +327,19 @@ class Translator:
     def __serve_build_asgi_app__(self):
         return build_app(self)
 
+    def _new_lpd_decoder(self, delta_t: int) -> tuple:
+        """The evaluate stage's LPD decoder and its batching cost factor."""
+        from ..decoding import decoders
+
+        e = self.eval_cfg
+        return decoders(self.at, self.nat, e["beam_size"], delta_t, e["length_penalty"])["lpd"]
+
     def lpd(self, texts: list[str], delta_t: int) -> list[str]:
         """Offline-identical LPD decoding: the evaluate stage's decoder and `translate`."""
         from imitate_nat.translate import translate
 
-        from ..decoding import decoders
-
-        e = self.eval_cfg
-        if delta_t not in self.lpd_decoders:  # kept: on a GPU each holds its recorded CUDA graphs
-            self.lpd_decoders[delta_t] = decoders(self.at, self.nat, e["beam_size"], delta_t, e["length_penalty"])["lpd"]
-        decoder, cost = self.lpd_decoders[delta_t]
-        return translate(texts, self.tok, decoder, batch_tokens=e["batch_tokens"], device=self.device,
+        decoder, cost = self.lpd_decoder(delta_t)
+        return translate(texts, self.tok, decoder, batch_tokens=self.eval_cfg["batch_tokens"], device=self.device,
                          max_src_len=self.at.cfg.max_positions, cost_factor=cost)
 
     def token_counts(self, texts: list[str]) -> list[int]:

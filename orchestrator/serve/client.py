@@ -1,8 +1,13 @@
 """Client of the Serve endpoint: `translate_remote` (Python) and `imitate-orch translate`.
 
-Connection errors, timeouts, 429 and 5xx are retried with exponential backoff and jitter
-(a replica that died mid-request, or a cluster still starting, answers so); translation is
-idempotent, so a retry is always safe. 4xx errors are the request's fault and raise at once.
+Connection errors, 429, 500, 502 and 503 are retried with exponential backoff and jitter (a
+replica that died mid-request, or a cluster still starting, answers so), waiting at least what
+a Retry-After header asks (an overloaded server's 503); translation is idempotent, so a retry
+is always safe. A request that timed out once the server had it (408 from Serve's
+request_timeout_s or the body deadline, a gateway's 504, no answer within timeout_s) is not
+retried unless `retry_timeouts`: the server may still be decoding it, and sending it again
+only adds to the load that made it late. Other 4xx errors are the request's fault and raise
+at once.
 """
 from __future__ import annotations
 
@@ -14,7 +19,9 @@ from dataclasses import dataclass, field
 
 import requests
 
-RETRY_STATUS = frozenset({429, 500, 502, 503, 504})
+RETRY_STATUS = frozenset({429, 500, 502, 503})
+TIMEOUT_STATUS = frozenset({408, 504})   # the server, or a gateway, gave up waiting for the answer
+MAX_RETRY_AFTER_S = 60.0                 # a longer Retry-After is waited this long
 TEXTS_PER_REQUEST = 32   # well under the server's default serve.max_texts (64)
 
 
@@ -45,9 +52,18 @@ def _message(resp: requests.Response) -> str:
         return resp.text.strip()[:200] or resp.reason
 
 
+def _retry_after_s(resp: requests.Response) -> float:
+    """The Retry-After header's seconds (0 when absent, or an HTTP date: Serve sends seconds)."""
+    try:
+        return min(MAX_RETRY_AFTER_S, max(0.0, float(resp.headers.get("Retry-After", 0))))
+    except ValueError:
+        return 0.0
+
+
 def translate_remote(url: str, texts: Sequence[str] | str, delta_t: int | None = None, *, retries: int = 5,
                      backoff_s: float = 0.2, max_backoff_s: float = 5.0, timeout_s: float = 60.0,
-                     session: requests.Session | None = None, retry_log: RetryLog | None = None) -> dict:
+                     retry_timeouts: bool = False, session: requests.Session | None = None,
+                     retry_log: RetryLog | None = None) -> dict:
     """POST texts (or one text) to URL/translate; returns the response JSON
     ({"translations": [...], "delta_t": k, "model": {...}}). Retries as the module says."""
     payload: dict = {"text": texts} if isinstance(texts, str) else {"texts": list(texts)}
@@ -55,22 +71,29 @@ def translate_remote(url: str, texts: Sequence[str] | str, delta_t: int | None =
         payload["delta_t"] = delta_t
     post = (session or requests).post
     endpoint = url.rstrip("/") + "/translate"
+    retried = RETRY_STATUS | TIMEOUT_STATUS if retry_timeouts else RETRY_STATUS
     for attempt in range(retries + 1):
+        wait_s = 0.0
         try:
             resp = post(endpoint, json=payload, timeout=timeout_s)
+        except requests.ReadTimeout as e:  # sent, and no answer in time
+            reason, status = f"{type(e).__name__}: {e}", None
+            if not retry_timeouts:
+                raise ServeRequestError(f"{endpoint}: no answer within {timeout_s:g} s (not retried)") from None
         except (requests.ConnectionError, requests.Timeout) as e:
             reason, status = f"{type(e).__name__}: {e}", None
         else:
             if resp.status_code == 200:
                 return resp.json()
             reason, status = f"HTTP {resp.status_code}: {_message(resp)}", resp.status_code
-            if status not in RETRY_STATUS:
+            if status not in retried:
                 raise ServeRequestError(reason, status)
+            wait_s = _retry_after_s(resp)
         if retry_log is not None:
             retry_log.add(reason)
         if attempt == retries:
             raise ServeRequestError(f"{endpoint}: gave up after {retries + 1} attempts; last: {reason}", status)
-        time.sleep(min(max_backoff_s, backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0))
+        time.sleep(max(wait_s, min(max_backoff_s, backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0)))
     raise AssertionError("unreachable")
 
 

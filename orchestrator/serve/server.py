@@ -25,6 +25,10 @@ def serve_application(target: ServeTarget):
         # filling; at least 32, so that requests wait in the replica's queue rather than in
         # Serve's router, which backs off and retries while every replica is full.
         max_ongoing_requests=max(2 * s.max_batch_size, 32),
+        # Past that many requests waiting in Serve's proxy for a free slot, answer 503 with
+        # Retry-After at once: under overload a queue without end only makes every answer late.
+        max_queued_requests=s.max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": s.retry_after_s},
     ).bind(target.source, s.model_dump(), target.spec.eval.model_dump())
 
 
@@ -52,7 +56,10 @@ def start(target: ServeTarget) -> str:
         actual = running.http_config
         raise ServeSetupError(f"Serve already runs on this Ray cluster at {actual.host}:{actual.port}; "
                               f"use that host and port, or stop it (`serve shutdown`)")
-    serve.start(http_options={"host": s.host, "port": s.port})
+    if running is not None and running.http_config.request_timeout_s != s.request_timeout_s:
+        log.warning("Serve already runs with request_timeout_s=%s: serve.request_timeout_s=%s does not apply",
+                    running.http_config.request_timeout_s, s.request_timeout_s)
+    serve.start(http_options={"host": s.host, "port": s.port, "request_timeout_s": s.request_timeout_s})
     serve.run(serve_application(target), name=APP_NAME, route_prefix="/")
     host = f"[{s.host}]" if ":" in s.host else s.host
     return f"http://{host}:{s.port}"

@@ -5,8 +5,14 @@ A model source is one of
 - a job YAML: its run directory (pipeline.run_dir(spec));
 - an MLflow run id: a pipeline's parent run; each replica downloads spm.model and the two
   model.pt files from the stage runs that logged them. A stage reused from an earlier run
-  logs no artifact, so its files come from the newest earlier run of the same job that did
-  run that stage (they share a run directory, so that run produced what was reused).
+  logs no artifact, so its file comes from a run that ran that stage and logged the same
+  bytes: every stage run is tagged with the sha256 of its outputs (run/tracking.py
+  OUTPUT_TAG), and a replica checks each download against it.
+
+What is loaded must belong together: for a run directory, each model file must still hash to
+what its stage's manifest recorded, and the teacher and the student must have been trained on
+the tokenizer (and teacher) outputs there now (the manifests' `consumed` digests); else
+ServeSetupError names the stage.
 
 The job's spec gives the serve and eval sections (limits, replicas, GPUs, ΔT, beam settings):
 the job YAML itself, or the job.yaml logged on the MLflow parent run (for a run directory:
@@ -27,8 +33,11 @@ from pathlib import Path
 
 import yaml
 
+from ..run.files import sha256_file
+from ..run.hashing import consumed_digests
 from ..run.layout import MODEL_FILES, check_finished
-from ..run.tracking import resolve_tracking_uri, store_client
+from ..run.manifest import read_manifest
+from ..run.tracking import OUTPUT_TAG, resolve_tracking_uri, store_client
 from ..spec.loading import SpecError, apply_overrides, spec_from_dict
 from ..spec.schema import JobSpec, default_workdir
 
@@ -56,6 +65,7 @@ class ModelSource:
     run_dir: str | None = None
     tracking_uri: str | None = None
     stage_runs: dict[str, str] = field(default_factory=dict)  # MLflow: stage -> run holding its file
+    digests: dict[str, str] = field(default_factory=dict)     # MLflow: stage -> sha256 of its file
 
     def describe(self) -> dict:
         """What /health and every response say about the model: the kind of source, not its
@@ -113,30 +123,58 @@ def _stored_spec(client, run) -> dict:
     return out
 
 
-def stage_runs(client, parent) -> dict[str, str]:
-    """stage -> the run holding its file for the pipeline run `parent` (see module doc)."""
-    job, exp = parent.data.tags.get("job"), parent.info.experiment_id
-    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}'")
-    out = {}
+def check_models_belong_together(rd: Path) -> None:
+    """ServeSetupError unless each model file of run dir `rd` hashes to what its manifest
+    recorded and each later stage ran on the outputs its earlier stages hold now: a teacher
+    retrained after the student (`run --force teacher --until teacher`), or a model.pt copied
+    in, would otherwise be served beside a student that never imitated it."""
     for stage, name in MODEL_FILES.items():
-        own = [r for r in children if r.data.tags.get("stage") == stage and r.info.status == "FINISHED"]
-        if not own:
+        recorded = read_manifest(rd / stage).outputs[name]
+        if sha256_file(rd / stage / recorded["path"]) != recorded["sha256"]:
+            raise ServeSetupError(f"{rd}: {stage}/{recorded['path']} changed since the '{stage}' stage wrote it "
+                                  f"(its sha256 differs from the manifest's). Run `imitate-orch run JOB` to redo it.")
+    stages = list(MODEL_FILES)
+    for i, later in enumerate(stages[1:], 1):
+        # Manifests from before `consumed` was recorded have none: nothing to compare.
+        consumed, now = read_manifest(rd / later).consumed, consumed_digests(rd, later)
+        for earlier in stages[:i]:
+            if earlier in consumed and consumed[earlier] != now.get(earlier):
+                raise ServeSetupError(f"{rd}: the '{later}' stage ran on other '{earlier}' outputs than those in "
+                                      f"{earlier}/ now (redone since). Run `imitate-orch run JOB` to bring "
+                                      f"'{later}' up to date.")
+
+
+def _digest(run, name: str) -> str:
+    digest = run.data.tags.get(OUTPUT_TAG.format(name))
+    if not digest:
+        raise ServeSetupError(f"MLflow run {run.info.run_id} ({run.data.tags.get('stage')}) has no "
+                              f"{OUTPUT_TAG.format(name)} tag (logged before they were): serve its run directory")
+    return digest
+
+
+def stage_runs(client, parent) -> tuple[dict[str, str], dict[str, str]]:
+    """(stage -> the run that logged its file, stage -> the file's sha256) for the pipeline run
+    `parent`: the sha256 its own stage run recorded, and a finished run that ran the stage
+    (not reused) and logged those bytes, by its OUTPUT_TAG (see module doc)."""
+    exp = parent.info.experiment_id
+    children = client.search_runs([exp], f"tags.`mlflow.parentRunId` = '{parent.info.run_id}' and "
+                                         f"attributes.status = 'FINISHED'", order_by=["attributes.start_time DESC"])
+    runs, digests = {}, {}
+    for stage, name in MODEL_FILES.items():
+        # The newest: a resumed parent run can hold a stage twice, and later stages read the last.
+        own = next((r for r in children if r.data.tags.get("stage") == stage), None)
+        if own is None:
             raise ServeSetupError(f"MLflow run {parent.info.run_id}: no finished '{stage}' stage run")
+        digests[stage] = _digest(own, name)
         producers = client.search_runs(
-            [exp], f"tags.stage = '{stage}' and params.reused = 'False' and attributes.status = 'FINISHED'",
-            order_by=["attributes.start_time DESC"])
-        for r in producers:
-            pid = r.data.tags.get("mlflow.parentRunId")
-            if r.info.start_time > own[0].info.start_time or pid is None:
-                continue
-            if pid == parent.info.run_id or client.get_run(pid).data.tags.get("job") == job:
-                if name not in {a.path for a in client.list_artifacts(r.info.run_id)}:
-                    raise ServeSetupError(f"MLflow run {r.info.run_id} ({stage}): artifact {name} missing")
-                out[stage] = r.info.run_id
-                break
-        else:
-            raise ServeSetupError(f"MLflow run {parent.info.run_id}: no run of job '{job}' logged {stage}/{name}")
-    return out
+            [exp], f"tags.stage = '{stage}' and tags.`{OUTPUT_TAG.format(name)}` = '{digests[stage]}' and "
+                   f"params.reused = 'False' and attributes.status = 'FINISHED'")
+        runs[stage] = next((r.info.run_id for r in producers
+                            if name in {a.path for a in client.list_artifacts(r.info.run_id)}), None)
+        if runs[stage] is None:
+            raise ServeSetupError(f"MLflow run {parent.info.run_id}: no run logged {stage}/{name} with the sha256 "
+                                  f"its '{stage}' stage used ({digests[stage][:12]}...)")
+    return runs, digests
 
 
 def resolve_target(arg: str, overrides: Sequence[str] = (), tracking_uri: str | None = None,
@@ -164,6 +202,7 @@ def _from_job(path: str, overrides, tracking_uri, spec: JobSpec | None) -> Serve
     spec = spec or load_spec(path, list(overrides))
     rd = run_dir(spec)
     check_finished(rd, MODEL_FILES)
+    check_models_belong_together(rd)
     uri = tracking_uri or resolve_tracking_uri(spec.tracking.uri, spec.workdir)
     run = latest_parent_run(uri, spec.name)
     return ServeTarget(ModelSource(spec.name, run.info.run_id if run else None, str(rd), uri), spec)
@@ -171,6 +210,7 @@ def _from_job(path: str, overrides, tracking_uri, spec: JobSpec | None) -> Serve
 
 def _from_run_dir(rd: Path, overrides, tracking_uri) -> ServeTarget:
     check_finished(rd, MODEL_FILES)
+    check_models_belong_together(rd)
     uri = tracking_uri or resolve_tracking_uri(None, rd.parent)  # the default store of its workdir
     run = latest_parent_run(uri, rd.name)
     if not run:
@@ -196,7 +236,8 @@ def _from_mlflow(run_id: str, overrides, tracking_uri) -> ServeTarget:
         raise ServeSetupError(f"MLflow run {run_id} is not a pipeline (parent) run: it has no 'job' tag")
     raw = {**_stored_spec(client, run), "name": job}
     spec = spec_from_dict(apply_overrides(raw, list(overrides)), f"mlflow:{run_id} job.yaml")
-    return ServeTarget(ModelSource(job, run_id, None, uri, stage_runs(client, run)), spec)
+    runs, digests = stage_runs(client, run)
+    return ServeTarget(ModelSource(job, run_id, None, uri, runs, digests), spec)
 
 
 def load_models(source: ModelSource, device: str):
@@ -212,7 +253,10 @@ def load_models(source: ModelSource, device: str):
             raise ServeSetupError(f"MLflow store {source.tracking_uri} is gone")
         for stage, name in MODEL_FILES.items():
             (tmp / stage).mkdir()
-            client.download_artifacts(source.stage_runs[stage], name, str(tmp / stage))
+            path = client.download_artifacts(source.stage_runs[stage], name, str(tmp / stage))
+            if sha256_file(path) != source.digests[stage]:  # an artifact replaced in the store
+                raise ServeSetupError(f"MLflow run {source.stage_runs[stage]}: {stage}/{name} is not the file "
+                                      f"its {OUTPUT_TAG.format(name)} tag names")
         return load_run_models(tmp, device)  # everything is in memory afterwards
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -254,8 +254,19 @@ class ServeSpec(_Section):
     batch_wait_timeout_s: float = Field(0.0, ge=0.0)
     max_texts: int = Field(64, gt=0)                 # per request
     max_chars: int = Field(2000, gt=0)               # per text
-    max_delta_t: int = Field(10, ge=0)
+    max_delta_t: int = Field(10, ge=0, le=20)        # as eval.delta_t
     max_body_bytes: int = Field(1_000_000, gt=0)
+    # A request's decoding cost: its source tokens × (2ΔT+1), the LPD candidates the NAT decodes
+    # and the AT rescores. 65,536 takes 64 texts of 146 tokens at ΔT 3, or one of 1,023 at ΔT 20.
+    max_lpd_tokens: int = Field(65_536, gt=0)
+    # Overload: requests waiting in Serve's proxy for a free replica slot; past that, 503 with
+    # Retry-After at once instead of an ever longer queue.
+    max_queued_requests: int = Field(64, gt=0)
+    retry_after_s: int = Field(1, ge=0)
+    # Serve's end-to-end limit per HTTP request (408 past it), and the deadline for receiving a
+    # request's body (408): slow clients cannot hold a replica's request slots.
+    request_timeout_s: float = Field(60.0, gt=0)
+    body_timeout_s: float = Field(10.0, gt=0)
 
 
 class SweepSpec(_Section):

@@ -37,6 +37,7 @@ import ray
 import torch
 from tqdm.auto import tqdm
 
+from imitate_nat.atomic import atomic_writer
 from imitate_nat.checkpoint import load_model
 from imitate_nat.data import count_lines
 from imitate_nat.tokenizer import Tokenizer
@@ -44,7 +45,7 @@ from imitate_nat.translate import at_beam, translate
 
 from ..binarize import binarize, line_byte_ranges, read_range
 from ..run.cluster import check_fits_cluster, init_ray
-from ..run.files import atomic_write_json, atomic_writer, sha256_file, sha256_json
+from ..run.files import atomic_write_json, sha256_file, sha256_json
 from ..run.layout import DISTILLED, model_path, spm_path
 from ..run.runner import StageContext, StageResult
 from ..run.shards import shard_done, shard_marker, shard_path, write_shard

@@ -46,9 +46,9 @@ from typing import IO, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 
+from imitate_nat.atomic import atomic_writer
 from imitate_nat.data import count_lines, iter_lines
 
-from ..run.files import atomic_writer
 from ..run.runner import StageContext, StageResult
 from ..spec.schema import DataSpec
 

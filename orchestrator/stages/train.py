@@ -3,22 +3,26 @@
 The run's Ray Train storage (checkpoints) lives in <stage dir>/ray unless the job names a
 storage_path (e.g. s3://bucket/prefix). Starting the same stage again with the same storage
 resumes from the latest reported checkpoint (Ray Train V2 restores a run by name + storage).
-The run's name carries the hash of the stage's inputs other than max_steps
-(`run.hashing.extend_key`): a raised max_steps extends the same run, while changed
-inputs start a new one — also in remote storage, which a stale stage dir's wipe never reaches.
+Remote storage is never wiped with the stage dir, so the run's name (`ray_run_name`) is what
+keeps a fresh start from restoring an old run there: it carries the hash of the stage's inputs
+other than max_steps (`run.hashing.extend_key`), the digests of the earlier stages' outputs, and
+a nonce kept in the stage dir. A resumed or extended stage (dir kept) goes on with its run; a
+changed, stale or --force'd one (dir wiped) starts a new one.
 The best checkpoint by valid BLEU becomes the stage's model.pt.
 """
 from __future__ import annotations
 
 import logging
 import os
+import secrets
 from pathlib import Path
 
 from imitate_nat.checkpoint import read_model_file
 from imitate_nat.config import LossConfig
 from imitate_nat.tokenizer import Tokenizer
 
-from ..run.files import atomic_write_bytes
+from ..run.files import atomic_write_bytes, atomic_write_text, sha256_json
+from ..run.hashing import consumed_digests, extend_key
 from ..run.layout import DISTILLED, MODEL, bin_prefix, model_path, split_path, spm_path
 from ..run.runner import StageContext, StageResult
 from .train_checkpoints import checkpoint_problems
@@ -26,6 +30,7 @@ from .train_worker import WorkerConfig, train_loop
 
 log = logging.getLogger("imitate_orch")
 VALID_SENTENCES = 500  # valid BLEU during training on at most this many sentences (full valid at evaluate)
+RUN_NONCE = "ray-run-nonce"   # in the stage dir: part of the Ray Train run's name (ray_run_name)
 
 
 def _loss_config(spec, kind: str) -> LossConfig:
@@ -56,11 +61,23 @@ def worker_config(ctx: StageContext, kind: str) -> WorkerConfig:
         progress=ctx.progress, tracker=ctx.experiment, run_id=ctx.tracker.run_id)
 
 
+def ray_run_name(ctx: StageContext) -> str:
+    """The name Ray Train stores and restores this stage's run under. The nonce is made when
+    the stage dir holds none: the runner empties the dir for a fresh start (first run, --force,
+    stale upstream, changed inputs) and keeps it to resume after an interruption or to extend,
+    so the nonce, unlike one drawn per invocation, tells those apart. The upstream digests tie
+    the run to the bytes it trains on whoever kept the dir (a caller other than the runner)."""
+    nonce = ctx.out_dir / RUN_NONCE
+    if not nonce.is_file():
+        atomic_write_text(nonce, secrets.token_hex(8))
+    key = sha256_json({"extend_key": extend_key(ctx.spec, ctx.stage), "nonce": nonce.read_text().strip(),
+                       "upstream": consumed_digests(ctx.run_dir, ctx.stage)})
+    return f"{ctx.spec.name}-{ctx.stage}-{key[:12]}"
+
+
 def run_trainer(ctx: StageContext, kind: str, callbacks=()):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
-
-    from ..run.hashing import extend_key
 
     t = ctx.spec.teacher if kind == "at" else ctx.spec.student
     storage = t.storage_path or str((ctx.out_dir / "ray").resolve())
@@ -74,7 +91,7 @@ def run_trainer(ctx: StageContext, kind: str, callbacks=()):
                                                resources_per_worker=resources),
         torch_config=TorchConfig(backend=None if t.backend == "auto" else t.backend),
         run_config=ray.train.RunConfig(
-            name=f"{ctx.spec.name}-{ctx.stage}-{extend_key(ctx.spec, ctx.stage)[:12]}", storage_path=storage,
+            name=ray_run_name(ctx), storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="valid_bleu",
                                                          checkpoint_score_order="max"),
@@ -93,7 +110,7 @@ def train_model(ctx: StageContext, kind: str, callbacks=()) -> StageResult:
              "padding included)", ctx.stage, per_update, t.batch_tokens, t.workers, t.update_freq)
     ctx.tracker.log_params({"tokens_per_update_max": per_update})   # the real count: metric train/tokens
     result = run_trainer(ctx, kind, callbacks)
-    atomic_write_bytes(ctx.out_dir / MODEL, best_intact_model(result, ctx.stage))
+    atomic_write_bytes(ctx.out_dir / MODEL, best_intact_model(result, ctx.stage, t.workers))
     meta = read_model_file(ctx.out_dir / MODEL)["meta"]
     log.info("%s: best valid BLEU %.2f at step %d", ctx.stage, meta["valid_bleu"], meta["step"])
     return StageResult(outputs={MODEL: MODEL},
@@ -101,14 +118,14 @@ def train_model(ctx: StageContext, kind: str, callbacks=()) -> StageResult:
                                 "final_valid_bleu": float(result.metrics.get("valid_bleu", float("nan")))})
 
 
-def best_intact_model(result, stage: str) -> bytes:
-    """model.pt of the best checkpoint by valid BLEU whose checksum lists verify (a damaged one
-    is skipped with a warning, as when resuming)."""
+def best_intact_model(result, stage: str, ranks: int) -> bytes:
+    """model.pt of the best checkpoint by valid BLEU whose `ranks` checksum lists (one per
+    worker) are all there and verify (a damaged one is skipped with a warning, as when resuming)."""
     ranked = sorted(result.best_checkpoints or [], key=lambda cm: cm[1].get("valid_bleu", float("-inf")),
                     reverse=True)
     for checkpoint, _ in ranked:
         with checkpoint.as_directory() as d:
-            problems = checkpoint_problems(Path(d))
+            problems = checkpoint_problems(Path(d), ranks)
             if not problems:
                 return Path(d, MODEL).read_bytes()
         log.warning("%s: skipping damaged checkpoint %s: %s", stage, checkpoint.path, ", ".join(problems))

@@ -3,8 +3,10 @@ verified before it is trusted.
 
 Every rank writes its torch RNG state (dropout draws) and a `sha256-rank<r>.json` of the files
 it put into the checkpoint. On restore they are verified first: a damaged checkpoint (bit rot,
-a partial copy) is never loaded; the newest intact older one is used instead (steps after it
-are trained again), and if none is intact the run fails naming the damaged files.
+a partial copy, a rank's checksum list missing) is never loaded; the newest intact older one is
+used instead (steps after it are trained again), and if none is intact the run fails naming the
+damaged files. The checker is told how many ranks wrote the checkpoint (the run's worker count:
+a run's name changes with it, so all its checkpoints have that many).
 """
 from __future__ import annotations
 
@@ -49,15 +51,16 @@ def write_checksums(d: Path, rank: int) -> None:
     atomic_write_json(d / CHECKSUMS.format(rank), {p.relative_to(d).as_posix(): sha256_file(p) for p in files})
 
 
-def checkpoint_problems(d: Path) -> list[str]:
-    """What is wrong with checkpoint dir `d`: missing or altered files; [] if intact."""
-    lists = sorted(d.glob(CHECKSUMS.format("*")))
-    if not lists:  # written before checksum lists existed: all there is to check is its progress file
-        return [] if (d / "progress.json").is_file() else ["no progress.json"]
-    problems = []
-    for listing in lists:
+def checkpoint_problems(d: Path, ranks: int) -> list[str]:
+    """What is wrong with checkpoint dir `d` written by `ranks` workers: a rank's checksum list
+    missing (what that rank wrote could not be verified: a partial copy looks just like this),
+    listed files missing or altered; [] if intact."""
+    problems = [f"{CHECKSUMS.format(r)} missing" for r in range(ranks) if not (d / CHECKSUMS.format(r)).is_file()]
+    for listing in sorted(d.glob(CHECKSUMS.format("*"))):
         try:
             expected = json.loads(listing.read_text())
+            if not isinstance(expected, dict):
+                raise ValueError("not a name -> sha256 map")
         except (OSError, ValueError):
             problems.append(f"{listing.name} unreadable")
             continue
@@ -82,12 +85,13 @@ def older_checkpoints(checkpoint) -> list:
     return [ray.train.Checkpoint(posixpath.join(parent, n), filesystem=checkpoint.filesystem) for n in names]
 
 
-def restore_intact(checkpoint, load):
-    """load(dir) from the newest intact checkpoint, starting at `checkpoint` (Ray's latest)."""
+def restore_intact(checkpoint, load, ranks: int):
+    """load(dir) from the newest intact checkpoint of a `ranks`-worker run, starting at
+    `checkpoint` (Ray's latest)."""
     damaged = []
     for candidate in [checkpoint, *older_checkpoints(checkpoint)]:
         with candidate.as_directory() as d:
-            problems = checkpoint_problems(Path(d))
+            problems = checkpoint_problems(Path(d), ranks)
             if not problems:
                 if damaged:
                     log.warning("restoring from %s: newer checkpoint(s) are damaged: %s", candidate.path,

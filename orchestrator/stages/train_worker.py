@@ -283,7 +283,7 @@ def train_loop(config: dict) -> None:
     start_step, best, bad_evals = 0, float("-inf"), 0
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        start_step, best, bad_evals = restore_intact(checkpoint, load)
+        start_step, best, bad_evals = restore_intact(checkpoint, load, world)
     if start_step >= t.max_steps or (t.patience is not None and bad_evals >= t.patience):
         # The restored checkpoint is the final one (driver killed after training), or early
         # stopping had ended this run: a raised max_steps would not have trained on either.

@@ -122,12 +122,11 @@ def describe_links(links: dict[str, Path], base: JobSpec) -> str:
 
 def valid_scores(rd: Path, spec: JobSpec, device: str) -> dict:
     """Valid BLEU of the run's NAT and NAT+LPD, cached in <run>/ablation_valid.json under the
-    student and teacher checksums and the eval settings."""
+    checksums of what it decodes (models, tokenizer, valid set) and the eval settings."""
     from ..decoding import score_run
-    from .measures import cached, model_sha
+    from .measures import cached, decoding_key
 
-    key = {"student": model_sha(rd, "student"), "teacher": model_sha(rd, "teacher"),
-           "eval": spec.eval.model_dump(mode="json")}
+    key = {**decoding_key(rd, "valid"), "eval": spec.eval.model_dump(mode="json")}
 
     def compute() -> dict:
         rows = score_run(rd, spec, "valid", ("nat", "lpd"), device)

@@ -26,7 +26,7 @@ import yaml
 from imitate_nat.imitation import usage_entropy
 
 from ..run.files import atomic_write_json
-from ..run.layout import MODEL
+from ..run.layout import MODEL, SPM
 from ..run.manifest import read_manifest
 from ..run.tracking import store_client
 from ..spec.loading import spec_from_dict
@@ -48,8 +48,18 @@ def cached(path: Path, key: dict, compute: Callable[[], dict]) -> dict:
     return value
 
 
-def model_sha(rd: Path, stage: str) -> str:
-    return read_manifest(rd / stage).outputs[MODEL]["sha256"]
+def output_sha(rd: Path, stage: str, name: str) -> str:
+    """The sha256 the stage's manifest recorded for its output `name`."""
+    return read_manifest(rd / stage).outputs[name]["sha256"]
+
+
+def decoding_key(rd: Path, split: str) -> dict:
+    """What decoding `split` of run `rd` reads, by sha256: both models, the tokenizer and the
+    split's source and reference. The models alone are not enough: a new test set or tokenizer
+    can leave a deterministic training's model bytes unchanged, and the cached scores stale."""
+    return {"teacher": output_sha(rd, "teacher", MODEL), "student": output_sha(rd, "student", MODEL),
+            "tokenizer": output_sha(rd, "tokenizer", SPM), "split": split,
+            "src": output_sha(rd, "prepare", f"{split}.src"), "ref": output_sha(rd, "prepare", f"{split}.tgt")}
 
 
 # ------------------------------------------------------------------------------ decoding --
@@ -63,8 +73,8 @@ def delta_t_sweep(rd: Path, spec: JobSpec, split: str, max_delta_t: int, device:
     from ..decoding import decoders, latencies_ms, load_run_models, read_split, translate_and_score
 
     e = spec.eval
-    key = {"teacher": model_sha(rd, "teacher"), "student": model_sha(rd, "student"), "split": split,
-           "max_delta_t": max_delta_t, "eval": e.model_dump(mode="json"), "latency": "side by side"}
+    key = {**decoding_key(rd, split), "max_delta_t": max_delta_t, "eval": e.model_dump(mode="json"),
+           "latency": "side by side"}
 
     def compute() -> dict:
         tok, at, nat = load_run_models(rd, device)

@@ -132,7 +132,8 @@ def tuned_student(ctx: StageContext, report_callback) -> StageResult:
 
 def valid_metrics(rd: Path, spec: JobSpec, delta_ts: list[int]) -> dict:
     """NAT+LPD valid BLEU and batch-1 latency at each ΔT of the sweep, plus the one-pass NAT and
-    the AT beam, flat for Tune. Cached in <run>/sweep_valid.json by model checksums."""
+    the AT beam, flat for Tune. Cached in <run>/sweep_valid.json by the checksums of what it
+    decodes (models, tokenizer, valid set: measures.decoding_key)."""
     import torch
 
     from ..studies.measures import delta_t_sweep

@@ -7,7 +7,7 @@ import torch
 from imitate_nat import ATDemonstrator, NATLearner, preset
 from imitate_nat.data import source_tensor
 from imitate_nat.decode import lpd_candidates, lpd_decode, nat_decode, pick_best
-from imitate_nat.graphs import GraphedLPD
+from imitate_nat.graphs import GraphCache, GraphedLPD
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU (none on this machine)")
 
@@ -101,3 +101,38 @@ def test_decoder_factories_choose_graphs_only_for_eval_models_on_a_gpu():
         assert isinstance(nat_one_pass(nat, cuda_graphs=True), GraphedLPD)
         assert not isinstance(nat_lpd(nat, at), GraphedLPD)  # opt-in
         assert not isinstance(nat_one_pass(nat.train(), cuda_graphs=True), GraphedLPD)  # training: eager
+
+
+def test_graph_cache_drops_the_least_recently_used_graphs_with_their_choosers():
+    """A server sees every source length: the graphs kept are capped (each holds GPU memory).
+    A chooser reads its encoder's outputs, so it never outlives it."""
+    recorded = []
+
+    def record(name):
+        return lambda *_: recorded.append(name) or name
+
+    cache = GraphCache(max_graphs=4)
+    for b in (1, 2):
+        cache.encoder((b, 8), record(f"e{b}"))
+        cache.chooser((b, 8), 8, record(f"c{b}"))
+    assert cache.encoder((1, 8), record("e1 again")) == "e1" and len(cache) == 4   # replayed, now the newest
+    cache.encoder((4, 8), record("e4"))              # over the cap: (2, 8), the oldest, goes with its chooser
+    assert len(cache) == 3 and cache.chooser((1, 8), 8, record("c1 again")) == "c1"
+    assert cache.encoder((2, 8), record("e2 again")) == "e2 again"
+    assert recorded == ["e1", "c1", "e2", "c2", "e4", "e2 again"]
+
+    single = GraphCache(max_graphs=2)                # one encoder: its oldest chooser goes, never the encoder
+    single.encoder((1, 8), record("e"))
+    for width in (8, 16):
+        single.chooser((1, 8), width, record(f"w{width}"))
+    assert len(single) == 2 and single.chooser((1, 8), 8, record("w8 again")) == "w8 again"
+
+
+@cuda
+def test_graphed_lpd_keeps_at_most_max_graphs_and_still_equals_eager_lpd():
+    at, nat = model_pair(device="cuda")
+    graphed = GraphedLPD(nat, at, delta_t=2, max_graphs=3)
+    for seed, hi in enumerate((4, 12, 20, 28, 12, 4)):   # several source widths, some again
+        src = sources(40, n=2, seed=seed, lo=hi - 2, hi=hi).cuda()
+        assert graphed(src) == lpd_decode(nat, at, src, delta_t=2)
+        assert graphed.graphs <= 3

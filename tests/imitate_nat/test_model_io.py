@@ -115,6 +115,71 @@ def test_model_file_roundtrip_keeps_weights_config_and_action_usage(tmp_path):
     assert isinstance(load_model(tmp_path / "nat.pt")[0], NATLearner)
 
 
+def _write_events(monkeypatch) -> list[str]:
+    """What happens to files from here on: "file fsync", "dir fsync", "rename", in order."""
+    import os
+    import stat
+
+    events, fsync, replace = [], os.fsync, os.replace
+
+    def recorded_fsync(fd):
+        events.append("dir fsync" if stat.S_ISDIR(os.fstat(fd).st_mode) else "file fsync")
+        fsync(fd)
+
+    def recorded_replace(src, dst):
+        events.append("rename")
+        replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", recorded_fsync)
+    monkeypatch.setattr(os, "replace", recorded_replace)
+    return events
+
+
+def test_model_file_is_written_durably_and_a_failed_write_leaves_the_old_one(tmp_path, monkeypatch):
+    """save_model: the new file is fsynced before it is renamed into place and the directory
+    after (else a power loss can leave an empty model.pt); a write that fails half way leaves
+    the old file and no temp file."""
+    import os
+
+    path = tmp_path / "at.pt"
+    save_model(ATDemonstrator(preset("tiny", vocab_size=30)), path, meta={"v": 1})
+    events = _write_events(monkeypatch)
+    save_model(ATDemonstrator(preset("tiny", vocab_size=30)), path, meta={"v": 2})
+    assert events == ["file fsync", "rename", "dir fsync"]
+
+    def half_written(obj, f):
+        if isinstance(f, (str, os.PathLike)):
+            f = open(f, "wb")
+        f.write(b"half a model")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", half_written)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(ATDemonstrator(preset("tiny", vocab_size=30)), path, meta={"v": 3})
+    assert load_model(path)[1] == {"v": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["at.pt"]
+
+
+def test_tokenizer_model_is_written_durably_and_a_failed_write_leaves_the_old_one(tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "a.txt").write_text("\n".join(EN + DE) + "\n")
+    path = tmp_path / "spm.model"
+    old = train_sentencepiece([tmp_path / "a.txt"], path, vocab_size=100).path.read_bytes()
+    events = _write_events(monkeypatch)
+    train_sentencepiece([tmp_path / "a.txt"], path, vocab_size=100)
+    assert events == ["file fsync", "rename", "dir fsync"]
+
+    def crash(src, dst):
+        raise OSError("simulated crash")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError, match="simulated crash"):
+        train_sentencepiece([tmp_path / "a.txt"], path, vocab_size=90)
+    assert path.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "spm.model"]
+
+
 def test_damaged_or_foreign_files_are_refused(tmp_path):
     save_model(ATDemonstrator(preset("tiny", vocab_size=30)), tmp_path / "at.pt")
     data = (tmp_path / "at.pt").read_bytes()

@@ -209,7 +209,7 @@ def test_damaged_train_checkpoint_is_never_loaded(ray_local, prepared_run, tmp_p
     loaded = []
     with pytest.raises(RuntimeError, match="every checkpoint of this training run is damaged, none was loaded: "
                                            ".*trainer_state.pt checksum mismatch"):
-        restore_intact(ray.train.Checkpoint(str(checkpoints(run_dir)[-1])), loaded.append)
+        restore_intact(ray.train.Checkpoint(str(checkpoints(run_dir)[-1])), loaded.append, 1)
     assert loaded == []
 
 

@@ -1,12 +1,16 @@
 """The Serve endpoint against a real Ray Serve instance on 127.0.0.1 (a free port) serving the
 micro run: translations equal offline LPD decoding, bad input (malformed, wrong Content-Type,
-Unicode oddities, over a limit) gets 4xx JSON errors, fails alone and the server keeps
-answering; no response names a path; concurrent requests are batched and all answered; the
-`translate` client. Model sources are in test_target.py."""
+Unicode oddities, over a limit or the decoding budget) gets 4xx JSON errors, fails alone and
+the server keeps answering; no response names a path; concurrent requests are batched and all
+answered; half-sent bodies time out (408) and overload is answered at once (503, Retry-After);
+the `translate` client. Model sources are in test_target.py, the pieces that need no server
+in test_units.py."""
 from __future__ import annotations
 
 import json
 import os
+import socket
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -17,15 +21,20 @@ from imitate_nat.data import read_lines
 from imitate_nat.translate import translate
 from orchestrator.cli import main
 from orchestrator.decoding import decoders, load_run_models
-from orchestrator.serve.client import RetryLog, ServeRequestError, translate_remote
+from orchestrator.serve.app import MAX_DECODERS
+from orchestrator.serve.client import translate_remote
 from orchestrator.serve.server import start
 from orchestrator.serve.target import ServeSetupError, resolve_target
 
 from helpers import free_port
 
 # Small limits so that every limit is cheap to cross; max_chars leaves room for a text over the
-# model's source tokens (the micro model's 1024 positions).
-LIMITS = {"max_texts": 8, "max_chars": 6000, "max_delta_t": 4, "max_body_bytes": 20_000}
+# model's source tokens (the micro model's 1024 positions), max_lpd_tokens for one at ΔT 4.
+LIMITS = {"max_texts": 8, "max_chars": 6000, "max_delta_t": 4, "max_body_bytes": 20_000, "max_lpd_tokens": 12_000}
+# Overload: 32 request slots in the replica (max_ongoing_requests), then QUEUED wait in Serve's
+# proxy, then 503. Serve may count requests as queued for a moment before it assigns them to
+# free slots: QUEUED is over the 50 concurrent requests below, so that none is ever refused.
+BODY_TIMEOUT_S, QUEUED, SLOTS = 3, 64, 32
 JSON = {"Content-Type": "application/json"}
 
 
@@ -36,7 +45,8 @@ def served(micro_run):
 
     run_dir, _ = micro_run
     sets = [f"serve.port={free_port()}", "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.05",
-            *(f"serve.{k}={v}" for k, v in LIMITS.items())]
+            f"serve.body_timeout_s={BODY_TIMEOUT_S}", f"serve.max_queued_requests={QUEUED}",
+            "serve.request_timeout_s=45", *(f"serve.{k}={v}" for k, v in LIMITS.items())]
     target = resolve_target(str(run_dir), sets)
     tok, at, nat = load_run_models(run_dir, "cpu")
     ev = target.spec.eval
@@ -229,27 +239,6 @@ def test_bad_requests_batched_with_good_ones_fail_alone(served, sources):
             assert r.json()["translations"] == offline([payload["text"]])
 
 
-def test_a_request_failing_in_its_batch_fails_alone():
-    """decode_batch: a request whose texts raise gets the exception (its handler's 500); the
-    requests batched with it, of its ΔT or another, still get their translations."""
-    from orchestrator.serve.app import Translator
-
-    replica = object.__new__(Translator.func_or_class)
-    replica.batch_stats = {"count": 0, "requests": 0, "texts": 0, "max_requests": 0}
-    calls = []
-
-    def lpd(texts, delta_t):
-        calls.append(len(texts))
-        if "boom" in texts:
-            raise RuntimeError("boom")
-        return [f"{t}@{delta_t}" for t in texts]
-
-    replica.lpd = lpd
-    out = replica.decode_batch([(("a", "b"), 1), (("boom",), 1), (("c",), 2), (("d",), 1)])
-    assert out[0] == ["a@1", "b@1"] and isinstance(out[1], RuntimeError) and out[2:] == [["c@2"], ["d@1"]]
-    assert calls == [4, 2, 1, 1, 1]  # the ΔT 1 group at once, then one by one; ΔT 2 at once
-
-
 def _word_text(tok, sources, n: int) -> str:
     """A text of exactly n source tokens: a word that is one token, n times."""
     word = min((w for w in " ".join(sources).split() if len(tok.encode(w)) == 1), key=len)
@@ -272,6 +261,74 @@ def test_texts_over_the_model_positions_get_422_and_at_the_limit_decode(served, 
     r = requests.post(f"{url}/translate", json={"texts": [sources[0], over]}, timeout=60)
     assert r.status_code == 422
     assert r.json()["error"].startswith(f"texts[1]: {limit + 1} tokens, the limit is {limit} ")
+
+
+def test_a_request_over_the_decoding_budget_gets_422_before_decoding(served, sources):
+    """max_lpd_tokens bounds what one request costs: its source tokens × (2ΔT+1) LPD candidates."""
+    url, _, offline = served
+    text = _word_text(offline.tok, sources, 700)
+    before = requests.get(f"{url}/health", timeout=10).json()["batches"]
+    r = requests.post(f"{url}/translate", json={"texts": [text, text], "delta_t": 4}, timeout=60)
+    assert r.status_code == 422
+    assert r.json()["error"] == ("texts: 1400 source tokens × 9 LPD candidates (ΔT 4) = 12600, the limit is 12000 "
+                                 "per request (max_lpd_tokens): send fewer texts or a smaller delta_t")
+    assert requests.get(f"{url}/health", timeout=10).json()["batches"] == before   # nothing was decoded
+
+
+def test_lpd_decoders_kept_per_replica_are_capped(served, sources):
+    url, _, offline = served
+    for delta_t in range(LIMITS["max_delta_t"] + 1):
+        r = requests.post(f"{url}/translate", json={"text": sources[0], "delta_t": delta_t}, timeout=60)
+        assert r.json()["translations"] == offline(sources[:1], delta_t)
+    assert requests.get(f"{url}/health", timeout=10).json()["decoders"] == MAX_DECODERS < LIMITS["max_delta_t"] + 1
+
+
+def _half_sent(url: str) -> socket.socket:
+    """A request whose body stops after 9 of the 100 bytes it announced, left open."""
+    host, port = url.removeprefix("http://").split(":")
+    sock = socket.create_connection((host, int(port)), timeout=60)
+    sock.sendall(b"POST /translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: 100\r\n\r\n{\"text\": ")
+    return sock
+
+
+def test_half_sent_bodies_get_408_and_overload_503_at_once(served, sources):
+    """Every request slot of the replica held by a client that never finishes its body: those get
+    408 after body_timeout_s (they used to hold the slots for ever, and every later request
+    waited behind them); meanwhile requests past the proxy's queue get 503 with Retry-After at
+    once, and the queued ones are answered once the slots free."""
+    url, target, offline = served
+    assert target.spec.serve.retry_after_s == 1
+    slow = [_half_sent(url) for _ in range(SLOTS)]
+    try:
+        time.sleep(0.5)    # every slow request has reached the replica
+
+        def post(_):
+            t0 = time.monotonic()
+            r = requests.post(f"{url}/translate", json={"text": sources[0]}, timeout=30)
+            return r, time.monotonic() - t0
+
+        with ThreadPoolExecutor(QUEUED + 8) as pool:
+            answers = list(pool.map(post, range(QUEUED + 8)))
+        for sock in slow:
+            reply = sock.recv(65536).decode()
+            assert reply.startswith("HTTP/1.1 408"), reply
+            assert json.loads(reply.split("\r\n\r\n", 1)[1]) == {
+                "error": f"request body not received within {BODY_TIMEOUT_S} s"}
+    finally:
+        for sock in slow:
+            sock.close()
+    rejected = [(r, s) for r, s in answers if r.status_code == 503]
+    assert rejected and all(r.headers["Retry-After"] == "1" and s < BODY_TIMEOUT_S for r, s in rejected)
+    served_ok = [r for r, _ in answers if r.status_code != 503]
+    assert served_ok and all(r.status_code == 200 and r.json()["translations"] == offline(sources[:1])
+                             for r in served_ok)
+
+
+def test_serve_runs_with_the_request_timeout(served):
+    from ray.serve.context import _get_global_client
+
+    assert _get_global_client().http_config.request_timeout_s == 45
 
 
 def test_offline_scoring_counts_and_logs_truncated_sources(served, sources, micro_run, caplog):
@@ -356,10 +413,3 @@ def test_translate_cli(served, sources):
     assert res.exit_code == 0 and res.output.splitlines() == offline(many)
     res = CliRunner().invoke(main, ["translate", "--url", url, "--delta-t", "9", texts[0]])
     assert res.exit_code == 2 and "delta_t: must be between 0 and 4" in res.output
-
-
-def test_client_retries_then_gives_up_on_connection_errors():
-    retry_log = RetryLog()
-    with pytest.raises(ServeRequestError, match="gave up after 3 attempts"):
-        translate_remote(f"http://127.0.0.1:{free_port()}", "a", retries=2, backoff_s=0.01, retry_log=retry_log)
-    assert len(retry_log.failures) == 3 and all("ConnectionError" in f for f in retry_log.failures)

@@ -1,5 +1,6 @@
 """Model sources of `imitate-orch serve` (serve/target.py): a run dir, a job YAML, an MLflow run
-id, the stage runs of reused stages, and what a job.yaml stored in MLflow may not decide."""
+id, the stage runs of reused stages (matched by sha256), that what is loaded belongs together,
+and what a job.yaml stored in MLflow may not decide."""
 from __future__ import annotations
 
 import json
@@ -64,33 +65,76 @@ def test_source_mlflow_run_id(micro_run):
         resolve_target("0" * 32, tracking_uri=uri)
 
 
-def test_stage_runs_follow_reused_stages(tmp_path):
-    """A rerun that reused stages logged no files for them: they come from the newest earlier
-    run of the same job that ran the stage, never from another job."""
+def test_stage_runs_match_reused_stages_by_sha256(tmp_path):
+    """A rerun that reused stages logged no files for them: they come from a run that ran the
+    stage and logged the same bytes (the sha256 tags), not from the newest earlier run of the
+    job, which here is the same job in another work dir sharing the store, with other models.
+    A replica checks each download against the tag: a replaced artifact is refused."""
     from mlflow import MlflowClient
 
+    from orchestrator.run.files import sha256_file
+    from orchestrator.run.layout import MODEL_FILES
     from orchestrator.run.tracking import Tracker
+    from orchestrator.serve.target import ModelSource
 
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "exp", tmp_path / "art")
-    (tmp_path / "model.pt").write_text("x")
-    (tmp_path / "spm.model").write_text("x")
 
-    def pipeline(job, reused):
-        with tracker.parent(job, {}, tags={"job": job}) as parent:
+    def pipeline(content: dict, reused=()):
+        with tracker.parent("a", {}, tags={"job": "a"}) as parent:
             ids = {}
-            for stage in ("tokenizer", "teacher", "student"):
+            for stage, name in MODEL_FILES.items():
+                path = tmp_path / content[stage] / stage / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(f"{content[stage]} {stage}")
                 with tracker.child(stage, {"reused": stage in reused}) as h:
                     if stage not in reused:
-                        h.log_artifact(tmp_path / ("spm.model" if stage == "tokenizer" else "model.pt"))
+                        h.log_artifact(path)
                     ids[stage] = h.run_id
+                tracker.tag_outputs(stage, {name: {"path": name, "sha256": sha256_file(path)}})
         return parent.run_id, ids
 
-    _, first = pipeline("a", reused=())
-    pipeline("b", reused=())                       # another job, newer: must not be picked
-    second_id, second = pipeline("a", reused=("tokenizer", "teacher"))
+    _, first = pipeline({"tokenizer": "x", "teacher": "x", "student": "x"})
+    pipeline({"tokenizer": "y", "teacher": "y", "student": "y"})    # newer, other bytes: never picked
+    second_id, second = pipeline({"tokenizer": "x", "teacher": "x", "student": "x2"}, reused=("tokenizer", "teacher"))
     client = MlflowClient(tracker.tracking_uri)
-    assert stage_runs(client, client.get_run(second_id)) == {
-        "tokenizer": first["tokenizer"], "teacher": first["teacher"], "student": second["student"]}
+    runs, digests = stage_runs(client, client.get_run(second_id))
+    assert runs == {"tokenizer": first["tokenizer"], "teacher": first["teacher"], "student": second["student"]}
+    assert digests["teacher"] == sha256_file(tmp_path / "x" / "teacher" / "model.pt")
+
+    stored = Path(client.get_run(first["tokenizer"]).info.artifact_uri.removeprefix("file://")) / "spm.model"
+    stored.write_text("replaced")
+    with pytest.raises(ServeSetupError, match="tokenizer/spm.model is not the file its sha256.spm.model tag names"):
+        load_models(ModelSource("a", second_id, None, tracker.tracking_uri, runs, digests), "cpu")
+
+
+@pytest.mark.parametrize("tamper", ["model file edited", "teacher redone after the student"])
+def test_a_run_dir_whose_models_do_not_belong_together_is_refused(micro_run, tmp_path, tamper):
+    """What serve loads must be what the manifests recorded (checksums), and the student must
+    have been trained on the teacher and tokenizer there now (its recorded upstream digests)."""
+    import shutil
+
+    from orchestrator.run.files import sha256_file
+    from orchestrator.run.manifest import read_manifest, write_manifest
+
+    rd = tmp_path / micro_run[0].name
+    for stage in ("tokenizer", "teacher", "student"):
+        shutil.copytree(micro_run[0] / stage, rd / stage)
+    resolve_target(str(rd))                                   # intact: served
+    if tamper == "model file edited":
+        with open(rd / "student" / "model.pt", "ab") as f:
+            f.write(b"\0")
+        message = "student/model.pt changed since the 'student' stage wrote it"
+    else:  # a retrained teacher: new bytes, recorded in its own manifest, never seen by the student
+        with open(rd / "teacher" / "model.pt", "ab") as f:
+            f.write(b"\0")
+        m = read_manifest(rd / "teacher")
+        m.outputs["model.pt"]["sha256"] = sha256_file(rd / "teacher" / "model.pt")
+        write_manifest(rd / "teacher", m)
+        message = "the 'student' stage ran on other 'teacher' outputs than those in teacher/ now"
+    with pytest.raises(ServeSetupError, match=message):
+        resolve_target(str(rd))
+    res = CliRunner().invoke(main, ["serve", str(rd)])
+    assert res.exit_code == 2 and message in res.output, res.output
 
 
 def test_a_stored_job_yaml_never_chooses_the_host_or_the_cluster(micro_run, tmp_path):

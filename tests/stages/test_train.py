@@ -156,9 +156,90 @@ def test_stage_model_comes_from_the_best_intact_checkpoint(tmp_path):
         write_checksums(d, 0)
         ranked.append((Checkpoint.from_directory(str(d)), {"valid_bleu": bleu}))
     result = SimpleNamespace(best_checkpoints=ranked)
-    assert best_intact_model(result, "teacher") == b"best"
+    assert best_intact_model(result, "teacher", 1) == b"best"
     (tmp_path / "best" / "model.pt").write_bytes(b"bit rot")
-    assert best_intact_model(result, "teacher") == b"good"
+    assert best_intact_model(result, "teacher", 1) == b"good"
     (tmp_path / "good" / "model.pt").write_bytes(b"bit rot too")
     with pytest.raises(RuntimeError, match="no intact checkpoint"):
-        best_intact_model(result, "teacher")
+        best_intact_model(result, "teacher", 1)
+
+
+def test_a_checkpoint_without_a_checksum_list_per_rank_is_damaged(tmp_path):
+    """Checksum lists are required: a checkpoint with none (its progress.json alone once passed)
+    or missing one rank's list (a partial copy) is damaged, like one whose files changed."""
+    import json
+
+    from orchestrator.stages.train_checkpoints import checkpoint_problems, write_checksums
+
+    d = tmp_path / "checkpoint_000001"
+    d.mkdir()
+    (d / "model.pt").write_bytes(b"weights")
+    (d / "progress.json").write_text(json.dumps({"step": 1, "best": 0.0}))
+    assert checkpoint_problems(d, 1) == ["sha256-rank0.json missing"]
+    write_checksums(d, 0)
+    assert checkpoint_problems(d, 1) == []
+    assert checkpoint_problems(d, 2) == ["sha256-rank1.json missing"]
+    (d / "sha256-rank1.json").write_text("[]")
+    assert checkpoint_problems(d, 2) == ["sha256-rank1.json unreadable"]
+
+
+def test_remote_storage_never_restores_a_stale_run(tmp_path, monkeypatch):
+    """A storage_path in another directory stands in for s3://: no wipe of the stage dir reaches
+    it, and Ray Train restores a run by name from it. The fake TorchTrainer here does just that
+    with the name run_trainer gives (<storage>/<name>/step: the last checkpointed step, trained
+    on from there). --force and an upstream redo with new bytes (same spec) start a new run; an
+    interrupted stage resumes its own run, and a raised max_steps extends it."""
+    from pathlib import Path
+
+    from ray.train import torch as ray_torch
+
+    from helpers import fake_stages
+    from orchestrator import pipeline
+    from orchestrator.run.runner import StageFailed, StageResult
+    from orchestrator.stages import train
+
+    remote, trained, crash = tmp_path / "remote", [], {}
+
+    class FakeTrainer:
+        def __init__(self, loop, *, train_loop_config, run_config, **_):
+            self.steps, self.run = train_loop_config["worker"].max_steps, run_config
+
+        def fit(self):
+            ckpt = Path(self.run.storage_path, self.run.name, "step")
+            start, end = int(ckpt.read_text()) if ckpt.exists() else 0, crash.pop("at", self.steps)
+            trained.append((start + 1, end))
+            ckpt.parent.mkdir(parents=True, exist_ok=True)
+            ckpt.write_text(str(end))
+            if end < self.steps:
+                raise RuntimeError("driver killed")
+
+    def fake_teacher(ctx):
+        train.run_trainer(ctx, "at")
+        (ctx.out_dir / "out.txt").write_text("teacher")
+        return StageResult(outputs={"out.txt": "out.txt"})
+
+    monkeypatch.setattr(ray_torch, "TorchTrainer", FakeTrainer)
+    monkeypatch.setattr(train, "worker_config", lambda ctx, kind: ctx.spec.teacher)
+    version = {"prepare": 0}
+    fake_stages(monkeypatch, label=lambda stage: f"{stage}{version.get(stage, 0)}")
+    fakes = pipeline.stage_functions()
+    monkeypatch.setattr(pipeline, "stage_functions", lambda: {**fakes, "teacher": fake_teacher})
+
+    def run(max_steps=10, **kw):
+        raw = {"name": "fake", "workdir": str(tmp_path / "runs"),
+               "teacher": {"max_steps": max_steps, "storage_path": str(remote)}}
+        pipeline.run_pipeline(spec_from_dict(raw), "", progress=False, until="teacher", **kw)
+        return trained[-1]
+
+    assert run() == (1, 10)
+    assert run(force="teacher") == (1, 10)                     # not (11, 10): the old run restored
+    version["prepare"] = 1                                     # its redo writes other bytes
+    (tmp_path / "runs" / "fake" / "prepare" / "out.txt").write_text("bit rot")
+    assert run() == (1, 10)                                    # upstream changed: a new run
+    crash["at"] = 4
+    with pytest.raises(StageFailed, match="driver killed"):
+        run(force="teacher")
+    assert trained[-1] == (1, 4)
+    assert run() == (5, 10)                                    # the interrupted stage resumes its run
+    assert run(max_steps=25) == (11, 25)                       # extended from its last checkpoint
+    assert len(list(remote.iterdir())) == 4                    # first, forced, upstream-redone, interrupted

@@ -183,3 +183,37 @@ def test_latencies_are_measured_side_by_side_on_a_drifting_machine():
     lat = latencies_ms([f"sentence {i}" for i in range(20)], Tok(), {"a": slowing, "b": slowing}, "cpu", 20)
     assert len(calls) == 2 + 40                                   # one warm-up each, then 20 sentences each
     assert set(lat) == {"a", "b"} and 0.8 < lat["a"] / lat["b"] < 1.25
+
+
+def test_delta_t_sweep_cache_key_covers_the_split_and_the_tokenizer(tmp_path, monkeypatch):
+    """A cached ΔT sweep is reused only for the same test set and tokenizer, not just the same
+    models: a deterministic training on unchanged train data gives the same model bytes after
+    the test set or the tokenizer changed."""
+    from orchestrator.spec.loading import spec_from_dict
+    from orchestrator.studies import measures
+
+    def record(stage, **digests):
+        outputs = {name.replace("_", "."): {"path": name, "sha256": sha} for name, sha in digests.items()}
+        write_manifest(tmp_path / stage, Manifest(stage=stage, input_hash="h", status="done", outputs=outputs))
+
+    keys = []
+    monkeypatch.setattr(measures, "cached", lambda path, key, compute: keys.append(key))
+    spec = spec_from_dict({"name": "k", "workdir": str(tmp_path)})
+
+    def key():
+        measures.delta_t_sweep(tmp_path, spec, "test", 2, "cpu", tmp_path / "delta_t.json", progress=False)
+        return keys[-1]
+
+    record("teacher", model_pt="m1")
+    record("student", model_pt="m2")
+    record("tokenizer", spm_model="k1")
+    record("prepare", test_src="s1", test_tgt="t1")
+    first = key()
+    assert key() == first
+    for stage, digests in (("prepare", {"test_src": "s2", "test_tgt": "t1"}),
+                           ("prepare", {"test_src": "s1", "test_tgt": "t2"}), ("tokenizer", {"spm_model": "k2"})):
+        record(stage, **digests)
+        assert key() != first, (stage, digests)
+        record("prepare", test_src="s1", test_tgt="t1")
+        record("tokenizer", spm_model="k1")
+    assert key() == first
