@@ -265,7 +265,7 @@ def test_a_raised_max_steps_trains_on_and_anything_else_retrains(tmp_path, monke
     stages after it rerun on its new output); a lowered max_steps, another changed field or
     --force wipes the dir and trains from step 1."""
     from orchestrator import pipeline
-    from orchestrator.run import hashing, layout, runner  # noqa: F401 (some tests use only some)  # noqa: F401
+    from orchestrator.run import hashing, runner
     from orchestrator.run.manifest import read_manifest
     from orchestrator.run.runner import StageResult
     from orchestrator.spec.loading import spec_from_dict
