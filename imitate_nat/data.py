@@ -47,17 +47,21 @@ def make_batch(srcs: Sequence[Sequence[int]], tgts: Sequence[Sequence[int]],
 
 
 def token_batches(lengths: Sequence[int], max_tokens: int, shuffle: bool = False, seed: int = 0,
-                  max_sentences: int | None = None) -> list[list[int]]:
+                  max_sentences: int | None = None, max_length_ratio: float | None = None) -> list[list[int]]:
     """Group indices of similar length so that (count × longest) ≤ max_tokens per batch.
 
     Sorting by length first keeps padding small; with shuffle the batch order (not the
-    bucketing) is randomized. A sentence longer than max_tokens gets a batch of its own."""
+    bucketing) is randomized. A sentence longer than max_tokens gets a batch of its own.
+    max_length_ratio also starts a new batch where the longest would exceed that multiple of
+    the batch's shortest: for a few sentences of mixed lengths (a Serve batch on a CPU, where
+    padding costs as much as real tokens), several tight batches instead of one padded one."""
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     batches, cur, longest = [], [], 0
     for i in order:
         new_longest = max(longest, lengths[i], 1)
         too_many = max_sentences is not None and len(cur) >= max_sentences
-        if cur and (new_longest * (len(cur) + 1) > max_tokens or too_many):
+        too_mixed = bool(cur) and max_length_ratio is not None and lengths[i] > max_length_ratio * max(lengths[cur[0]], 1)
+        if cur and (new_longest * (len(cur) + 1) > max_tokens or too_many or too_mixed):
             batches.append(cur)
             cur, new_longest = [], max(lengths[i], 1)
         cur.append(i)

@@ -15,16 +15,19 @@ Decoder = Callable[[torch.Tensor], list[list[int]]]
 
 
 def translate(lines: Sequence[str], tok: Tokenizer, decoder: Decoder, batch_tokens: int = 4096,
-              device: str | torch.device = "cpu", max_src_len: int | None = None, cost_factor: int = 1) -> list[str]:
+              device: str | torch.device = "cpu", max_src_len: int | None = None, cost_factor: int = 1,
+              max_length_ratio: float | None = None) -> list[str]:
     """Translate `lines` with `decoder(src_tensor) -> token ids`, batched by source length so
     that (sentences × longest × cost_factor) ≤ batch_tokens (cost_factor: beam size or LPD
-    candidates). Output i is the translation of line i; an empty line gives an empty output."""
+    candidates; max_length_ratio: see token_batches). Output i is the translation of line i; an
+    empty line gives an empty output."""
     ids = tok.encode_batch(lines)
     if max_src_len is not None:
         ids = [s[: max_src_len - 1] for s in ids]  # room for EOS
     out: list[str] = [""] * len(lines)
     todo = [i for i, s in enumerate(ids) if s]
-    for batch in token_batches([len(ids[i]) * cost_factor for i in todo], batch_tokens):
+    for batch in token_batches([len(ids[i]) * cost_factor for i in todo], batch_tokens,
+                               max_length_ratio=max_length_ratio):
         idx = [todo[j] for j in batch]
         src = source_tensor([ids[i] for i in idx]).to(device)
         for i, hyp in zip(idx, decoder(src)):

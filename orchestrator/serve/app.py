@@ -314,6 +314,7 @@ class Translator:
         self.limits = {k: serve_cfg[k] for k in ("max_texts", "max_chars", "max_delta_t", "max_body_bytes",
                                                  "max_lpd_tokens")}
         self.body_timeout_s = serve_cfg["body_timeout_s"]
+        self.length_ratio = serve_cfg["length_bucket_ratio"] if self.device == "cpu" else None
         # Source tokens + EOS fill at most the positional table (translate's max_src_len).
         self.limits["max_tokens"] = self.at.cfg.max_positions - 1
         self.default_delta_t = eval_cfg["delta_t"]
@@ -340,7 +341,7 @@ class Translator:
 
         decoder, cost = self.lpd_decoder(delta_t)
         return translate(texts, self.tok, decoder, batch_tokens=self.eval_cfg["batch_tokens"], device=self.device,
-                         max_src_len=self.at.cfg.max_positions, cost_factor=cost)
+                         max_src_len=self.at.cfg.max_positions, cost_factor=cost, max_length_ratio=self.length_ratio)
 
     def token_counts(self, texts: list[str]) -> list[int]:
         return [len(ids) for ids in self.tok.encode_batch(texts)]

@@ -252,6 +252,11 @@ class ServeSpec(_Section):
     # event loop, so requests arriving meanwhile form the next batch anyway; a wait only adds
     # latency at low load (BENCHMARKS.md, "Serving under load").
     batch_wait_timeout_s: float = Field(0.0, ge=0.0)
+    # On a CPU replica, a batch's texts are decoded in groups whose longest source is at most
+    # this multiple of the shortest: padding costs a CPU as much as real tokens, and one batch
+    # padded to its longest text was slower than no batching (BENCHMARKS.md). null: one group.
+    # A GPU replica decodes the batch at once (padding is nearly free there; launches are not).
+    length_bucket_ratio: Optional[float] = Field(1.25, ge=1.0)
     max_texts: int = Field(64, gt=0)                 # per request
     max_chars: int = Field(2000, gt=0)               # per text
     max_delta_t: int = Field(10, ge=0, le=20)        # as eval.delta_t

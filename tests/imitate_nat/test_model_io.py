@@ -212,3 +212,16 @@ def test_token_batches_respect_budget_and_cover_every_index_once():
         assert len(b) == 1 or max(lengths[i] for i in b) * len(b) <= 24
     assert token_batches(lengths, 24, shuffle=True, seed=1) == batches
     assert all(len(b) <= 2 for b in token_batches(lengths, 1000, max_sentences=2))
+
+
+def test_token_batches_with_a_length_ratio_never_pad_past_it():
+    """A Serve batch on a CPU: 16 sentences of mixed lengths become tight groups, each longest
+    within the ratio of its shortest, instead of one batch padded to the longest."""
+    lengths = [3, 10, 7, 7, 2, 30, 5, 9, 1, 12, 4, 4, 16, 20, 8, 6]
+    assert len(token_batches(lengths, 10_000)) == 1
+    batches = token_batches(lengths, 10_000, max_length_ratio=1.25)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert max(lengths[i] for i in b) <= 1.25 * min(lengths[i] for i in b)
+    assert [sorted(lengths[i] for i in b) for b in batches][:3] == [[1], [2], [3]]
+    assert [lengths[i] for i in batches[3]] == [4, 4, 5]

@@ -4,9 +4,10 @@ checked for nothing lost and nothing duplicated:
 - a distillation actor killed mid-shard: the shard is redone on the restarted actor and the
   merged output is byte-identical to a fault-free run (one line per input line, in order);
 - a Ray Train worker killed mid-epoch: training resumes from the last reported checkpoint (the
-  step counter goes on from there, not from 0) and finishes;
-- a damaged Ray Train checkpoint is never loaded: the newest intact one is, or the run fails
-  naming the damaged files;
+  step counter goes on from there, not from 0) and ends with the fault-free run's weights;
+- a damaged Ray Train checkpoint is never loaded: the newest intact one is (and the run ends
+  with the fault-free run's weights), or, every checkpoint damaged, the run fails naming the
+  damaged files;
 - the `imitate-orch run` driver SIGKILLed mid-distillation, then the same command again: finished
   stages and shards are reused, and every output equals an uninterrupted run's;
 - damaged artifacts of finished stages (a bit-flipped model file, a truncated merge, a
@@ -157,7 +158,32 @@ def tracker(tmp_path):
     return Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}", "faults", tmp_path / "artifacts")
 
 
-def test_train_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_local, prepared_run, tmp_path, tracker):
+@pytest.fixture(scope="module")
+def fault_free_weights(ray_local, prepared_run, tmp_path_factory):
+    """The teacher of the training fault tests, 40 steps without a fault: the weights they must
+    end with (resuming restores weights, Adam, RNG states and the data position exactly)."""
+    tmp = tmp_path_factory.mktemp("fault-free")
+    run_dir, raw = copy_run(prepared_run, tmp)
+    raw["teacher"] = micro_train(max_steps=40)
+    train_teacher(run_dir, raw, Tracker(f"sqlite:///{tmp / 'mlflow.db'}", "faults", tmp / "artifacts"))
+    return weights(run_dir)
+
+
+def weights(run_dir) -> dict:
+    import torch
+
+    return torch.load(run_dir / "teacher" / "model.pt", map_location="cpu", weights_only=True)["state_dict"]
+
+
+def assert_same_weights(a: dict, b: dict) -> None:
+    import torch
+
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+def test_train_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_local, prepared_run, tmp_path, tracker,
+                                                                    fault_free_weights):
     run_dir, raw = copy_run(prepared_run, tmp_path)
     raw["teacher"] = micro_train(max_steps=40, max_failures=1)       # checkpoint every 10 steps
     kill = {}
@@ -185,32 +211,41 @@ def test_train_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_local, p
     assert again == list(range(resumed_from + 1, again[-1] + 1)) and again[-1] >= kill["step"]
     new = json.loads(MlflowClient(tracker.tracking_uri).get_run(run_id).data.tags["worker.0"])
     assert new["pid"] != kill["pid"]
-    assert (run_dir / "teacher" / "model.pt").is_file()
+    assert_same_weights(weights(run_dir), fault_free_weights)
 
 
-def test_damaged_train_checkpoint_is_never_loaded(ray_local, prepared_run, tmp_path, tracker):
+def test_damaged_train_checkpoint_is_never_loaded(ray_local, prepared_run, tmp_path, tracker, fault_free_weights):
     run_dir, raw = copy_run(prepared_run, tmp_path)
     raw["teacher"] = micro_train(max_steps=20)              # checkpoints at steps 10 and 20
     train_teacher(run_dir, raw, tracker)
     _step10, step20 = checkpoints(run_dir)
     flip_byte(step20 / "trainer_state.pt")                  # the latest: what a restore would load
 
-    raw["teacher"]["max_steps"] = 30
+    raw["teacher"]["max_steps"] = 40
     run_id = train_teacher(run_dir, raw, tracker)
-    assert sorted(loss_steps(tracker, run_id)) == list(range(11, 31))  # resumed from 10, the newest intact one
+    assert sorted(loss_steps(tracker, run_id)) == list(range(11, 41))  # resumed from 10, the newest intact one
+    assert_same_weights(weights(run_dir), fault_free_weights)
 
-    # Every checkpoint damaged: nothing is loaded, the error names the damaged files. (Called
-    # directly: inside Ray Train the worker raises the same error, one Ray Train start less here.)
-    import ray.train
-
-    from orchestrator.stages.train_checkpoints import restore_intact
+    # Every checkpoint damaged, through a real run: the worker loads nothing and trains nothing,
+    # and the error names the damaged files.
     for ckpt in checkpoints(run_dir):
         flip_byte(ckpt / "trainer_state.pt")
-    loaded = []
-    with pytest.raises(RuntimeError, match="every checkpoint of this training run is damaged, none was loaded: "
-                                           ".*trainer_state.pt checksum mismatch"):
-        restore_intact(ray.train.Checkpoint(str(checkpoints(run_dir)[-1])), loaded.append, 1)
-    assert loaded == []
+    raw["teacher"]["max_steps"] = 50
+    with pytest.raises(Exception) as failed:
+        train_teacher(run_dir, raw, tracker)
+    message = "".join(str(e) for e in chain(failed.value))
+    assert "every checkpoint of this training run is damaged, none was loaded: " in message
+    assert "trainer_state.pt checksum mismatch" in message
+    runs = MlflowClient(tracker.tracking_uri).search_runs([tracker.experiment_id], "tags.mlflow.runName = 'teacher'",
+                                                          order_by=["start_time DESC"])
+    assert loss_steps(tracker, runs[0].info.run_id) == []     # not one step trained from scratch
+
+
+def chain(e: BaseException):
+    """An exception and its causes and contexts."""
+    while e is not None:
+        yield e
+        e = e.__cause__ or e.__context__
 
 
 # ------------------------------------------------------------------------- the CLI driver --
