@@ -7,10 +7,12 @@ import sys
 import click
 
 from .run.cluster import init_ray
-from .run.layout import STAGES
+from .run.layout import DECODERS, STAGES
+from .run.manifest import package_version
 from .spec.loading import SpecError, dump_spec, load_spec
 from .spec.schema import JobSpec
 from .studies.ablate import VARIANTS
+from .translate_stream import PIPE_BUFFER_SIZE
 
 EXIT_USAGE = 2   # bad input (spec, arguments, files, an unfinished run): nothing was started
 log = logging.getLogger("imitate_orch")
@@ -61,6 +63,7 @@ set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_version(), "--version", prog_name="imitate-orch", message="%(prog)s %(version)s")
 def main() -> None:
     """imitate-NAT on Ray: train, distill, sweep and serve non-autoregressive translation."""
 
@@ -273,21 +276,42 @@ def serve(source, overrides, host, port, replicas, delta_t, max_batch_size, trac
 
 @main.command("translate")
 @click.argument("texts", nargs=-1)
-@click.option("--url", default="http://127.0.0.1:8000", show_default=True, help="The serve endpoint.")
-@click.option("--delta-t", type=click.IntRange(0), default=None, help="LPD ΔT (default: the server's).")
+@click.option("--run", "run_path", type=click.Path(exists=True, file_okay=False), default=None,
+              help="A finished run directory: translate here with its models.")
+@click.option("--url", default=None, help="A running `imitate-orch serve`, e.g. http://127.0.0.1:8000: translate there.")
+@click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, allow_dash=True), default="-",
+              show_default=True, help="Source lines (- is stdin); instead of TEXTS.")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False, allow_dash=True), default="-",
+              show_default=True, help="Where the translations go (- is stdout).")
+@click.option("--decoder", type=click.Choice(DECODERS), default=None,
+              help="With --run: lpd (NAT + LPD, the default), nat (one pass) or at (the teacher's beam search).")
+@click.option("--delta-t", type=click.IntRange(0, 20), default=None,
+              help="LPD ΔT (default: the job's eval.delta_t; with --url the server's).")
+@click.option("--buffer-size", type=click.IntRange(1), default=None,
+              help=f"Lines read, translated and written at a time (default: 1 from a terminal, else {PIPE_BUFFER_SIZE}).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (shown only when reading a file).")
 @click.option("--retries", type=click.IntRange(0), default=5, show_default=True,
-              help="Retries on connection errors, 429 and 5xx (exponential backoff).")
+              help="With --url: retries on connection errors, 429 and 5xx (exponential backoff).")
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
-              help="Seconds per attempt.")
-def translate_cmd(texts, url, delta_t, retries, timeout) -> None:
-    """Translate TEXTS (or stdin lines) with a running `imitate-orch serve`: one line out per text."""
-    from .serve.client import ServeRequestError, translate_lines
+              help="With --url: seconds per attempt.")
+@click.option("-v", "--verbose", is_flag=True)
+def translate_cmd(texts, run_path, url, input_path, output_path, decoder, delta_t, buffer_size, no_progress,
+                  retries, timeout, verbose) -> None:
+    """Translate TEXTS, or the lines of --input: one output line per input line.
 
-    stdin = "" if texts else sys.stdin.read()
-    lines = list(texts) if texts else stdin.removesuffix("\n").split("\n") if stdin else []
+    --run RUN_DIR decodes here with a finished run's models and its job's eval settings (beam
+    size, ΔT, length penalty, batch tokens); --url sends the lines to `imitate-orch serve`.
+    Lines are read --buffer-size at a time, translated as a batch, written and flushed."""
+    from .serve.client import ServeRequestError
+    from .translate_stream import TranslateSetupError, run_translate
+
+    setup_logging(verbose)
     try:
-        for line in translate_lines(url, lines, delta_t, retries=retries, timeout_s=timeout):
-            click.echo(line)
+        run_translate(texts, run_path, url, input_path, output_path, decoder, delta_t, buffer_size,
+                      progress=not no_progress, retries=retries, timeout_s=timeout)
+    except TranslateSetupError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(EXIT_USAGE)
     except ServeRequestError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_USAGE if e.status and 400 <= e.status < 500 else 1)

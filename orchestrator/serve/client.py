@@ -7,7 +7,7 @@ is always safe. A request that timed out once the server had it (408 from Serve'
 request_timeout_s or the body deadline, a gateway's 504, no answer within timeout_s) is not
 retried unless `retry_timeouts`: the server may still be decoding it, and sending it again
 only adds to the load that made it late. Other 4xx errors are the request's fault and raise
-at once.
+at once. When every attempt found nothing listening, the error says so (NO_SERVER).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ RETRY_STATUS = frozenset({429, 500, 502, 503})
 TIMEOUT_STATUS = frozenset({408, 504})   # the server, or a gateway, gave up waiting for the answer
 MAX_RETRY_AFTER_S = 60.0                 # a longer Retry-After is waited this long
 TEXTS_PER_REQUEST = 32   # well under the server's default serve.max_texts (64)
+NO_SERVER = "no server at {url} — start one with `imitate-orch serve RUN_DIR`"
 
 
 class ServeRequestError(Exception):
@@ -52,6 +53,22 @@ def _message(resp: requests.Response) -> str:
         return resp.text.strip()[:200] or resp.reason
 
 
+def _refused(error: BaseException) -> bool:
+    """Whether nothing listens at the address: requests wraps the OS's ConnectionRefusedError in
+    urllib3's errors (as an argument, a `reason`, a cause), whose text alone would say it as
+    "Max retries exceeded ... [Errno 111]"."""
+    todo, seen = [error], set()
+    while todo:
+        e = todo.pop()
+        if isinstance(e, ConnectionRefusedError):
+            return True
+        if id(e) not in seen:
+            seen.add(id(e))
+            todo += [c for c in (e.__cause__, e.__context__, getattr(e, "reason", None), *e.args)
+                     if isinstance(c, BaseException)]
+    return False
+
+
 def _retry_after_s(resp: requests.Response) -> float:
     """The Retry-After header's seconds (0 when absent, or an HTTP date: Serve sends seconds)."""
     try:
@@ -73,7 +90,7 @@ def translate_remote(url: str, texts: Sequence[str] | str, delta_t: int | None =
     endpoint = url.rstrip("/") + "/translate"
     retried = RETRY_STATUS | TIMEOUT_STATUS if retry_timeouts else RETRY_STATUS
     for attempt in range(retries + 1):
-        wait_s = 0.0
+        wait_s, refused = 0.0, False
         try:
             resp = post(endpoint, json=payload, timeout=timeout_s)
         except requests.ReadTimeout as e:  # sent, and no answer in time
@@ -81,7 +98,8 @@ def translate_remote(url: str, texts: Sequence[str] | str, delta_t: int | None =
             if not retry_timeouts:
                 raise ServeRequestError(f"{endpoint}: no answer within {timeout_s:g} s (not retried)") from None
         except (requests.ConnectionError, requests.Timeout) as e:
-            reason, status = f"{type(e).__name__}: {e}", None
+            # Refused is retried too: a server still starting does not listen yet.
+            reason, status, refused = f"{type(e).__name__}: {e}", None, _refused(e)
         else:
             if resp.status_code == 200:
                 return resp.json()
@@ -92,6 +110,9 @@ def translate_remote(url: str, texts: Sequence[str] | str, delta_t: int | None =
         if retry_log is not None:
             retry_log.add(reason)
         if attempt == retries:
+            if refused:
+                raise ServeRequestError(f"{NO_SERVER.format(url=url)} (connection refused; gave up after "
+                                        f"{retries + 1} attempt{'s' if retries else ''})")
             raise ServeRequestError(f"{endpoint}: gave up after {retries + 1} attempts; last: {reason}", status)
         time.sleep(max(wait_s, min(max_backoff_s, backoff_s * 2 ** attempt) * random.uniform(0.5, 1.0)))
     raise AssertionError("unreachable")

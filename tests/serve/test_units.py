@@ -102,7 +102,7 @@ def test_client_honours_retry_after_and_does_not_retry_timeouts_by_default(monke
 
 
 def test_client_retries_then_gives_up_on_connection_errors():
-    retry_log = RetryLog()
-    with pytest.raises(ServeRequestError, match="gave up after 3 attempts"):
-        translate_remote(f"http://127.0.0.1:{free_port()}", "a", retries=2, backoff_s=0.01, retry_log=retry_log)
+    retry_log, url = RetryLog(), f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(ServeRequestError, match=f"^no server at {url} — start one with .*gave up after 3 attempts"):
+        translate_remote(url, "a", retries=2, backoff_s=0.01, retry_log=retry_log)
     assert len(retry_log.failures) == 3 and all("ConnectionError" in f for f in retry_log.failures)
