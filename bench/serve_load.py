@@ -20,7 +20,8 @@ batch size, then the two targets:
 Also printed: the bare decoding in batches of --max-batch-size (in file order, so of mixed
 lengths), padded to the longest and grouped as a CPU replica does (serve.length_bucket_ratio),
 i.e. the most batching can save inside the model, whatever Serve does.
---overload S adds the overload scenario to the batched deployment: open-loop arrivals (a
+--overload S adds the overload scenario to the batched deployment (and, with --overload-set,
+to it redeployed with those settings): open-loop arrivals (a
 request every 1/rate seconds, whether or not earlier ones were answered) at --overload-factor
 (default 4) × the batched requests/s at the highest concurrency, for S seconds, no retries.
 Reported per status: how many answers, p50/p99 latency; then /health and one more request.
@@ -63,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-batch-size", type=int, default=16, help="batched mode's serve.max_batch_size")
     p.add_argument("--overload", type=float, default=0, metavar="S", help="also the overload scenario, S seconds")
     p.add_argument("--overload-factor", type=float, default=4.0, help="its rate ÷ the sustainable rate (default 4)")
+    p.add_argument("--overload-set", action="append", default=[], metavar="KEY=VALUE",
+                   help="also the overload scenario on the batched deployment with these serve settings "
+                        "(repeatable), e.g. serve.max_ongoing_requests=2")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--json", metavar="PATH", help="also write all figures as JSON")
     a = p.parse_args(argv)
@@ -266,6 +270,10 @@ def main(argv=None) -> int:
             results[name] = {"serve": cfg, "rows": rows}
             if a.overload and name == "batched":
                 results["overload"] = run_overload(a, base, rows, lines)
+                if a.overload_set:
+                    print(f"overload with {' '.join(a.overload_set)}:", flush=True)
+                    tuned = start(resolve_target(a.source, sets + a.overload_set, a.tracking_uri))
+                    results["overload_tuned"] = {"sets": a.overload_set, **run_overload(a, tuned, rows, lines)}
     finally:
         serve.shutdown()
         ray.shutdown()

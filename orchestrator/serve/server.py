@@ -21,10 +21,10 @@ def serve_application(target: ServeTarget):
         num_replicas=s.replicas,
         # One CPU thread per replica (Ray sets OMP_NUM_THREADS from num_cpus): scale with replicas.
         ray_actor_options={"num_cpus": 1, "num_gpus": s.gpus_per_replica},
-        # Serve caps a batch at max_ongoing_requests: room for one batch decoding and the next
-        # filling; at least 32, so that requests wait in the replica's queue rather than in
-        # Serve's router, which backs off and retries while every replica is full.
-        max_ongoing_requests=max(2 * s.max_batch_size, 32),
+        # Serve caps a batch at max_ongoing_requests. By default room for one batch decoding and
+        # the next filling; at least 32, so that requests wait in the replica's queue rather than
+        # in Serve's router, which backs off and retries while every replica is full.
+        max_ongoing_requests=s.max_ongoing_requests or max(2 * s.max_batch_size, 32),
         # Past that many requests waiting in Serve's proxy for a free slot, answer 503 with
         # Retry-After at once: under overload a queue without end only makes every answer late.
         max_queued_requests=s.max_queued_requests,

@@ -267,6 +267,11 @@ class ServeSpec(_Section):
     # Overload: requests waiting in Serve's proxy for a free replica slot; past that, 503 with
     # Retry-After at once instead of an ever longer queue.
     max_queued_requests: int = Field(64, gt=0)
+    # Requests a replica takes at once (decoding, and queued for its next batches); null: twice
+    # max_batch_size, at least 32 (throughput). Under overload an answered request waits behind
+    # up to this many plus max_queued_requests: small values bound latency, at the cost of
+    # smaller batches and more 503s (BENCHMARKS.md, overload).
+    max_ongoing_requests: Optional[int] = Field(None, gt=0)
     retry_after_s: int = Field(1, ge=0)
     # Serve's end-to-end limit per HTTP request (408 past it), and the deadline for receiving a
     # request's body (408): slow clients cannot hold a replica's request slots.

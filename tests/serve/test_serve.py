@@ -31,10 +31,11 @@ from helpers import free_port
 # Small limits so that every limit is cheap to cross; max_chars leaves room for a text over the
 # model's source tokens (the micro model's 1024 positions), max_lpd_tokens for one at ΔT 4.
 LIMITS = {"max_texts": 8, "max_chars": 6000, "max_delta_t": 4, "max_body_bytes": 20_000, "max_lpd_tokens": 12_000}
-# Overload: 32 request slots in the replica (max_ongoing_requests), then QUEUED wait in Serve's
+# Overload: SLOTS request slots in the replica (serve.max_ongoing_requests, below the default
+# 32: the overload test then sees 503s only if the setting applies), then QUEUED wait in Serve's
 # proxy, then 503. Serve may count requests as queued for a moment before it assigns them to
 # free slots: QUEUED is over the 50 concurrent requests below, so that none is ever refused.
-BODY_TIMEOUT_S, QUEUED, SLOTS = 3, 64, 32
+BODY_TIMEOUT_S, QUEUED, SLOTS = 3, 64, 16
 JSON = {"Content-Type": "application/json"}
 
 
@@ -46,6 +47,7 @@ def served(micro_run):
     run_dir, _ = micro_run
     sets = [f"serve.port={free_port()}", "serve.max_batch_size=8", "serve.batch_wait_timeout_s=0.05",
             f"serve.body_timeout_s={BODY_TIMEOUT_S}", f"serve.max_queued_requests={QUEUED}",
+            f"serve.max_ongoing_requests={SLOTS}",
             "serve.request_timeout_s=45", *(f"serve.{k}={v}" for k, v in LIMITS.items())]
     target = resolve_target(str(run_dir), sets)
     tok, at, nat = load_run_models(run_dir, "cpu")
