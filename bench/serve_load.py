@@ -98,15 +98,14 @@ def bare_lpd_ms(target, lines: list[str], batch: int) -> tuple[float, float, flo
     import torch
 
     from imitate_nat.translate import translate
-    from orchestrator.decoding import decoders
+    from orchestrator.decoding import decoders, latencies_ms
     from orchestrator.serve.target import load_models
-    from orchestrator.stages.evaluate import latency_ms
 
     torch.set_num_threads(1)
     tok, at, nat = load_models(target.source, "cpu")
     e = target.spec.eval
     decoder, cost = decoders(at, nat, e.beam_size, e.delta_t, e.length_penalty)["lpd"]
-    single = latency_ms(lines, tok, decoder, "cpu", len(lines))
+    single = latencies_ms(lines, tok, {"lpd": decoder}, "cpu", len(lines))["lpd"]
     per_sentence = {None: [], target.spec.serve.length_bucket_ratio: []}
     for k in range(0, len(lines) - batch + 1, batch):
         for ratio, times in per_sentence.items():  # side by side, batch by batch
