@@ -1,10 +1,18 @@
-"""Corpus BLEU and chrF from sacreBLEU on detokenized text, with their signatures."""
+"""Corpus BLEU, chrF and TER from sacreBLEU on detokenized text, with their signatures.
+
+References are one stream (a line per hypothesis) or several (a list of such streams, for a
+test set with more than one reference translation per sentence), as sacreBLEU takes them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Sequence, Union
 
-from sacrebleu.metrics import BLEU, CHRF
+from sacrebleu.metrics import BLEU, CHRF, TER
+
+References = Union[Sequence[str], Sequence[Sequence[str]]]
+BLEU_TOKENIZERS = tuple(BLEU.TOKENIZERS)   # 13a (sacreBLEU's default), intl, zh, char, none, ja-mecab, ...
+# These import optional packages (sacrebleu[ja], sacrebleu[ko]) when built: sacreBLEU raises then.
+_TOKENIZERS_WITH_EXTRAS = ("ja-mecab", "ko-mecab")
 
 
 @dataclass(frozen=True)
@@ -17,22 +25,43 @@ class Score:
         return f"{self.name} = {self.score:.2f}  ({self.signature})"
 
 
-def _check(hyps: Sequence[str], refs: Sequence[str]) -> None:
-    if len(hyps) != len(refs):
-        raise ValueError(f"{len(hyps)} hypotheses but {len(refs)} references")
-    if not refs:
+def check_bleu_tokenize(name: str) -> str:
+    """`name` if sacreBLEU's BLEU can tokenize with it here, else ValueError saying why (an
+    unknown name, or a tokenizer whose optional package is not installed)."""
+    if name not in BLEU_TOKENIZERS:
+        raise ValueError(f"{name!r} is not a sacreBLEU BLEU tokenizer; one of {', '.join(BLEU_TOKENIZERS)}")
+    if name in _TOKENIZERS_WITH_EXTRAS:
+        try:
+            BLEU(tokenize=name)
+        except (ImportError, RuntimeError) as e:
+            raise ValueError(f"tokenizer {name!r} is not usable here: {' '.join(str(e).split())}") from None
+    return name
+
+
+def _streams(hyps: Sequence[str], refs: References) -> list[list[str]]:
+    """The reference streams of `refs`, each checked to have a line per hypothesis."""
+    streams = [list(refs)] if all(isinstance(r, str) for r in refs) else [list(s) for s in refs]
+    if not streams or not streams[0]:
         raise ValueError("cannot score an empty test set")
+    for s in streams:
+        if len(hyps) != len(s):
+            raise ValueError(f"{len(hyps)} hypotheses but {len(s)} references")
+    return streams
 
 
-def bleu(hyps: Sequence[str], refs: Sequence[str], tokenize: str = "13a") -> Score:
-    _check(hyps, refs)
-    metric = BLEU(tokenize=tokenize)
-    s = metric.corpus_score(list(hyps), [list(refs)])
-    return Score("BLEU", float(s.score), str(metric.get_signature()))
+def _corpus(metric, name: str, hyps: Sequence[str], refs: References) -> Score:
+    s = metric.corpus_score(list(hyps), _streams(hyps, refs))
+    return Score(name, float(s.score), str(metric.get_signature()))
 
 
-def chrf(hyps: Sequence[str], refs: Sequence[str]) -> Score:
-    _check(hyps, refs)
-    metric = CHRF()
-    s = metric.corpus_score(list(hyps), [list(refs)])
-    return Score("chrF", float(s.score), str(metric.get_signature()))
+def bleu(hyps: Sequence[str], refs: References, tokenize: str = "13a") -> Score:
+    return _corpus(BLEU(tokenize=tokenize), "BLEU", hyps, refs)
+
+
+def chrf(hyps: Sequence[str], refs: References) -> Score:
+    return _corpus(CHRF(), "chrF", hyps, refs)
+
+
+def ter(hyps: Sequence[str], refs: References) -> Score:
+    """Translation edit rate (lower is better), with sacreBLEU's defaults."""
+    return _corpus(TER(), "TER", hyps, refs)

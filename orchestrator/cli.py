@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import logging
 import sys
+from typing import NoReturn
 
 import click
 
 from .run.cluster import init_ray
 from .run.layout import DECODERS, STAGES
 from .run.manifest import package_version
+from .shipped_jobs import JobCopyError, copy_job, jobs_table, job_path
 from .spec.loading import SpecError, dump_spec, load_spec
 from .spec.schema import JobSpec
 from .studies.ablate import VARIANTS
@@ -18,13 +20,18 @@ EXIT_USAGE = 2   # bad input (spec, arguments, files, an unfinished run): nothin
 log = logging.getLogger("imitate_orch")
 
 
+def fail(message) -> NoReturn:
+    """Refuse bad input: the message on stderr, exit 2."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
 def load_or_exit(job: str, overrides: tuple[str, ...]) -> JobSpec:
     """Validate the job spec before anything starts; a bad one exits 2 naming its fields."""
     try:
         return load_spec(job, list(overrides))
     except SpecError as e:
-        click.echo(f"error: invalid job spec\n{e}", err=True)
-        sys.exit(EXIT_USAGE)
+        fail(f"invalid job spec\n{e}")
 
 
 def check_cluster_or_exit(spec: JobSpec):
@@ -47,8 +54,7 @@ def check_cluster_or_exit(spec: JobSpec):
         if probe:
             probe.close()
         ray.shutdown()   # a local cluster started for this run goes away; a joined one stays
-        click.echo(f"error: the job cannot run on this Ray cluster (no stage was started)\n{e}", err=True)
-        sys.exit(EXIT_USAGE)
+        fail(f"the job cannot run on this Ray cluster (no stage was started)\n{e}")
 
 
 def setup_logging(verbose: bool) -> None:
@@ -58,6 +64,7 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+job_argument = click.argument("job", type=click.Path(dir_okay=False), callback=lambda _ctx, _param, v: job_path(v))
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
                           help="Override a spec field, e.g. --set student.lambda2=0.01 (repeatable).")
 
@@ -69,7 +76,7 @@ def main() -> None:
 
 
 @main.command()
-@click.argument("job", type=click.Path(dir_okay=False))
+@job_argument
 @set_option
 @click.option("--address", default=None, help="Join an existing Ray cluster (e.g. auto, ray://host:10001). "
               "Default: start a local one.")
@@ -98,15 +105,13 @@ def run(job, overrides, address, force, until, no_progress, verbose) -> None:
         held.enter_context(run_lock(run_dir(spec)))
     except RunLocked as e:
         probe.close()
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_USAGE)
+        fail(e)
     with held:
         try:
             run_pipeline(spec, job, force=force, until=until, progress=not no_progress,
                          before_stage=probe.check_new_nodes)
         except SpecError as e:   # a node the autoscaler added does not see the work dir
-            click.echo(f"error: the job cannot go on on this Ray cluster (finished stages are kept)\n{e}", err=True)
-            sys.exit(EXIT_USAGE)
+            fail(f"the job cannot go on on this Ray cluster (finished stages are kept)\n{e}")
         except StageFailed as e:
             click.echo(f"\nerror: {e}\n  The stage's MLflow run is marked FAILED and its manifest records the error.\n"
                        f"  Finished stages are kept: fix the cause and rerun the same command to resume.", err=True)
@@ -122,7 +127,7 @@ def run(job, overrides, address, force, until, no_progress, verbose) -> None:
 
 
 @main.command()
-@click.argument("job", type=click.Path(dir_okay=False))
+@job_argument
 @set_option
 def status(job, overrides) -> None:
     """Show each stage's state for JOB (done, running, failed, stale, damaged, pending, or extend:
@@ -145,7 +150,7 @@ def status(job, overrides) -> None:
 
 
 @main.command()
-@click.argument("job", type=click.Path(dir_okay=False))
+@job_argument
 @set_option
 @click.option("--num-samples", type=click.IntRange(1), default=None, help="Trials (default: sweep.num_samples).")
 @click.option("--max-concurrent", type=click.IntRange(1), default=None,
@@ -171,8 +176,7 @@ def sweep(job, overrides, num_samples, max_concurrent, fresh, address, no_progre
         sweep_dir(spec).mkdir(parents=True, exist_ok=True)
         check_same_job(sweep_dir(spec), spec, fresh)  # before Ray starts; run_sweep checks again
     except SweepError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_USAGE)
+        fail(e)
     init_ray(spec, address)
     check_cluster_or_exit(spec).close()  # trials use the job's teacher, distill and student resources
     try:
@@ -187,58 +191,58 @@ def sweep(job, overrides, num_samples, max_concurrent, fresh, address, no_progre
 
 @main.command("eval")
 @click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--src", "src_path", required=True, type=click.Path(dir_okay=False), help="Source sentences, one per line.")
-@click.option("--ref", "ref_path", required=True, type=click.Path(dir_okay=False), help="References, line-aligned with --src.")
+@click.option("--src", "src_path", required=True, type=click.Path(exists=True, dir_okay=False),
+              help="Source sentences, one per line.")
+@click.option("--ref", "ref_paths", required=True, multiple=True, type=click.Path(exists=True, dir_okay=False),
+              help="References, line-aligned with --src; repeat it for several references per sentence.")
+@click.option("--decoders", "decoder_names", default=",".join(DECODERS), show_default=True,
+              help="The decoders to run, comma-separated: at (beam search), nat (one pass), lpd (NAT+LPD).")
+@click.option("--tokenize", default=None, help="sacreBLEU's BLEU tokenizer: 13a, intl, zh, char, none, ja-mecab, ... "
+              "(default: the job's eval.bleu_tokenize, 13a).")
+@click.option("--hyp-dir", type=click.Path(file_okay=False), default=None,
+              help="Write each decoder's translations to HYP_DIR/<decoder>.txt, one line per source line.")
 @click.option("--delta-t", type=click.IntRange(0, 20), default=3, show_default=True, help="LPD: lengths T̂-ΔT … T̂+ΔT.")
 @click.option("--beam", type=click.IntRange(1, 64), default=4, show_default=True, help="AT beam size.")
 @click.option("--batch-tokens", type=click.IntRange(1), default=4096, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-def eval_cmd(run_dir, src_path, ref_path, delta_t, beam, batch_tokens, as_json) -> None:
-    """Score any parallel test set with a finished run's models: AT beam, NAT, NAT+LPD."""
-    import json
-    from pathlib import Path
+def eval_cmd(run_dir, src_path, ref_paths, decoder_names, tokenize, hyp_dir, delta_t, beam, batch_tokens, as_json) -> None:
+    """Score any parallel test set with a finished run's models (AT beam, NAT, NAT+LPD): BLEU, chrF, TER."""
+    from .eval_cmd import EvalSetupError, format_scores, run_eval
 
-    import torch
-
-    from imitate_nat.checkpoint import CheckpointError
-    from imitate_nat.data import read_parallel
-
-    from .decoding import decoders, load_run_models, score_all
-    from .run.layout import MODEL_FILES, RunNotReady, check_finished
-
-    rd = Path(run_dir)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        check_finished(rd, MODEL_FILES)
-        src, ref = read_parallel(src_path, ref_path)
-        tok, at, nat = load_run_models(rd, device)
-    except (RunNotReady, OSError, ValueError, CheckpointError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_USAGE)
-    if not src:
-        click.echo(f"error: {src_path} is empty", err=True)
-        sys.exit(EXIT_USAGE)
-    decs = decoders(at, nat, beam, delta_t)
-    rows, _ = score_all(decs, tok, src, ref, batch_tokens, device, at.cfg.max_positions)
-    if as_json:
-        click.echo(json.dumps({"run_dir": str(rd), "sentences": len(src), "beam": beam, "delta_t": delta_t,
-                               "rows": rows}, indent=2))
-        return
-    labels = {"at": f"AT beam {beam}", "nat": "NAT", "lpd": f"NAT+LPD ΔT={delta_t}"}
-    click.echo(f"{len(src)} sentences\n{'model':<16}{'BLEU':>8}{'chrF':>8}")
-    for name, r in rows.items():
-        click.echo(f"{labels[name]:<16}{r['bleu']:>8.2f}{r['chrf']:>8.2f}")
-    click.echo(f"BLEU: {rows['at']['bleu_signature']}\nchrF: {rows['at']['chrf_signature']}")
+        result = run_eval(run_dir, src_path, ref_paths, decoder_names, tokenize, hyp_dir, delta_t, beam, batch_tokens)
+    except EvalSetupError as e:
+        fail(e)
+    click.echo(format_scores(result, as_json))
 
 
 @main.command()
-@click.argument("job", type=click.Path(dir_okay=False))
+@job_argument
 @set_option
 @click.option("--show", is_flag=True, help="Print the full spec with defaults filled in.")
 def validate(job: str, overrides: tuple[str, ...], show: bool) -> None:
     """Check a job spec (exit 2 if invalid) without running anything."""
     spec = load_or_exit(job, overrides)
     click.echo(dump_spec(spec) if show else f"{job}: valid job spec '{spec.name}'")
+
+
+@main.group(invoke_without_command=True)
+@click.pass_context
+def jobs(ctx) -> None:
+    """List the job specs shipped with imitate-orch; a JOB argument can name one (`validate tiny`)."""
+    if ctx.invoked_subcommand is None:
+        click.echo(jobs_table())
+
+
+@jobs.command("copy")
+@click.argument("name")
+@click.argument("dest", required=False, type=click.Path())
+def jobs_copy(name, dest) -> None:
+    """Copy shipped job NAME to DEST (default ./NAME.yaml) to edit; an existing file is kept (exit 2)."""
+    try:
+        click.echo(f"wrote {copy_job(name, dest)}")
+    except JobCopyError as e:
+        fail(e)
 
 
 @main.command()
@@ -268,8 +272,7 @@ def serve(source, overrides, host, port, replicas, delta_t, max_batch_size, trac
     try:
         target = resolve_target(source, sets, tracking_uri, spec)
     except (RunNotReady, ServeSetupError, SpecError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_USAGE)
+        fail(e)
     setup_logging(verbose)
     sys.exit(run_server(target, address))
 
@@ -310,15 +313,14 @@ def translate_cmd(texts, run_path, url, input_path, output_path, decoder, delta_
         run_translate(texts, run_path, url, input_path, output_path, decoder, delta_t, buffer_size,
                       progress=not no_progress, retries=retries, timeout_s=timeout)
     except TranslateSetupError as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_USAGE)
+        fail(e)
     except ServeRequestError as e:
         click.echo(f"error: {e}", err=True)
         sys.exit(EXIT_USAGE if e.status and 400 <= e.status < 500 else 1)
 
 
 @main.command()
-@click.argument("job", type=click.Path(dir_okay=False))
+@job_argument
 @set_option
 @click.option("--lambda1-zero-teacher", is_flag=True,
               help="Also train a teacher with λ1 = 0, for the action-usage comparison (Figure 4) in `report`.")
@@ -375,15 +377,13 @@ def report(run_dir, job, overrides, compare_teacher, max_delta_t, split, out, tr
     from .studies.report import write_report
 
     if overrides and not job:
-        click.echo("error: --set needs --job", err=True)
-        sys.exit(EXIT_USAGE)
+        fail("--set needs --job")
     spec = load_or_exit(job, overrides) if job else None
     try:
         path = write_report(run_dir, out, spec, tracking_uri, compare_teacher, max_delta_t, split,
                             progress=not no_progress, echo=lambda m: click.echo(m, err=True))
     except (RunNotReady, ValueError, OSError) as e:
-        click.echo(f"error: {e}", err=True)
-        sys.exit(EXIT_USAGE)
+        fail(e)
     click.echo(f"report: {path}")
 
 

@@ -12,7 +12,7 @@ from tqdm.auto import tqdm
 
 from imitate_nat.checkpoint import load_model
 from imitate_nat.data import read_parallel
-from imitate_nat.metrics import bleu, chrf
+from imitate_nat.metrics import bleu, chrf, ter
 from imitate_nat.tokenizer import Tokenizer
 from imitate_nat.translate import at_beam, nat_lpd, nat_one_pass, translate
 
@@ -67,26 +67,31 @@ def truncated_sources(tok, src, max_src_len: int) -> int:
     return n
 
 
-def translate_and_score(decoder_and_cost, tok, src, ref, batch_tokens: int, device, max_src_len: int):
-    """Translate src with one entry of decoders() and score it against ref: (row, hypotheses);
-    the row holds BLEU, chrF, their sacreBLEU signatures, the seconds it took and how many
-    sources were truncated (truncated_sources)."""
+def translate_and_score(decoder_and_cost, tok, src, refs, batch_tokens: int, device, max_src_len: int,
+                        tokenize: str = "13a"):
+    """Translate src with one entry of decoders() and score it against refs (one reference
+    stream or several: imitate_nat.metrics): (row, hypotheses). The row holds BLEU (with
+    sacreBLEU's tokenizer `tokenize`), chrF, TER, their sacreBLEU signatures, the seconds it
+    took and how many sources were truncated (truncated_sources)."""
     decoder, cost = decoder_and_cost
     t0 = time.perf_counter()
     truncated = truncated_sources(tok, src, max_src_len)
     hyps = translate(src, tok, decoder, batch_tokens=batch_tokens, device=device, max_src_len=max_src_len,
                      cost_factor=cost)
-    b, c = bleu(hyps, ref), chrf(hyps, ref)
-    return {"bleu": b.score, "chrf": c.score, "bleu_signature": b.signature, "chrf_signature": c.signature,
-            "seconds": time.perf_counter() - t0, "truncated_sources": truncated}, hyps
+    row = {}
+    for score in (bleu(hyps, refs, tokenize), chrf(hyps, refs), ter(hyps, refs)):
+        key = score.name.lower()
+        row.update({key: score.score, f"{key}_signature": score.signature})
+    return {**row, "seconds": time.perf_counter() - t0, "truncated_sources": truncated}, hyps
 
 
-def score_all(decs: dict, tok, src, ref, batch_tokens: int, device, max_src_len: int):
-    """Translate src with every decoder of `decs` (from decoders()) and score against ref.
-    Returns (rows, hyps)."""
+def score_all(decs: dict, tok, src, refs, batch_tokens: int, device, max_src_len: int, tokenize: str = "13a"):
+    """Translate src with every decoder of `decs` (from decoders(), or some of them) and score
+    against refs, as translate_and_score. Returns (rows, hyps)."""
     rows, hyps = {}, {}
     for name, decoder_and_cost in decs.items():
-        rows[name], hyps[name] = translate_and_score(decoder_and_cost, tok, src, ref, batch_tokens, device, max_src_len)
+        rows[name], hyps[name] = translate_and_score(decoder_and_cost, tok, src, refs, batch_tokens, device,
+                                                     max_src_len, tokenize)
     return rows, hyps
 
 
@@ -112,5 +117,6 @@ def score_run(rd: Path, spec: JobSpec, split: str, names, device: str) -> dict:
     decs = decoders(at, nat, e.beam_size, e.delta_t, e.length_penalty)
     out = {"sentences": len(src)}
     for name in names:
-        out[name] = translate_and_score(decs[name], tok, src, ref, e.batch_tokens, device, at.cfg.max_positions)[0]
+        out[name] = translate_and_score(decs[name], tok, src, ref, e.batch_tokens, device, at.cfg.max_positions,
+                                        e.bleu_tokenize)[0]
     return out

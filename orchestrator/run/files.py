@@ -11,7 +11,7 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from imitate_nat.atomic import atomic_write_bytes
 
@@ -24,6 +24,11 @@ _CHUNK = 1 << 20
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_lines(path: str | os.PathLike, lines: Iterable[str]) -> Path:
+    """One line per item, each ended by "\n" (translations: line i answers source line i)."""
+    return atomic_write_text(path, "".join(f"{line}\n" for line in lines))
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:

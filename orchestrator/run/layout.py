@@ -51,7 +51,7 @@ STAGE_TABLE = (
     Stage("teacher", ("model", "teacher"), (MODEL,), logged=(MODEL,), training=True),
     Stage("distill", ("distill",), (DISTILLED, *_binarized(DISTILLED)), version=2),
     Stage("student", ("model", "student"), (MODEL,), logged=(MODEL,), training=True),
-    Stage("evaluate", ("eval",), _SUMMARY, logged=_SUMMARY),
+    Stage("evaluate", ("eval",), _SUMMARY, logged=_SUMMARY, version=2),   # 2: TER in the summary (2026-12)
 )
 STAGES = tuple(s.name for s in STAGE_TABLE)
 STAGE = {s.name: s for s in STAGE_TABLE}

@@ -17,11 +17,12 @@ import math
 import os
 import re
 import warnings
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from imitate_nat.config import ModelConfig, preset
+from imitate_nat.metrics import check_bleu_tokenize
 
 
 class _Section(BaseModel):
@@ -236,6 +237,8 @@ class EvalSpec(_Section):
     length_penalty: float = Field(1.0, ge=0.0)
     latency_sentences: int = Field(100, gt=0)        # sentences decoded one by one for latency
     batch_tokens: int = Field(4096, gt=0)
+    # sacreBLEU's BLEU tokenizer for the evaluate stage and `eval` (13a; intl, zh, char, none, ja-mecab, ...)
+    bleu_tokenize: Annotated[str, AfterValidator(check_bleu_tokenize)] = "13a"
     # The evaluate stage decodes and times in a Ray task holding these: gpus: 1 puts it on a GPU
     # node (decoding on cuda) instead of the driver's CPU-only head. cpus is also its torch threads (≥ 1).
     cpus: float = Field(1, ge=0.0)

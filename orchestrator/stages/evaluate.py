@@ -1,4 +1,4 @@
-"""evaluate stage: test BLEU/chrF for the AT (beam), the NAT and NAT+LPD, batch-1 latency and
+"""evaluate stage: test BLEU/chrF/TER for the AT (beam), the NAT and NAT+LPD, batch-1 latency and
 speedups, written as summary.json / summary.md and the three test translations.
 
 The decoding and timing run in one Ray task holding `eval.cpus` CPUs (also its torch threads)
@@ -19,7 +19,7 @@ import torch
 
 from ..decoding import decoders, latencies_ms, load_run_models, read_split, score_all
 from ..run.cluster import check_fits_cluster, init_ray
-from ..run.files import atomic_write_json, atomic_write_text
+from ..run.files import atomic_write_json, atomic_write_lines, atomic_write_text
 from ..run.runner import StageContext, StageResult
 from ..spec.schema import EvalSpec
 
@@ -27,17 +27,19 @@ log = logging.getLogger("imitate_orch")
 
 
 def summary_table(rows: dict, spec, where: dict) -> str:
-    """Table 1's layout: BLEU, chrF, batch-1 latency and speedup of each decoder, then where the
-    latencies were measured and the sacreBLEU signature."""
+    """Table 1's layout: BLEU, chrF, TER, batch-1 latency and speedup of each decoder, then where
+    the latencies were measured and the sacreBLEU signatures of BLEU and TER."""
     labels = {"at": f"AT demonstrator (beam {spec.eval.beam_size})", "nat": "imitate-NAT",
               "lpd": f"imitate-NAT + LPD (ΔT = {spec.eval.delta_t})"}
-    lines = ["| model | BLEU | chrF | ms/sentence (batch 1) | speedup |", "|---|---:|---:|---:|---:|"]
+    lines = ["| model | BLEU | chrF | TER | ms/sentence (batch 1) | speedup |", "|---|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
-        lines.append(f"| {labels[name]} | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['latency_ms']:.1f} | {r['speedup']:.2f}× |")
+        lines.append(f"| {labels[name]} | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['ter']:.2f} | {r['latency_ms']:.1f} "
+                     f"| {r['speedup']:.2f}× |")
     node = where["node"]
-    sig = next(iter(rows.values()))["bleu_signature"]
+    first = next(iter(rows.values()))
     return ("\n".join(lines) + f"\n\nLatency measured on {where['device']}, {where['torch_threads']} torch thread(s), "
-            f"node {node['hostname']} ({node['ip']}, Ray node {node['id']}).\n\nsacreBLEU: {sig}\n")
+            f"node {node['hostname']} ({node['ip']}, Ray node {node['id']}).\n\nsacreBLEU: {first['bleu_signature']}\n"
+            f"TER: {first['ter_signature']}\n")
 
 
 def where_this_runs(device: str) -> dict:
@@ -59,7 +61,7 @@ def decode_and_time(rd: Path, e: EvalSpec) -> dict:
     tok, at, nat = load_run_models(rd, device)
     src, ref = read_split(rd, "test")
     decs = decoders(at, nat, e.beam_size, e.delta_t, e.length_penalty)  # once: on a GPU they hold CUDA graphs
-    rows, hyps = score_all(decs, tok, src, ref, e.batch_tokens, device, at.cfg.max_positions)
+    rows, hyps = score_all(decs, tok, src, ref, e.batch_tokens, device, at.cfg.max_positions, e.bleu_tokenize)
     lat = latencies_ms(src, tok, {name: decoder for name, (decoder, _) in decs.items()}, device, e.latency_sentences)
     for name in decs:
         rows[name]["latency_ms"] = lat[name]
@@ -78,7 +80,7 @@ def evaluate(ctx: StageContext) -> StageResult:
     rows, hyps, where = res["rows"], res["hyps"], res["where"]
     log.info("evaluate: ran on %s, node %s (%s)", where["device"], where["node"]["hostname"], where["node"]["ip"])
     for name, lines in hyps.items():
-        atomic_write_text(out / f"test.{name}.txt", "\n".join(lines) + "\n")
+        atomic_write_lines(out / f"test.{name}.txt", lines)
     for r in rows.values():
         r["speedup"] = rows["at"]["latency_ms"] / r["latency_ms"]
     src, ref = read_split(ctx.run_dir, "test")
@@ -90,7 +92,7 @@ def evaluate(ctx: StageContext) -> StageResult:
     ctx.tracker.log_text(samples, "samples.txt")
     metrics = {}
     for name, r in rows.items():
-        metrics.update({f"test_bleu_{name}": r["bleu"], f"test_chrf_{name}": r["chrf"],
+        metrics.update({f"test_bleu_{name}": r["bleu"], f"test_chrf_{name}": r["chrf"], f"test_ter_{name}": r["ter"],
                         f"latency_ms_{name}": r["latency_ms"], f"speedup_{name}": r["speedup"]})
     outputs = {n: n for n in ("summary.json", "summary.md", "test.at.txt", "test.nat.txt", "test.lpd.txt")}
     return StageResult(outputs=outputs, metrics=metrics)

@@ -85,11 +85,12 @@ def delta_t_sweep(rd: Path, spec: JobSpec, split: str, max_delta_t: int, device:
         fixed = decoders(at, nat, e.beam_size, 0, e.length_penalty)
         timed = {"at": fixed["at"][0], "nat": fixed["nat"][0]}
         for name in ("at", "nat"):
-            out[name] = translate_and_score(fixed[name], tok, src, ref, e.batch_tokens, device, cap)[0]
+            out[name] = translate_and_score(fixed[name], tok, src, ref, e.batch_tokens, device, cap, e.bleu_tokenize)[0]
         for d in tqdm(out["delta_t"], desc=f"LPD ΔT sweep on {split}", disable=not progress):
             lpd = decoders(at, nat, e.beam_size, d, e.length_penalty)["lpd"]
             timed[d] = lpd[0]
-            out["bleu"].append(translate_and_score(lpd, tok, src, ref, e.batch_tokens, device, cap)[0]["bleu"])
+            row = translate_and_score(lpd, tok, src, ref, e.batch_tokens, device, cap, e.bleu_tokenize)[0]
+            out["bleu"].append(row["bleu"])
         lat = latencies_ms(src, tok, timed, device, e.latency_sentences, progress=progress)
         for name in ("at", "nat"):
             out[name]["latency_ms"] = lat[name]

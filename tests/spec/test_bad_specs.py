@@ -31,6 +31,8 @@ SPEC_ERRORS = [
     ("zero batch", ["teacher.batch_tokens=0"], ["teacher.batch_tokens"]),
     ("negative corpus size", ["data.synthetic.train_size=-10"], ["data.synthetic.train_size"]),
     ("delta_t out of range", ["eval.delta_t=21"], ["eval.delta_t"]),
+    ("unknown BLEU tokenizer", ["eval.bleu_tokenize=bogus"],
+     ["eval.bleu_tokenize: 'bogus' is not a sacreBLEU BLEU tokenizer; one of"]),
     ("unknown choice", ["student.copy=hard"], ["student.copy"]),
     ("heads do not divide d_model", ["model.n_heads=3"], ["model: ", "divisible"]),
     ("name unusable in paths", ["name=bad name"], ["name: "]),

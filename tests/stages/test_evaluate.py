@@ -23,7 +23,7 @@ from orchestrator.run.runner import StageContext  # noqa: E402
 from orchestrator.spec.loading import SpecError, spec_from_dict  # noqa: E402
 from orchestrator.stages.evaluate import evaluate  # noqa: E402
 
-EVAL = {"beam_size": 2, "delta_t": 1, "latency_sentences": 3}
+EVAL = {"beam_size": 2, "delta_t": 1, "latency_sentences": 3, "bleu_tokenize": "char"}   # not the default 13a
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def _in_process(rd, spec):
     torch.set_num_threads(1)
     try:
         return score_all(decoders(at, nat, e.beam_size, e.delta_t, e.length_penalty), tok, src, ref,
-                         e.batch_tokens, "cpu", at.cfg.max_positions)
+                         e.batch_tokens, "cpu", at.cfg.max_positions, e.bleu_tokenize)
     finally:
         torch.set_num_threads(threads)
 
@@ -66,9 +66,11 @@ def test_rows_and_translations_equal_in_process_decoding_and_the_node_is_recorde
     for name in DECODERS:
         assert (out / f"test.{name}.txt").read_text().split("\n")[:-1] == hyps[name]
         got = summary["rows"][name]
-        assert {k: got[k] for k in ("bleu", "chrf", "bleu_signature")} == \
-               {k: rows[name][k] for k in ("bleu", "chrf", "bleu_signature")}
+        scores = ("bleu", "chrf", "ter", "bleu_signature", "ter_signature")
+        assert {k: got[k] for k in scores} == {k: rows[name][k] for k in scores}
+        assert "tok:char" in got["bleu_signature"]                      # eval.bleu_tokenize
         assert got["latency_ms"] > 0 and res.metrics[f"test_bleu_{name}"] == got["bleu"]
+        assert res.metrics[f"test_ter_{name}"] == got["ter"]
     assert summary["rows"]["at"]["speedup"] == 1.0 and summary["test_sentences"] == len(hyps["at"])
     # One local node: the task ran on it, on the CPU (eval.gpus 0) with eval.cpus = 1 thread.
     assert summary["node"] == {"id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
@@ -77,6 +79,7 @@ def test_rows_and_translations_equal_in_process_decoding_and_the_node_is_recorde
     md = (out / "summary.md").read_text()
     assert f"Latency measured on cpu, 1 torch thread(s), node {socket.gethostname()}" in md
     assert summary["node"]["id"] in md
+    assert "| model | BLEU | chrF | TER |" in md and f"TER: {summary['rows']['at']['ter_signature']}" in md
     assert set(res.outputs) == {"summary.json", "summary.md", *(f"test.{n}.txt" for n in DECODERS)}
 
 

@@ -1,0 +1,127 @@
+"""`imitate-orch eval`: score a parallel test set with a finished run's decoders (AT beam,
+NAT, NAT + LPD, or the ones asked for), against one reference or several, with BLEU (the
+sacreBLEU tokenizer chosen), chrF and TER; optionally keeping each decoder's translations.
+
+Everything the command is given is checked before a model loads, and refused with
+EvalSetupError (the CLI exits 2): the run must be finished with models that belong together
+(as `serve` and `translate` check), every reference file must have a line per source line,
+and the decoders and the tokenizer must be known. The rows are orchestrator.decoding's, as
+the evaluate stage's are.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .run.layout import DECODERS
+
+LABELS = {"at": "AT beam {beam}", "nat": "NAT", "lpd": "NAT+LPD ΔT={delta_t}"}
+
+
+class EvalSetupError(Exception):
+    """Bad arguments, files or run: the CLI exits 2, nothing was decoded."""
+
+
+def parse_decoders(text: str) -> tuple[str, ...]:
+    """--decoders "lpd,nat" -> ("nat", "lpd"): the names asked for, in Table 1's order."""
+    names = {n.strip() for n in text.split(",") if n.strip()}
+    unknown = sorted(names - set(DECODERS))
+    if unknown or not names:
+        what = f"unknown {', '.join(unknown)}" if unknown else "no decoder named"
+        raise EvalSetupError(f"--decoders {text!r}: {what}; choose from {','.join(DECODERS)}")
+    return tuple(d for d in DECODERS if d in names)
+
+
+def read_test_set(src_path: str, ref_paths: tuple[str, ...]) -> tuple[list[str], list[list[str]]]:
+    """(sources, one line stream per reference file); a reference file whose line count is not
+    the source's is refused naming it."""
+    from imitate_nat.data import read_parallel
+
+    try:
+        pairs = [read_parallel(src_path, ref) for ref in ref_paths]
+    except (OSError, ValueError) as e:   # UnicodeDecodeError is a ValueError
+        raise EvalSetupError(str(e)) from None
+    src = pairs[0][0]
+    if not src:
+        raise EvalSetupError(f"{src_path} is empty")
+    return src, [ref for _, ref in pairs]
+
+
+def bleu_tokenize_for(run_dir: str, tokenize: str | None) -> str:
+    """--tokenize, else the run's job's eval.bleu_tokenize. Finding the job (its job.yaml
+    stored in MLflow, else the defaults) checks that the run is finished and that its models
+    belong together, as `serve` does."""
+    from imitate_nat.metrics import check_bleu_tokenize
+
+    from .run.layout import RunNotReady
+    from .serve.target import ServeSetupError, resolve_target
+    from .spec.loading import SpecError
+
+    try:
+        job_default = resolve_target(run_dir).spec.eval.bleu_tokenize
+        return check_bleu_tokenize(tokenize or job_default)
+    except (RunNotReady, ServeSetupError, SpecError) as e:
+        raise EvalSetupError(str(e)) from None
+    except ValueError as e:   # a tokenizer whose optional package is missing
+        raise EvalSetupError(f"--tokenize: {e}") from None
+
+
+def run_eval(run_dir: str, src_path: str, ref_paths: tuple[str, ...], decoder_names: str, tokenize: str | None,
+             hyp_dir: str | None, delta_t: int, beam: int, batch_tokens: int) -> dict:
+    """The whole command: every check (EvalSetupError), then decode and score with each decoder
+    asked for, writing HYP_DIR/<decoder>.txt (atomically, a line per source line) when given.
+    Returns what --json prints: {"run_dir", "sentences", "references", "beam", "delta_t",
+    "bleu_tokenize", "rows": {decoder: row as decoding.translate_and_score}, "hyp_files"}."""
+    names = parse_decoders(decoder_names)
+    src, refs = read_test_set(src_path, ref_paths)
+    tokenize = bleu_tokenize_for(run_dir, tokenize)
+    if hyp_dir:
+        try:
+            Path(hyp_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise EvalSetupError(f"--hyp-dir: {e}") from None
+    rows, hyps = decode_and_score(Path(run_dir), names, src, refs, tokenize, delta_t, beam, batch_tokens)
+    hyp_files = write_hypotheses(Path(hyp_dir), hyps) if hyp_dir else {}
+    return {"run_dir": str(run_dir), "sentences": len(src), "references": len(refs), "beam": beam,
+            "delta_t": delta_t, "bleu_tokenize": tokenize, "rows": rows, "hyp_files": hyp_files}
+
+
+def decode_and_score(rd: Path, names: tuple[str, ...], src, refs, tokenize: str, delta_t: int, beam: int,
+                     batch_tokens: int):
+    """(rows, hyps) of the decoders `names` of run `rd`, on a GPU when there is one."""
+    import torch
+
+    from imitate_nat.checkpoint import CheckpointError
+
+    from .decoding import decoders, load_run_models, score_all
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        tok, at, nat = load_run_models(rd, device)
+    except (OSError, CheckpointError) as e:
+        raise EvalSetupError(str(e)) from None
+    chosen = {name: d for name, d in decoders(at, nat, beam, delta_t).items() if name in names}
+    return score_all(chosen, tok, src, refs, batch_tokens, device, at.cfg.max_positions, tokenize)
+
+
+def write_hypotheses(hyp_dir: Path, hyps: dict[str, list[str]]) -> dict[str, str]:
+    """HYP_DIR/<decoder>.txt for each decoder; returns decoder -> path."""
+    from .run.files import atomic_write_lines
+
+    return {name: str(atomic_write_lines(hyp_dir / f"{name}.txt", lines)) for name, lines in hyps.items()}
+
+
+def format_scores(result: dict, as_json: bool = False) -> str:
+    """run_eval's result as JSON, or as a table with the sacreBLEU signatures under it."""
+    if as_json:
+        return json.dumps(result, indent=2)
+    rows = result["rows"]
+    refs = result["references"]
+    lines = [f"{result['sentences']} sentences, {refs} reference{'s' if refs > 1 else ''}",
+             f"{'model':<16}{'BLEU':>8}{'chrF':>8}{'TER':>8}"]
+    for name, r in rows.items():
+        label = LABELS[name].format(beam=result["beam"], delta_t=result["delta_t"])
+        lines.append(f"{label:<16}{r['bleu']:>8.2f}{r['chrf']:>8.2f}{r['ter']:>8.2f}")
+    first = next(iter(rows.values()))
+    lines += [f"BLEU: {first['bleu_signature']}", f"chrF: {first['chrf_signature']}", f"TER:  {first['ter_signature']}"]
+    return "\n".join(lines)
