@@ -20,6 +20,7 @@ from .hashing import (can_extend, consumed_digests, extend_key, input_digests, i
                       stage_hashes, upstream_changed)
 from .layout import STAGE, STAGES, run_dir
 from .manifest import Manifest, is_complete, package_version, read_manifest, record_outputs, write_manifest
+from .sharing import no_readers
 from .tracking import NullRunHandle, RunHandle, Tracker
 
 log = logging.getLogger("imitate_orch")
@@ -118,29 +119,32 @@ def run_stage(spec: JobSpec, stage: str, func: Callable[[StageContext], StageRes
         return m.metrics
     extend = (not force and not stale and before is not None and before.input_hash != input_hash
               and can_extend(before, spec, stage))
-    # Kept: a same-hash unfinished dir (resume) or one to extend; wiped: a stale, forced or changed one.
-    prepare_stage_dir(d, wipe=force or stale or before is None or (before.input_hash != input_hash and not extend))
-    manifest = Manifest(stage=stage, input_hash=input_hash, status="running", started=utc_now(), consumed=consumed,
-                        extend_key=extend_key(spec, stage), max_steps=max_steps(spec, stage), inputs=inputs,
-                        package_version=package_version())
-    write_manifest(d, manifest)
-    if extend:
-        log.info("%-9s extending from its last checkpoint (max_steps %d -> %d)", stage, before.max_steps,
-                 manifest.max_steps)
-    else:
-        log.info("%-9s running", stage)
-    try:
-        with tracker.child(stage, {"reused": False}) as h:
-            ctx = StageContext(spec, rd, stage, tracker=h, progress=progress, experiment=tracker)
-            result = func(ctx)
-            h.log_metrics(result.metrics)
-            for name in STAGE[stage].logged:
-                h.log_artifact(str(d / result.outputs[name]))
-    except Exception as e:
-        manifest.status, manifest.error, manifest.finished = "failed", f"{type(e).__name__}: {e}", utc_now()
+    # Other runs' stages reading this dir (a shared one) finish first, and no new one starts
+    # until it is done again: nothing reads a dir while it is wiped or rewritten.
+    with no_readers(d, stage):
+        # Kept: a same-hash unfinished dir (resume) or one to extend; wiped: a stale, forced or changed one.
+        prepare_stage_dir(d, wipe=force or stale or before is None or (before.input_hash != input_hash and not extend))
+        manifest = Manifest(stage=stage, input_hash=input_hash, status="running", started=utc_now(), consumed=consumed,
+                            extend_key=extend_key(spec, stage), max_steps=max_steps(spec, stage), inputs=inputs,
+                            package_version=package_version())
         write_manifest(d, manifest)
-        raise StageFailed(stage, e) from e
-    manifest.outputs = record_outputs(d, result.outputs)  # paths relative to the stage dir
-    manifest.metrics, manifest.status, manifest.finished = result.metrics, "done", utc_now()
-    write_manifest(d, manifest)
-    return result.metrics
+        if extend:
+            log.info("%-9s extending from its last checkpoint (max_steps %d -> %d)", stage, before.max_steps,
+                     manifest.max_steps)
+        else:
+            log.info("%-9s running", stage)
+        try:
+            with tracker.child(stage, {"reused": False}) as h:
+                ctx = StageContext(spec, rd, stage, tracker=h, progress=progress, experiment=tracker)
+                result = func(ctx)
+                h.log_metrics(result.metrics)
+                for name in STAGE[stage].logged:
+                    h.log_artifact(str(d / result.outputs[name]))
+        except Exception as e:
+            manifest.status, manifest.error, manifest.finished = "failed", f"{type(e).__name__}: {e}", utc_now()
+            write_manifest(d, manifest)
+            raise StageFailed(stage, e) from e
+        manifest.outputs = record_outputs(d, result.outputs)  # paths relative to the stage dir
+        manifest.metrics, manifest.status, manifest.finished = result.metrics, "done", utc_now()
+        write_manifest(d, manifest)
+        return result.metrics

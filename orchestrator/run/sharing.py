@@ -4,7 +4,8 @@ Sweep trials and ablation variants that agree up to a stage share its dir: `run_
 linked=...)` makes <run>/<stage> a symlink to a content-addressed dir from `shared_stage_dirs`
 (<root>/<stage>/<hash>). Every stage runs under an exclusive file lock on its resolved dir, so
 two runs that need the same teacher train it once: the second waits, then finds it done and
-reuses it. `run` also holds an exclusive lock on the job's run dir (`run_lock`): a second `run`
+reuses it. While a stage runs, it holds a shared lock on the dirs of the stages before it,
+which another run must wait out before redoing one of them. `run` also holds an exclusive lock on the job's run dir (`run_lock`): a second `run`
 of the same job stops at once instead.
 """
 from __future__ import annotations
@@ -14,12 +15,13 @@ import logging
 import os
 import shutil
 import socket
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 from ..spec.schema import JobSpec
 from .hashing import stage_hashes
+from .layout import STAGES
 
 log = logging.getLogger("imitate_orch")
 
@@ -45,26 +47,49 @@ def link_stage(run: Path, stage: str, target: Path) -> None:
 
 
 @contextmanager
-def _dir_lock(d: Path) -> Iterator[IO[str]]:
-    """The lock file of dir `d` (its resolved path, so links share it), open: `.<name>.lock`
+def _dir_lock(d: Path, kind: str = "lock") -> Iterator[IO[str]]:
+    """A lock file of dir `d` (its resolved path, so links share it), open: `.<name>.<kind>`
     beside the dir, not in it, because a stage dir is emptied when redone. An flock on it is
     released when the file is closed or the process dies, however it dies."""
     real = d.resolve()
     real.parent.mkdir(parents=True, exist_ok=True)
-    with open(real.parent / f".{real.name}.lock", "a+") as f:
+    with open(real.parent / f".{real.name}.{kind}", "a+") as f:
         yield f
+
+
+def _flock(f: IO[str], kind: int, waiting_message: str) -> None:
+    try:
+        fcntl.flock(f, kind | fcntl.LOCK_NB)
+    except BlockingIOError:
+        log.info("%s", waiting_message)
+        fcntl.flock(f, kind)
 
 
 @contextmanager
 def stage_lock(d: Path, stage: str) -> Iterator[None]:
-    """Exclusive lock on a stage dir for as long as the stage is checked and run. Another
-    process holding it makes this one wait."""
-    with _dir_lock(d) as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            log.info("%-9s is being run by another process (%s); waiting", stage, d.resolve())
-            fcntl.flock(f, fcntl.LOCK_EX)
+    """Exclusive lock on stage dir `d` (<run>/<stage>) for as long as the stage is checked and
+    run (another process holding it makes this one wait), and a shared "readers" lock on the
+    dir of each stage before it in the same run dir, which it reads: another run sharing one of
+    those dirs may check and reuse it meanwhile, but waits before redoing it (`no_readers`).
+    Readers' locks are taken upstream first, in stage order, by every run alike, so runs never
+    wait for each other in a cycle."""
+    with ExitStack() as held:
+        f = held.enter_context(_dir_lock(d))
+        _flock(f, fcntl.LOCK_EX, f"{stage:<9} is being run by another process ({d.resolve()}); waiting")
+        held.callback(fcntl.flock, f, fcntl.LOCK_UN)
+        for up in ([d.parent / s for s in STAGES[:STAGES.index(stage)]] if stage in STAGES else []):
+            r = held.enter_context(_dir_lock(up, "readers"))
+            _flock(r, fcntl.LOCK_SH, f"{stage:<9} waits for another process redoing {up.resolve()}")
+            held.callback(fcntl.flock, r, fcntl.LOCK_UN)
+        yield
+
+
+@contextmanager
+def no_readers(d: Path, stage: str) -> Iterator[None]:
+    """Held by a stage while it wipes, resumes or extends its dir `d`: waits until no stage of
+    another run (sharing the dir) is reading it, and keeps new readers out until done."""
+    with _dir_lock(d, "readers") as f:
+        _flock(f, fcntl.LOCK_EX, f"{stage:<9} waits for other runs' stages reading {d.resolve()} to end")
         try:
             yield
         finally:

@@ -129,3 +129,40 @@ def test_run_lock_is_exclusive_names_its_holder_and_is_released(tmp_path):
                 pass
     with run_lock(rd):      # released at the end of the block (and by the kernel when a process dies)
         pass
+
+
+def test_a_shared_stage_dir_is_not_redone_while_another_run_reads_it(fake_job, tmp_path):
+    """Run B's student reads the teacher dir it shares with run A (a link, as sweep trials and
+    ablation variants share it). Meanwhile A may check and reuse that teacher at once, but
+    redoing it (--force, stale) waits until B's stage has ended: it would wipe what B reads."""
+    import threading
+
+    from orchestrator.run.sharing import stage_lock
+    from orchestrator.run.tracking import Tracker
+
+    spec, _, calls = fake_job
+    pipeline.run_pipeline(spec, "", progress=False)
+    rd, other = run_dir(spec), tmp_path / "other-run"
+    other.mkdir()
+    (other / "teacher").symlink_to(rd / "teacher", target_is_directory=True)
+    events, reading = [], threading.Event()
+
+    def run_b_student():
+        with stage_lock(other / "student", "student"):
+            reading.set()
+            time.sleep(1.0)
+            events.append("B's student done reading")
+
+    b = threading.Thread(target=run_b_student)
+    b.start()
+    reading.wait(5)
+    t0 = time.monotonic()
+    with stage_lock(rd / "teacher", "teacher"):
+        assert time.monotonic() - t0 < 0.5                      # checking and reusing do not wait
+        assert runner.run_stage(spec, "teacher", pipeline.stage_functions()["teacher"],
+                                tracker=Tracker.disabled()) is not None and calls.count("teacher") == 1
+        runner.run_stage(spec, "teacher", pipeline.stage_functions()["teacher"], tracker=Tracker.disabled(), force=True)
+        events.append("A's teacher redone")
+    b.join(5)
+    assert events == ["B's student done reading", "A's teacher redone"]
+    assert calls.count("teacher") == 2
