@@ -21,7 +21,8 @@ import os
 import time
 from pathlib import Path
 
-from ..spec.schema import DataSpec, JobSpec
+from ..spec.data import CorpusSpec, DataSpec
+from ..spec.schema import JobSpec
 from .files import atomic_write_json, sha256_file, sha256_json
 from .layout import STAGE, STAGES, TRAINING, run_dir
 from .manifest import Manifest, read_manifest
@@ -81,17 +82,25 @@ def upstream_changed(m: Manifest | None, consumed: dict[str, str]) -> bool:
 
 
 def data_files(data: DataSpec) -> list[Path]:
-    """The files the prepare stage reads: a `files` source's split files (a valid split it carves
-    from train has none), every file of a local Hugging Face dataset dir. None for synthetic
-    data (the spec determines it) or a Hub dataset (name, config and hf_revision in the spec
-    identify it; without hf_revision a new version on the Hub is not noticed)."""
-    if data.source == "files":
-        paths = [Path(p) for prefix in (data.train_prefix, data.valid_prefix, data.test_prefix)
-                 for p in data.split_files(prefix)]
+    """The files the prepare stage reads, of data's source and of each data.extra_train corpus:
+    a files corpus's split files (a valid split it carves from train has none), every file of a
+    local Hugging Face dataset dir, the local files of hf_data_files. None for synthetic data
+    (the spec determines it) or a Hub dataset (name, config and hf_revision in the spec identify
+    it; without hf_revision a new version on the Hub is not noticed)."""
+    files = _corpus_files(data, data, (data.train_prefix, data.valid_prefix, data.test_prefix))
+    for corpus in data.extra_train:
+        files += _corpus_files(corpus, data, (corpus.train_prefix,))
+    return list(dict.fromkeys(files))   # a file two corpora name is read (and hashed) once
+
+
+def _corpus_files(corpus: CorpusSpec, data: DataSpec, prefixes: tuple[str, ...]) -> list[Path]:
+    if corpus.source == "files":
+        paths = [Path(p) for prefix in prefixes for p in corpus.files_of(prefix, data.src_lang, data.tgt_lang)]
         return [p for p in paths if p.is_file()]
-    if data.source == "huggingface" and os.path.isdir(data.hf_name):
-        return sorted(p for p in Path(data.hf_name).rglob("*") if p.is_file())
-    return []
+    if corpus.source != "huggingface":
+        return []
+    in_dir = sorted(p for p in Path(corpus.hf_name).rglob("*") if p.is_file()) if os.path.isdir(corpus.hf_name) else []
+    return in_dir + [Path(f) for f in corpus.local_data_files()]
 
 
 def input_digests(spec: JobSpec, stage: str) -> dict[str, str]:

@@ -6,7 +6,8 @@ silently ignored setting. Every section has defaults, so a minimal job is `name:
 defaults are the paper's (λ1 = λ2 = 0.001, 512 actions, beam 4, ΔT = 3).
 
 A spec is data only: it is read with `yaml.safe_load` and never imports or runs code
-(reading, overrides and error reporting are in loading.py).
+(reading, overrides and error reporting are in loading.py). The `data` section is in
+data.py, what every section shares (unknown keys refused, FieldError) in base.py.
 Relative `data.dir` paths are resolved against the current working directory when the spec
 is validated and stored absolute, so Ray workers (whose CWD differs) read the same files.
 """
@@ -19,95 +20,13 @@ import re
 import warnings
 from typing import Annotated, Any, Literal, Optional
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from imitate_nat.config import ModelConfig, preset
 from imitate_nat.metrics import check_bleu_tokenize
 
-
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class FieldError(ValueError):
-    """A cross-field error raised inside a model validator that names the offending field.
-
-    pydantic reports model-validator errors at the model's location (`data`); `SpecError`
-    appends `field` so the user reads `data.dir: ...`.
-    """
-
-    def __init__(self, field: str, message: str):
-        super().__init__(f"{field}: {message}")
-        self.field, self.message = field, message
-
-
-# ---------------------------------------------------------------------------------- data --
-
-class SyntheticSpec(_Section):
-    train_size: int = Field(20000, gt=0)
-    valid_size: int = Field(500, gt=0)
-    test_size: int = Field(500, gt=0)
-    vocab_words: int = Field(300, gt=0)
-
-
-class DataSpec(_Section):
-    source: Literal["synthetic", "files", "huggingface"] = "synthetic"
-    src_lang: str = Field("en", min_length=1)
-    tgt_lang: str = Field("de", min_length=1)
-    # files: <dir>/<prefix>.<lang>, one sentence per line, parallel by line number.
-    dir: Optional[str] = None
-    train_prefix: str = "train"
-    valid_prefix: str = "valid"
-    test_prefix: str = "test"
-    valid_size: Optional[int] = Field(None, gt=0)   # carve valid from train when no valid files
-    # huggingface: datasets.load_dataset(hf_name, hf_config, revision=hf_revision)
-    hf_name: Optional[str] = None
-    hf_config: Optional[str] = None
-    hf_revision: Optional[str] = None
-    hf_cache_dir: Optional[str] = None
-    max_train: Optional[int] = Field(None, gt=0)     # cap on training pairs taken from the source
-    synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec)
-    # Cleaning of the training set (valid/test are never filtered: scores stay comparable).
-    max_tokens: int = Field(100, gt=0)               # max whitespace tokens per side
-    max_ratio: float = Field(3.0, ge=1.0)            # max length ratio between the sides
-
-    @field_validator("dir")
-    @classmethod
-    def _absolute(cls, v: Optional[str]) -> Optional[str]:
-        # Resolved against the CWD now, so later stages on other processes see the same path.
-        return os.path.abspath(os.path.expanduser(v)) if v else v
-
-    @field_validator("hf_name")
-    @classmethod
-    def _absolute_if_local(cls, v: Optional[str]) -> Optional[str]:
-        # A local save_to_disk folder is a path: pin it like data.dir. A hub name stays as is.
-        return os.path.abspath(os.path.expanduser(v)) if v and os.path.isdir(os.path.expanduser(v)) else v
-
-    @model_validator(mode="after")
-    def _check_source(self) -> "DataSpec":
-        if self.src_lang == self.tgt_lang:
-            raise FieldError("tgt_lang", f"must differ from src_lang ({self.src_lang!r})")
-        if self.source == "huggingface" and not self.hf_name:
-            raise FieldError("hf_name", "required when source is 'huggingface'")
-        if self.source == "files":
-            self._check_files()
-        return self
-
-    def _check_files(self) -> None:
-        if not self.dir:
-            raise FieldError("dir", "required when source is 'files'")
-        if not os.path.isdir(self.dir):
-            raise FieldError("dir", f"directory not found: {self.dir}")
-        for field in ("train_prefix", "valid_prefix", "test_prefix"):
-            missing = [p for p in self.split_files(getattr(self, field)) if not os.path.isfile(p)]
-            if missing and not (field == "valid_prefix" and self.valid_size):
-                hint = " (or set data.valid_size to carve it from train)" if field == "valid_prefix" else ""
-                raise FieldError(field, f"missing file(s) in data.dir: {', '.join(missing)}{hint}")
-
-    def split_files(self, prefix: str) -> tuple[str, str]:
-        """(source file, target file) of one split for source=files."""
-        return tuple(os.path.join(self.dir or "", f"{prefix}.{lang}")
-                     for lang in (self.src_lang, self.tgt_lang))
+from .base import FieldError, _Section
+from .data import DataSpec
 
 
 # ----------------------------------------------------------------------- tokenizer, model --

@@ -212,7 +212,7 @@ def test_huggingface_without_the_hub_says_how_to_proceed(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _NO_HUB_SCRIPT, str(tmp_path)], cwd=Path(__file__).parents[2],
                           env=env, capture_output=True, text=True, timeout=300)
     msg = proc.stderr.strip().splitlines()[-1]
-    assert proc.returncode == 1 and msg.startswith("orchestrator.stages.prepare.HubUnreachable: "), proc.stderr[-3000:]
+    assert proc.returncode == 1 and msg.startswith("orchestrator.stages.sources.HubUnreachable: "), proc.stderr[-3000:]
     assert "\nConnectionError: " in proc.stderr and "direct cause" in proc.stderr   # the library's error, kept
     assert "'wmt14'" in msg and str(tmp_path / "hf-cache") in msg
     for way_out in ("HF_DATASETS_OFFLINE=1", "data.hf_cache_dir", "save_to_disk", "data.hf_name=DIR",
@@ -226,7 +226,7 @@ def test_huggingface_network_errors_are_told_from_other_errors(tmp_path, monkeyp
     Any other error (here a bad config name) reaches the caller unchanged."""
     datasets = pytest.importorskip("datasets")
     requests = pytest.importorskip("requests")
-    from orchestrator.stages.prepare import HubUnreachable
+    from orchestrator.stages.sources import HubUnreachable
 
     data = {"source": "huggingface", "hf_name": "wmt14", "hf_config": "de-en", "src_lang": "en", "tgt_lang": "de"}
     for error in (requests.exceptions.ConnectionError("Connection reset by peer"), ValueError("no config 'xx'")):
