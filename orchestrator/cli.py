@@ -57,6 +57,12 @@ def check_cluster_or_exit(spec: JobSpec):
         fail(f"the job cannot run on this Ray cluster (no stage was started)\n{e}")
 
 
+def run_source(ctx, param, value: str | None) -> str | None:
+    """--run: a models:/ URI as it is, else a run directory that exists (click's checks)."""
+    keep = value is None or value.startswith("models:/")
+    return value if keep else click.Path(exists=True, file_okay=False).convert(value, param, ctx)
+
+
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="imitate-orch: %(message)s",
                         stream=sys.stderr)
@@ -201,12 +207,14 @@ def sweep(job, overrides, num_samples, max_concurrent, fresh, address, no_progre
               "(default: the job's eval.bleu_tokenize, 13a).")
 @click.option("--hyp-dir", type=click.Path(file_okay=False), default=None,
               help="Write each decoder's translations to HYP_DIR/<decoder>.txt, one line per source line.")
-@click.option("--delta-t", type=click.IntRange(0, 20), default=3, show_default=True, help="LPD: lengths T̂-ΔT … T̂+ΔT.")
-@click.option("--beam", type=click.IntRange(1, 64), default=4, show_default=True, help="AT beam size.")
-@click.option("--batch-tokens", type=click.IntRange(1), default=4096, show_default=True)
+@click.option("--delta-t", type=click.IntRange(0, 20), default=None, help="LPD: lengths T̂-ΔT … T̂+ΔT (default: the job's eval.delta_t, 3).")
+@click.option("--beam", type=click.IntRange(1, 64), default=None, help="AT beam size (default: the job's eval.beam_size, 4).")
+@click.option("--batch-tokens", type=click.IntRange(1), default=None, help="(default: the job's eval.batch_tokens, 4096)")
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
 def eval_cmd(run_dir, src_path, ref_paths, decoder_names, tokenize, hyp_dir, delta_t, beam, batch_tokens, as_json) -> None:
-    """Score any parallel test set with a finished run's models (AT beam, NAT, NAT+LPD): BLEU, chrF, TER."""
+    """Score any parallel test set with a finished run's models (AT beam, NAT, NAT+LPD): BLEU, chrF, TER.
+
+    RUN_DIR: a run directory, or a registered model (models:/NAME/VERSION, models:/NAME@ALIAS)."""
     from .eval_cmd import EvalSetupError, format_scores, run_eval
 
     try:
@@ -259,7 +267,8 @@ def jobs_copy(name, dest) -> None:
 def serve(source, overrides, host, port, replicas, delta_t, max_batch_size, tracking_uri, address, verbose) -> None:
     """Serve a finished run's NAT + LPD over HTTP (Ray Serve) until Ctrl-C.
 
-    SOURCE: a run directory, a job YAML (its run directory) or an MLflow run id.
+    SOURCE: a run directory, a job YAML (its run directory), an MLflow run id or a registered
+    model (models:/NAME/VERSION, models:/NAME@ALIAS).
     API: POST /translate {"text": ...} or {"texts": [...]}, GET /health, docs at /docs."""
     from pathlib import Path
 
@@ -279,8 +288,8 @@ def serve(source, overrides, host, port, replicas, delta_t, max_batch_size, trac
 
 @main.command("translate")
 @click.argument("texts", nargs=-1)
-@click.option("--run", "run_path", type=click.Path(exists=True, file_okay=False), default=None,
-              help="A finished run directory: translate here with its models.")
+@click.option("--run", "run_path", default=None, callback=run_source,
+              help="A finished run directory, or models:/NAME/VERSION or models:/NAME@ALIAS: translate here.")
 @click.option("--url", default=None, help="A running `imitate-orch serve`, e.g. http://127.0.0.1:8000: translate there.")
 @click.option("--input", "input_path", type=click.Path(exists=True, dir_okay=False, allow_dash=True), default="-",
               show_default=True, help="Source lines (- is stdin); instead of TEXTS.")

@@ -4,7 +4,8 @@ sacreBLEU tokenizer chosen), chrF and TER; optionally keeping each decoder's tra
 
 Everything the command is given is checked before a model loads, and refused with
 EvalSetupError (the CLI exits 2): the run must be finished with models that belong together
-(as `serve` and `translate` check), every reference file must have a line per source line,
+(as `serve` and `translate` check; or a registered model, models:/NAME/VERSION or
+models:/NAME@ALIAS), every reference file must have a line per source line,
 and the decoders and the tokenizer must be known. The rows are orchestrator.decoding's, as
 the evaluate stage's are.
 """
@@ -47,10 +48,10 @@ def read_test_set(src_path: str, ref_paths: tuple[str, ...]) -> tuple[list[str],
     return src, [ref for _, ref in pairs]
 
 
-def bleu_tokenize_for(run_dir: str, tokenize: str | None) -> str:
-    """--tokenize, else the run's job's eval.bleu_tokenize. Finding the job (its job.yaml
-    stored in MLflow, else the defaults) checks that the run is finished and that its models
-    belong together, as `serve` does."""
+def resolve_run(run_dir: str, tokenize: str | None):
+    """(the run's serve.target.ServeTarget, --tokenize else the job's eval.bleu_tokenize). Finding
+    the job (its job.yaml stored in MLflow, a registered model's settings, else the defaults)
+    checks that the run is finished and that its models belong together, as `serve` does."""
     from imitate_nat.metrics import check_bleu_tokenize
 
     from .run.layout import RunNotReady
@@ -58,8 +59,8 @@ def bleu_tokenize_for(run_dir: str, tokenize: str | None) -> str:
     from .spec.loading import SpecError
 
     try:
-        job_default = resolve_target(run_dir).spec.eval.bleu_tokenize
-        return check_bleu_tokenize(tokenize or job_default)
+        target = resolve_target(run_dir)
+        return target, check_bleu_tokenize(tokenize or target.spec.eval.bleu_tokenize)
     except (RunNotReady, ServeSetupError, SpecError) as e:
         raise EvalSetupError(str(e)) from None
     except ValueError as e:   # a tokenizer whose optional package is missing
@@ -67,40 +68,47 @@ def bleu_tokenize_for(run_dir: str, tokenize: str | None) -> str:
 
 
 def run_eval(run_dir: str, src_path: str, ref_paths: tuple[str, ...], decoder_names: str, tokenize: str | None,
-             hyp_dir: str | None, delta_t: int, beam: int, batch_tokens: int) -> dict:
+             hyp_dir: str | None, delta_t: int | None, beam: int | None, batch_tokens: int | None) -> dict:
     """The whole command: every check (EvalSetupError), then decode and score with each decoder
     asked for, writing HYP_DIR/<decoder>.txt (atomically, a line per source line) when given.
+    `delta_t`, `beam`, `batch_tokens`: None takes the job's eval settings.
     Returns what --json prints: {"run_dir", "sentences", "references", "beam", "delta_t",
     "bleu_tokenize", "rows": {decoder: row as decoding.translate_and_score}, "hyp_files"}."""
     names = parse_decoders(decoder_names)
     src, refs = read_test_set(src_path, ref_paths)
-    tokenize = bleu_tokenize_for(run_dir, tokenize)
+    target, tokenize = resolve_run(run_dir, tokenize)
+    e = target.spec.eval
+    delta_t, beam = e.delta_t if delta_t is None else delta_t, e.beam_size if beam is None else beam
+    batch_tokens = e.batch_tokens if batch_tokens is None else batch_tokens
     if hyp_dir:
         try:
             Path(hyp_dir).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise EvalSetupError(f"--hyp-dir: {e}") from None
-    rows, hyps = decode_and_score(Path(run_dir), names, src, refs, tokenize, delta_t, beam, batch_tokens)
+    rows, hyps = decode_and_score(target.source, names, src, refs, tokenize, delta_t, beam, batch_tokens,
+                                  e.length_penalty)
     hyp_files = write_hypotheses(Path(hyp_dir), hyps) if hyp_dir else {}
     return {"run_dir": str(run_dir), "sentences": len(src), "references": len(refs), "beam": beam,
             "delta_t": delta_t, "bleu_tokenize": tokenize, "rows": rows, "hyp_files": hyp_files}
 
 
-def decode_and_score(rd: Path, names: tuple[str, ...], src, refs, tokenize: str, delta_t: int, beam: int,
-                     batch_tokens: int):
-    """(rows, hyps) of the decoders `names` of run `rd`, on a GPU when there is one."""
+def decode_and_score(source, names: tuple[str, ...], src, refs, tokenize: str, delta_t: int, beam: int,
+                     batch_tokens: int, length_penalty: float):
+    """(rows, hyps) of the decoders `names` of `source` (serve.target.ModelSource), on a GPU when
+    there is one."""
     import torch
 
     from imitate_nat.checkpoint import CheckpointError
 
-    from .decoding import decoders, load_run_models, score_all
+    from .decoding import decoders, score_all
+    from .serve.target import ServeSetupError, load_models
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        tok, at, nat = load_run_models(rd, device)
-    except (OSError, CheckpointError) as e:
+        tok, at, nat = load_models(source, device)
+    except (OSError, CheckpointError, ServeSetupError) as e:
         raise EvalSetupError(str(e)) from None
-    chosen = {name: d for name, d in decoders(at, nat, beam, delta_t).items() if name in names}
+    chosen = {name: d for name, d in decoders(at, nat, beam, delta_t, length_penalty).items() if name in names}
     return score_all(chosen, tok, src, refs, batch_tokens, device, at.cfg.max_positions, tokenize)
 
 

@@ -10,6 +10,8 @@ learning rate are functions of the step, so that equals training to the new max_
 
 After each stage its MLflow run is tagged with the sha256 of each output (run/tracking.py
 OUTPUT_TAG), reused or not: `serve RUN_ID` finds the runs that logged the models by these.
+After the evaluate stage the run's models are logged as one mlflow.pyfunc model and registered
+under the job's name (registry.py; tracking.register_model: false turns it off).
 
 `linked` makes stage dirs symlinks to dirs shared with other runs (run/sharing.py): sweep
 trials and ablation variants train a shared teacher once.
@@ -19,6 +21,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
+from .registry import register_run_models
 from .run.layout import STAGES, run_dir
 from .run.manifest import read_manifest
 from .run.runner import StageContext, StageResult, run_stage
@@ -70,4 +73,6 @@ def run_pipeline(spec: JobSpec, job_yaml: str, force: str | None = None, until: 
         summary = rd / "evaluate" / "summary.md"
         if summary.is_file():
             parent.log_artifact(str(summary))
+        if "evaluate" in results and spec.tracking.register_model:   # the whole run is done
+            register_run_models(tracker, parent, rd, spec)
     return results

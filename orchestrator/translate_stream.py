@@ -47,38 +47,42 @@ def check_mode(run: str | None, url: str | None, decoder: str | None, delta_t: i
 
 
 def plan_offline(run: str, decoder: str, delta_t: int | None) -> Callable[[], BatchTranslator]:
-    """Check that `run` is finished and its models belong together, and read its job's eval
-    settings, as `serve` does (nothing is loaded yet); returns what loads the translator."""
+    """Check that `run` (a run directory or a models:/ URI) is finished and its models belong
+    together, and read its job's eval settings, as `serve` does (nothing is loaded yet); returns
+    what loads the translator."""
     from .run.layout import RunNotReady
     from .serve.target import ServeSetupError, resolve_target
     from .spec.loading import SpecError
 
     try:
-        settings = resolve_target(run).spec.eval
+        target = resolve_target(run)
     except (RunNotReady, ServeSetupError, SpecError) as e:
         raise TranslateSetupError(str(e)) from None
-    return partial(offline_translator, Path(run), decoder,
+    settings = target.spec.eval
+    return partial(offline_translator, target.source, decoder,
                    settings.delta_t if delta_t is None else delta_t, settings)
 
 
-def offline_translator(run_dir: Path, decoder: str, delta_t: int, settings) -> BatchTranslator:
-    """Load the run's models and return its `decoder` (of run.layout.DECODERS) as a batch translator;
-    `settings`: the job's EvalSpec (beam size, length penalty, batch tokens)."""
+def offline_translator(source, decoder: str, delta_t: int, settings) -> BatchTranslator:
+    """Load the models of `source` (serve.target.ModelSource) and return its `decoder` (of
+    run.layout.DECODERS) as a batch translator; `settings`: the job's EvalSpec (beam size,
+    length penalty, batch tokens)."""
     import torch
 
     from imitate_nat.checkpoint import CheckpointError
     from imitate_nat.translate import translate
 
-    from .decoding import decoders, load_run_models, truncated_sources
+    from .decoding import decoders, truncated_sources
+    from .serve.target import ServeSetupError, load_models
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
-        tok, at, nat = load_run_models(run_dir, device)
-    except (OSError, CheckpointError) as e:
+        tok, at, nat = load_models(source, device)
+    except (OSError, CheckpointError, ServeSetupError) as e:
         raise TranslateSetupError(str(e)) from None
     decode, cost = decoders(at, nat, settings.beam_size, delta_t, settings.length_penalty)[decoder]
     max_src_len = at.cfg.max_positions
-    log.info("translating with %s of %s on %s%s", decoder, run_dir, device,
+    log.info("translating with %s of %s on %s%s", decoder, source.location(), device,
              f" (ΔT {delta_t})" if decoder == "lpd" else "")
 
     def translate_batch(lines: list[str]) -> list[str]:

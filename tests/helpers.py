@@ -45,6 +45,8 @@ def copy_micro_workdir(micro, dst):
     with con:
         con.execute("UPDATE experiments SET artifact_location = replace(artifact_location, ?, ?)", (str(src), str(dst)))
         con.execute("UPDATE runs SET artifact_uri = replace(artifact_uri, ?, ?)", (str(src), str(dst)))
+        con.execute("UPDATE model_versions SET source = replace(source, ?, ?), "   # the registered models
+                    "storage_location = replace(storage_location, ?, ?)", (str(src), str(dst)) * 2)
     con.close()
     # MLflow caches each run's artifact store by run id for the whole process, and the copy's
     # runs keep the original's ids: forget the cached stores (private, test-only) so that

@@ -135,11 +135,16 @@ class NullRunHandle(RunHandle):
 class Tracker:
     """One experiment on one tracking server/store.
 
+    ``registers_models``: whether a pipeline finished under it registers its models
+    (registry.py); not a NestedTracker's, whose pipelines are a study's trials or variants.
+
     ``artifact_root`` (e.g. ``<workdir>/mlartifacts``) gets one folder per experiment; it's
     set explicitly because with a SQLite store MLflow would otherwise put artifacts in
     ./mlruns relative to whatever the CWD happens to be. Pass None to let a tracking
     server decide (e.g. an http:// server proxying artifacts).
     """
+
+    registers_models = True
 
     def __init__(self, tracking_uri: str, experiment_name: str,
                  artifact_root: str | os.PathLike | None):
@@ -302,7 +307,10 @@ class NestedTracker(Tracker):
     names the latest, to log the variant's scores into it.
     `adopt=True` (a sweep trial): the outer run *is* the pipeline's parent, so the stage runs
     nest directly under the trial, which stays one run from its first stage to its final scores.
+    Neither registers its models: the sweep's best.yaml is a job whose `run` does.
     """
+
+    registers_models = False
 
     def __init__(self, base: Tracker, outer_run_id: str, tags: dict | None = None, adopt: bool = False):
         super().__init__(base.tracking_uri, base.experiment_name, None)  # the experiment exists already

@@ -7,7 +7,10 @@ A model source is one of
   model.pt files from the stage runs that logged them. A stage reused from an earlier run
   logs no artifact, so its file comes from a run that ran that stage and logged the same
   bytes: every stage run is tagged with the sha256 of its outputs (run/tracking.py
-  OUTPUT_TAG), and a replica checks each download against it.
+  OUTPUT_TAG), and a replica checks each download against it;
+- a registered model, models:/NAME/VERSION or models:/NAME@ALIAS (registry.py): resolved
+  once to its version number, which each replica downloads and checks against the sha256 of
+  each file logged with it. Its eval settings (the model's model_config) are the defaults.
 
 What is loaded must belong together: for a run directory, each model file must still hash to
 what its stage's manifest recorded, and the teacher and the student must have been trained on
@@ -37,6 +40,7 @@ from ..run.files import sha256_file
 from ..run.hashing import consumed_digests
 from ..run.layout import MODEL_FILES, check_finished
 from ..run.manifest import read_manifest
+from ..registry import RegisteredModel, RegistryError, download_model_files, is_model_uri, resolve_model
 from ..run.tracking import OUTPUT_TAG, resolve_tracking_uri, store_client
 from ..spec.loading import SpecError, apply_overrides, spec_from_dict
 from ..spec.schema import JobSpec, default_workdir
@@ -66,14 +70,18 @@ class ModelSource:
     tracking_uri: str | None = None
     stage_runs: dict[str, str] = field(default_factory=dict)  # MLflow: stage -> run holding its file
     digests: dict[str, str] = field(default_factory=dict)     # MLflow: stage -> sha256 of its file
+    model: RegisteredModel | None = None                      # a registered model version
 
     def describe(self) -> dict:
         """What /health and every response say about the model: the kind of source, not its
         path (a server's directories are none of its clients' business)."""
-        return {"job": self.job, "run_id": self.run_id, "source": "run_dir" if self.run_dir else "mlflow"}
+        kind = "run_dir" if self.run_dir else "registry" if self.model else "mlflow"
+        return {"job": self.job, "run_id": self.run_id, "source": kind}
 
     def location(self) -> str:
         """Where the models are, for the operator's log."""
+        if self.model:
+            return f"{self.model.uri} ({self.tracking_uri})"
         return self.run_dir or f"MLflow run {self.run_id} ({self.tracking_uri})"
 
 
@@ -179,16 +187,19 @@ def stage_runs(client, parent) -> tuple[dict[str, str], dict[str, str]]:
 
 def resolve_target(arg: str, overrides: Sequence[str] = (), tracking_uri: str | None = None,
                    spec: JobSpec | None = None) -> ServeTarget:
-    """RUN_DIR | JOB.yaml (pass its validated `spec`) | MLflow run id -> what to serve, how.
-    Raises RunNotReady, ServeSetupError or SpecError (all: exit 2 in the CLI) before anything starts."""
-    if spec is not None or Path(arg).is_file():
+    """RUN_DIR | JOB.yaml (pass its validated `spec`) | MLflow run id | models:/ URI -> what to
+    serve, how. Raises RunNotReady, ServeSetupError or SpecError (all: exit 2 in the CLI) before
+    anything starts."""
+    if spec is None and is_model_uri(arg):
+        target = _from_registry(arg, overrides, tracking_uri)
+    elif spec is not None or Path(arg).is_file():
         target = _from_job(arg, overrides, tracking_uri, spec)
     elif Path(arg).is_dir():
         target = _from_run_dir(Path(arg).resolve(), overrides, tracking_uri)
     elif RUN_ID.match(arg):
         target = _from_mlflow(arg, overrides, tracking_uri)
     else:
-        raise ServeSetupError(f"{arg}: not a run directory, a job YAML or an MLflow run id")
+        raise ServeSetupError(f"{arg}: not a run directory, a job YAML, an MLflow run id or a models:/ URI")
     e, s = target.spec.eval, target.spec.serve
     if e.delta_t > s.max_delta_t:
         raise SpecError([("eval.delta_t", f"default ΔT {e.delta_t} exceeds serve.max_delta_t {s.max_delta_t}")], arg)
@@ -240,6 +251,22 @@ def _from_mlflow(run_id: str, overrides, tracking_uri) -> ServeTarget:
     return ServeTarget(ModelSource(job, run_id, None, uri, runs, digests), spec)
 
 
+def _from_registry(uri: str, overrides, tracking_uri) -> ServeTarget:
+    store = tracking_uri or resolve_tracking_uri(None, default_workdir())
+    client = store_client(store)
+    if client is None:
+        raise ServeSetupError(f"{uri}: MLflow store {store} not found, no model registry to look in "
+                              f"(set MLFLOW_TRACKING_URI, or --tracking-uri for serve)")
+    try:
+        model = resolve_model(client, uri)
+    except RegistryError as e:
+        raise ServeSetupError(str(e)) from None
+    settings = {k: v for k, v in model.settings.items() if k != "job"}
+    raw = {"name": model.settings.get("job", model.name), "eval": settings}
+    spec = spec_from_dict(apply_overrides(raw, list(overrides)), f"{uri} (its model_config)")
+    return ServeTarget(ModelSource(spec.name, model.run_id, None, store, model=model), spec)
+
+
 def load_models(source: ModelSource, device: str):
     """(tokenizer, AT, NAT) for a replica, from the run directory or downloaded from MLflow."""
     from ..decoding import load_run_models
@@ -251,6 +278,11 @@ def load_models(source: ModelSource, device: str):
         client = store_client(source.tracking_uri)
         if client is None:
             raise ServeSetupError(f"MLflow store {source.tracking_uri} is gone")
+        if source.model:
+            try:
+                return load_run_models(download_model_files(client, source.model, str(tmp)), device)
+            except RegistryError as e:
+                raise ServeSetupError(str(e)) from None
         for stage, name in MODEL_FILES.items():
             (tmp / stage).mkdir()
             path = client.download_artifacts(source.stage_runs[stage], name, str(tmp / stage))

@@ -244,6 +244,9 @@ class SweepSpec(_Section):
 class TrackingSpec(_Section):
     uri: Optional[str] = None                        # None: sqlite file under the work dir
     experiment: Optional[str] = None                 # None: the job name
+    # A finished run logs its models as one mlflow.pyfunc model and registers it under the job's
+    # name (registry.py); false: neither.
+    register_model: bool = True
 
     @field_validator("uri")
     @classmethod
