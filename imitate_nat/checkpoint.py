@@ -3,10 +3,14 @@
 A model file is {"format": 1, "kind": "at"|"nat", "config": ModelConfig dict, "state_dict": ...,
 "meta": small JSON-able dict}. Loading always uses torch.load(weights_only=True): only tensors
 and plain containers are unpickled, never code.
+
+Checkpoint averaging (fairseq's scripts/average_checkpoints.py): the element-wise mean of the
+weights of several model files of one model.
 """
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -60,3 +64,51 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     model = KINDS[blob["kind"]](cfg)
     model.load_state_dict(blob["state_dict"])
     return model.to(device).eval(), blob["meta"]
+
+
+def average_state_dicts(states: Iterable[dict]) -> dict:
+    """Element-wise mean of state dicts with the same keys and shapes. Floating tensors are summed
+    in fp32 (a bf16 sum of several checkpoints would round at every addition) and the mean is cast
+    back to each tensor's dtype; other tensors (integer buffers) are counts, not weights, and must
+    agree. `states` may be a generator: one state dict is held at a time besides the sum."""
+    total, first, n = None, None, 0
+    for state in states:
+        if total is None:
+            first = {k: v.dtype for k, v in state.items()}
+            total = {k: v.detach().to(torch.float32, copy=True) if v.is_floating_point() else v.detach().clone()
+                     for k, v in state.items()}
+        elif state.keys() != total.keys():
+            raise CheckpointError(f"cannot average state dicts with different keys: {sorted(state.keys() ^ total.keys())}")
+        else:
+            for k, v in state.items():
+                if v.shape != total[k].shape:
+                    raise CheckpointError(f"cannot average {k}: shapes {tuple(total[k].shape)} and {tuple(v.shape)}")
+                if v.is_floating_point():
+                    total[k] += v.detach().float()
+                elif not torch.equal(v, total[k]):
+                    raise CheckpointError(f"cannot average {k}: a {v.dtype} tensor that differs between checkpoints")
+        n += 1
+    if total is None:
+        raise CheckpointError("no state dicts to average")
+    return {k: (v / n).to(first[k]) if v.is_floating_point() else v for k, v in total.items()}
+
+
+def average_model_files(paths: Iterable[str | Path]):
+    """The model whose weights are the mean of the model files' (one kind and config; read one
+    at a time). Returns (model in eval mode on the CPU, the files' metas)."""
+    metas, first = [], {}   # first: the first file's path, kind and config
+
+    def states():
+        for path in paths:
+            blob = read_model_file(path)
+            first.setdefault("file", (path, blob["kind"], blob["config"]))
+            if (blob["kind"], blob["config"]) != first["file"][1:]:
+                raise CheckpointError(f"{path}: another kind or config than {first['file'][0]}, cannot average")
+            metas.append(blob["meta"])
+            yield blob["state_dict"]
+
+    averaged = average_state_dicts(states())
+    _, kind, config = first["file"]
+    model = KINDS[kind](ModelConfig.from_dict(config))
+    model.load_state_dict(averaged)
+    return model.eval(), metas

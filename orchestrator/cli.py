@@ -150,6 +150,10 @@ def status(job, overrides) -> None:
         extra = f"  error: {m.error}" if m and m.error and s.state == "failed" else ""
         if s.state == "extend":
             extra = f"  trained to max_steps {m.max_steps}, the job asks {max_steps(spec, s.stage)}"
+        if m and "averaged_kept" in m.metrics:   # a training stage that averaged checkpoints
+            kept = "the average" if m.metrics["averaged_kept"] else "the best checkpoint"
+            extra += (f"  model.pt: {kept} (valid BLEU: average {m.metrics['averaged_valid_bleu']:.2f}, "
+                      f"best checkpoint {m.metrics['best_valid_bleu']:.2f})")
         if m and m.package_version:
             extra += f"  (imitate-orch {m.package_version})"
         click.echo(f"  {s.stage:<10} {s.state:<8} {when}{extra}")

@@ -6,7 +6,8 @@ everything downstream. Beside it, a manifest records the sha256 of the outputs e
 stage had when this one ran ("consumed"): a stage redone with different bytes makes the later
 ones stale even when no setting changed. A training stage whose only change is a higher
 max_steps is not stale but extended from its last checkpoint (its extend key
-is the input hash without max_steps).
+is the input hash without max_steps). Checkpoint averaging (average_last, average_pick) is in
+both: it decides which checkpoints Ray Train keeps, so changing it retrains the stage.
 
 The data the first stage reads from outside the run dir is identified by its bytes, not its
 path: the manifest records the sha256 of each input file (`input_digests`), and a file edited
@@ -31,10 +32,20 @@ DIGEST_CACHE = ".input-sha256.json"   # in the run dir: input file -> sha256, ke
 _RACY_NS = 2 * 10**9   # a file written this recently may change again within one mtime tick: not cached
 
 
+def _identity_sections(spec: JobSpec, stage: str) -> dict:
+    """The spec sections in `stage`'s identity. A training section's averaging fields are left
+    out while averaging is off: they change nothing then, and run dirs from before they existed
+    keep their hashes."""
+    sections = {name: getattr(spec, name).model_dump(mode="json") for name in STAGE[stage].reads}
+    if stage in TRAINING and not sections[stage]["average_last"]:
+        del sections[stage]["average_last"], sections[stage]["average_pick"]
+    return sections
+
+
 def stage_hashes(spec: JobSpec) -> dict[str, str]:
     hashes, upstream = {}, None
     for stage in STAGES:
-        sections = {name: getattr(spec, name).model_dump(mode="json") for name in STAGE[stage].reads}
+        sections = _identity_sections(spec, stage)
         identity = {"stage": stage, "seed": spec.seed, "sections": sections, "upstream": upstream}
         if STAGE[stage].version > 1:   # (version 1 is left out: the hashes of run dirs made before versions)
             identity["version"] = STAGE[stage].version
@@ -47,7 +58,7 @@ def extend_key(spec: JobSpec, stage: str) -> str | None:
     that agree on it differ at most in how long they train."""
     if stage not in TRAINING:
         return None
-    sections = {name: getattr(spec, name).model_dump(mode="json") for name in STAGE[stage].reads}
+    sections = _identity_sections(spec, stage)
     del sections[stage]["max_steps"]
     upstream = stage_hashes(spec)[STAGES[STAGES.index(stage) - 1]]
     return sha256_json({"stage": stage, "seed": spec.seed, "sections": sections, "upstream": upstream,

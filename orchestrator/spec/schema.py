@@ -95,6 +95,13 @@ class TrainSpec(_Section):
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     max_failures: int = Field(0, ge=-1)              # Ray FailureConfig; -1: retry forever
     storage_path: Optional[str] = None               # local path or s3://...; None: the run dir
+    # Checkpoint averaging (fairseq's average_checkpoints.py). 0: off (model.pt: the best checkpoint
+    # by valid BLEU). N >= 2: Ray Train keeps the last N checkpoints (not the 2 best), the stage
+    # averages their weights and scores the average on valid as training does; average_pick
+    # "better": model.pt is the average if its valid BLEU >= the best checkpoint's, else that one;
+    # "averaged": always the average. Changing either retrains the stage (README, "Checkpoint averaging").
+    average_last: int = Field(0, ge=0)
+    average_pick: Literal["better", "averaged"] = "better"
 
     @model_validator(mode="after")
     def _fp16_needs_deepspeed(self) -> "TrainSpec":
@@ -102,6 +109,12 @@ class TrainSpec(_Section):
         # AVX512-BF16, see BENCHMARKS.md). fp16 needs loss scaling, which only the DeepSpeed path has.
         if self.precision == "fp16" and self.strategy != "deepspeed":
             raise FieldError("precision", "fp16 needs strategy: deepspeed (loss scaling); ddp supports fp32 and bf16")
+        return self
+
+    @model_validator(mode="after")
+    def _average_of_several(self) -> "TrainSpec":
+        if self.average_last == 1:   # the "average" of one checkpoint would be the last, not the best
+            raise FieldError("average_last", "1 would average a single checkpoint; 0 is off, N >= 2 averages the last N")
         return self
 
 

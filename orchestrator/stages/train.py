@@ -8,14 +8,14 @@ keeps a fresh start from restoring an old run there: it carries the hash of the 
 other than max_steps (`run.hashing.extend_key`), the digests of the earlier stages' outputs, and
 a nonce kept in the stage dir. A resumed or extended stage (dir kept) goes on with its run; a
 changed, stale or --force'd one (dir wiped) starts a new one.
-The best checkpoint by valid BLEU becomes the stage's model.pt.
+The best checkpoint by valid BLEU becomes the stage's model.pt, or, with average_last, the
+average of the last checkpoints if the job asks for it (train_average.py).
 """
 from __future__ import annotations
 
 import logging
 import os
 import secrets
-from pathlib import Path
 
 from imitate_nat.checkpoint import read_model_file
 from imitate_nat.config import LossConfig
@@ -25,7 +25,9 @@ from ..run.files import atomic_write_bytes, atomic_write_text, sha256_json
 from ..run.hashing import consumed_digests, extend_key
 from ..run.layout import DISTILLED, MODEL, bin_prefix, model_path, split_path, spm_path
 from ..run.runner import StageContext, StageResult
-from .train_checkpoints import checkpoint_problems
+from ..spec.schema import TrainSpec
+from .train_average import write_average_or_best
+from .train_checkpoints import intact_checkpoint_dirs
 from .train_worker import WorkerConfig, train_loop
 
 log = logging.getLogger("imitate_orch")
@@ -75,6 +77,18 @@ def ray_run_name(ctx: StageContext) -> str:
     return f"{ctx.spec.name}-{ctx.stage}-{key[:12]}"
 
 
+def checkpoint_config(t: TrainSpec):
+    """The checkpoints Ray Train keeps: the 2 best by valid BLEU, or for averaging the last
+    average_last (Ray also keeps the latest, which resuming needs)."""
+    import ray.train
+
+    if t.average_last:
+        return ray.train.CheckpointConfig(num_to_keep=t.average_last, checkpoint_score_attribute="step",
+                                          checkpoint_score_order="max")
+    return ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="valid_bleu",
+                                      checkpoint_score_order="max")
+
+
 def run_trainer(ctx: StageContext, kind: str, callbacks=()):
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -93,15 +107,15 @@ def run_trainer(ctx: StageContext, kind: str, callbacks=()):
         run_config=ray.train.RunConfig(
             name=ray_run_name(ctx), storage_path=storage,
             failure_config=ray.train.FailureConfig(max_failures=t.max_failures),
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2, checkpoint_score_attribute="valid_bleu",
-                                                         checkpoint_score_order="max"),
+            checkpoint_config=checkpoint_config(t),
             callbacks=list(callbacks)),  # e.g. Tune's report callback in a sweep trial
     )
     return trainer.fit()
 
 
 def train_model(ctx: StageContext, kind: str, callbacks=()) -> StageResult:
-    """Train the AT ("at") or NAT ("nat") of this stage; its best checkpoint becomes model.pt."""
+    """Train the AT ("at") or NAT ("nat") of this stage; its best checkpoint (or the average of
+    its last ones) becomes model.pt."""
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
     t = ctx.spec.teacher if kind == "at" else ctx.spec.student
@@ -110,12 +124,15 @@ def train_model(ctx: StageContext, kind: str, callbacks=()) -> StageResult:
              "padding included)", ctx.stage, per_update, t.batch_tokens, t.workers, t.update_freq)
     ctx.tracker.log_params({"tokens_per_update_max": per_update})   # the real count: metric train/tokens
     result = run_trainer(ctx, kind, callbacks)
-    atomic_write_bytes(ctx.out_dir / MODEL, best_intact_model(result, ctx.stage, t.workers))
-    meta = read_model_file(ctx.out_dir / MODEL)["meta"]
-    log.info("%s: best valid BLEU %.2f at step %d", ctx.stage, meta["valid_bleu"], meta["step"])
+    if t.average_last:
+        metrics = write_average_or_best(ctx, worker_config(ctx, kind), result)
+    else:
+        atomic_write_bytes(ctx.out_dir / MODEL, best_intact_model(result, ctx.stage, t.workers))
+        meta = read_model_file(ctx.out_dir / MODEL)["meta"]
+        metrics = {"best_valid_bleu": float(meta["valid_bleu"]), "best_step": float(meta["step"])}
+    log.info("%s: best valid BLEU %.2f at step %d", ctx.stage, metrics["best_valid_bleu"], metrics["best_step"])
     return StageResult(outputs={MODEL: MODEL},
-                       metrics={"best_valid_bleu": float(meta["valid_bleu"]), "best_step": float(meta["step"]),
-                                "final_valid_bleu": float(result.metrics.get("valid_bleu", float("nan")))})
+                       metrics={**metrics, "final_valid_bleu": float(result.metrics.get("valid_bleu", float("nan")))})
 
 
 def best_intact_model(result, stage: str, ranks: int) -> bytes:
@@ -123,12 +140,8 @@ def best_intact_model(result, stage: str, ranks: int) -> bytes:
     worker) are all there and verify (a damaged one is skipped with a warning, as when resuming)."""
     ranked = sorted(result.best_checkpoints or [], key=lambda cm: cm[1].get("valid_bleu", float("-inf")),
                     reverse=True)
-    for checkpoint, _ in ranked:
-        with checkpoint.as_directory() as d:
-            problems = checkpoint_problems(Path(d), ranks)
-            if not problems:
-                return Path(d, MODEL).read_bytes()
-        log.warning("%s: skipping damaged checkpoint %s: %s", stage, checkpoint.path, ", ".join(problems))
+    for d in intact_checkpoint_dirs([checkpoint for checkpoint, _ in ranked], stage, ranks):
+        return (d / MODEL).read_bytes()
     raise RuntimeError(f"{stage}: training reported no intact checkpoint")
 
 

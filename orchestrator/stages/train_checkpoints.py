@@ -7,6 +7,9 @@ a partial copy, a rank's checksum list missing) is never loaded; the newest inta
 used instead (steps after it are trained again), and if none is intact the run fails naming the
 damaged files. The checker is told how many ranks wrote the checkpoint (the run's worker count:
 a run's name changes with it, so all its checkpoints have that many).
+
+A run that averages checkpoints (average_last) keeps its last N checkpoints rather than its
+best, so each of them also carries the best model file so far (BEST_MODEL).
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ from ..run.files import atomic_write_json, sha256_file
 
 CHECKSUMS = "sha256-rank{}.json"
 RNG = "rng-rank{}.pt"        # each rank's torch RNG state (CPU, and CUDA where used)
+BEST_MODEL = "best-model.pt"  # averaging runs: the model file of the best checkpoint so far
 log = logging.getLogger("imitate_orch")
 
 
@@ -71,6 +75,19 @@ def checkpoint_problems(d: Path, ranks: int) -> list[str]:
             elif sha256_file(p) != digest:
                 problems.append(f"{name} checksum mismatch")
     return problems
+
+
+def intact_checkpoint_dirs(checkpoints, stage: str, ranks: int):
+    """Yields the local dir of each of `checkpoints` (Ray Train checkpoints of a `ranks`-worker
+    run, in the caller's order) that verifies, while it is open (a remote one is a temporary
+    download); a damaged one is skipped with a warning."""
+    for checkpoint in checkpoints:
+        with checkpoint.as_directory() as d:
+            problems = checkpoint_problems(Path(d), ranks)
+            if not problems:
+                yield Path(d)
+                continue
+        log.warning("%s: skipping damaged checkpoint %s: %s", stage, checkpoint.path, ", ".join(problems))
 
 
 def older_checkpoints(checkpoint) -> list:

@@ -49,7 +49,7 @@ from imitate_nat.translate import at_beam, nat_one_pass, translate
 from ..run.layout import MODEL
 from ..run.tracking import Tracker
 from ..spec.schema import TrainSpec
-from .train_checkpoints import restore_intact, restore_rng, save_rng, write_checksums
+from .train_checkpoints import BEST_MODEL, restore_intact, restore_rng, save_rng, write_checksums
 
 STATE = "trainer_state.pt"   # DDP: model + optimizer + step (loaded with weights_only=True)
 DS_TAG = "ds"                # DeepSpeed checkpoint tag inside a Ray checkpoint
@@ -119,6 +119,11 @@ def deepspeed_config(t: TrainSpec) -> dict:
     elif t.precision == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 12}
     return cfg
+
+
+def valid_set(c: "WorkerConfig") -> tuple[list[str], list[str]]:
+    """The valid sentences scored during training: (sources, references)."""
+    return read_lines(c.valid_src)[:c.valid_sentences], read_lines(c.valid_tgt)[:c.valid_sentences]
 
 
 def valid_bleu(model, kind, tok, src_lines, ref_lines, device) -> float:
@@ -266,11 +271,12 @@ def train_loop(config: dict) -> None:
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     tok = Tokenizer(c.spm)
     data = TrainData(c.train_src, c.train_tgt, c.model.max_positions)
-    valid = (read_lines(c.valid_src)[:c.valid_sentences], read_lines(c.valid_tgt)[:c.valid_sentences])
+    valid = valid_set(c)
     tr = setup(c, device)
 
-    def load(d: Path) -> tuple[int, float, int]:
+    def load(d: Path) -> tuple[int, float, int, bytes | None]:
         meta = json.loads((d / "progress.json").read_text())
+        best_model = (d / BEST_MODEL).read_bytes() if rank == 0 and (d / BEST_MODEL).is_file() else None
         if tr.use_ds:
             tr.model.load_checkpoint(str(d), tag=DS_TAG)
         else:
@@ -278,12 +284,13 @@ def train_loop(config: dict) -> None:
             unwrap(tr.model).load_state_dict(state["model"])
             tr.optimizer.load_state_dict(state["optimizer"])
         restore_rng(d, rank, device)
-        return meta["step"], meta["best"], meta.get("bad_evals", 0)
+        return meta["step"], meta["best"], meta.get("bad_evals", 0), best_model
 
-    start_step, best, bad_evals = 0, float("-inf"), 0
+    # best_model: averaging runs, rank 0: the model file of the best checkpoint so far
+    start_step, best, bad_evals, best_model = 0, float("-inf"), 0, None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        start_step, best, bad_evals = restore_intact(checkpoint, load, world)
+        start_step, best, bad_evals, best_model = restore_intact(checkpoint, load, world)
     if start_step >= t.max_steps or (t.patience is not None and bad_evals >= t.patience):
         # The restored checkpoint is the final one (driver killed after training), or early
         # stopping had ended this run: a raised max_steps would not have trained on either.
@@ -332,8 +339,10 @@ def train_loop(config: dict) -> None:
             score, stop, bad_evals = validate(tr, c, tok, valid, rank, world, device, best, bad_evals)
             if tracker:
                 tracker.log_metrics({"valid/bleu": score}, step=step)
+            best_model = None if score > best else best_model   # None: this checkpoint is the best
             best = max(best, score)
-            report_checkpoint(tr, t, rank, device, {"step": step, "best": best, "bad_evals": bad_evals}, score, c.kind)
+            best_model = report_checkpoint(tr, t, rank, device, {"step": step, "best": best, "bad_evals": bad_evals},
+                                           score, c.kind, best_model)
             paused += time.perf_counter() - pause_start
         if last or stop:
             break
@@ -341,10 +350,13 @@ def train_loop(config: dict) -> None:
         bar.close()
 
 
-def report_checkpoint(tr: Trainee, t: TrainSpec, rank: int, device, counters: dict, score: float, kind: str) -> None:
+def report_checkpoint(tr: Trainee, t: TrainSpec, rank: int, device, counters: dict, score: float, kind: str,
+                      best_model: bytes | None) -> bytes | None:
     """Every rank reports (a barrier) and writes its RNG state; rank 0 writes the model file and
     progress, and under DeepSpeed every rank writes its partition. Ray merges the directories
-    into one checkpoint."""
+    into one checkpoint. Averaging runs keep their last checkpoints, not their best, so rank 0
+    also writes the best model file so far (`best_model`, or this checkpoint's own when None)
+    as BEST_MODEL and returns it for the next checkpoint."""
     import ray.train
 
     model, optimizer, use_ds, step = tr.model, tr.optimizer, tr.use_ds, counters["step"]
@@ -363,5 +375,9 @@ def report_checkpoint(tr: Trainee, t: TrainSpec, rank: int, device, counters: di
                 torch.save({"model": core.state_dict(), "optimizer": optimizer.state_dict()}, os.path.join(d, STATE))
             save_model(model_file_source, os.path.join(d, MODEL), meta={"step": step, "valid_bleu": score, "kind": kind})
             Path(d, "progress.json").write_text(json.dumps(counters))
+            if t.average_last:
+                best_model = best_model or Path(d, MODEL).read_bytes()
+                Path(d, BEST_MODEL).write_bytes(best_model)
         write_checksums(Path(d), rank)
         ray.train.report({"step": step, "valid_bleu": score}, checkpoint=ray.train.Checkpoint.from_directory(d))
+    return best_model
