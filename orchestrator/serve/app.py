@@ -54,11 +54,11 @@ log = logging.getLogger("ray.serve")  # Serve's logger: lines go to the replica'
 
 
 class ApiError(Exception):
-    """A client error with its HTTP status; rendered as {"error": message}."""
+    """A client error with its HTTP status (and headers); rendered as {"error": message}."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message = status, message
+        self.status, self.message, self.headers = status, message, headers
 
 
 class TranslateRequest(BaseModel):
@@ -82,8 +82,8 @@ class TranslateResponse(BaseModel):
     model: dict[str, Any]
 
 
-def _error(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status)
+def _error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
 def _validation_message(errors: list[dict]) -> str:
@@ -112,7 +112,7 @@ class BodyLimit:
             self._check_declared(scope)
             body = await self._read_in_time(receive)
         except ApiError as e:
-            return await _error(e.status, e.message)(scope, receive, send)
+            return await _error(e.status, e.message, e.headers)(scope, receive, send)
         if body is None:  # the client went away
             return
         replayed = False
@@ -150,7 +150,11 @@ class BodyLimit:
                     return await self._read(receive, body)
             except TimeoutError:
                 if loop.time() - deadline < TIMER_SLACK_S:   # fired on time: the client is slow
-                    raise ApiError(408, f"request body not received within {self.timeout_s:g} s") from None
+                    # ...or the bytes are stuck between Serve's proxy and this replica (a busy
+                    # node, a replica being replaced): nothing was decoded, so Retry-After tells
+                    # the client a retry is safe, unlike Serve's request_timeout_s 408.
+                    raise ApiError(408, f"request body not received within {self.timeout_s:g} s",
+                                   {"Retry-After": "1"}) from None
                 deadline = loop.time() + LOOP_GRACE_S
 
     async def _read(self, receive, body: bytearray) -> bytes | None:

@@ -4,9 +4,10 @@ Connection errors, 429, 500, 502 and 503 are retried with exponential backoff an
 replica that died mid-request, or a cluster still starting, answers so), waiting at least what
 a Retry-After header asks (an overloaded server's 503); translation is idempotent, so a retry
 is always safe. A request that timed out once the server had it (408 from Serve's
-request_timeout_s or the body deadline, a gateway's 504, no answer within timeout_s) is not
-retried unless `retry_timeouts`: the server may still be decoding it, and sending it again
-only adds to the load that made it late. Other 4xx errors are the request's fault and raise
+request_timeout_s, a gateway's 504, no answer within timeout_s) is not retried unless
+`retry_timeouts`: the server may still be decoding it, and sending it again only adds to the
+load that made it late. A 408 or 504 that carries Retry-After (our body deadline: nothing was
+decoded) is retried like a 503. Other 4xx errors are the request's fault and raise
 at once. When every attempt found nothing listening, the error says so (NO_SERVER).
 """
 from __future__ import annotations
@@ -104,7 +105,7 @@ def translate_remote(url: str, texts: Sequence[str] | str, delta_t: int | None =
             if resp.status_code == 200:
                 return resp.json()
             reason, status = f"HTTP {resp.status_code}: {_message(resp)}", resp.status_code
-            if status not in retried:
+            if status not in retried and not (status in TIMEOUT_STATUS and "Retry-After" in resp.headers):
                 raise ServeRequestError(reason, status)
             wait_s = _retry_after_s(resp)
         if retry_log is not None:

@@ -77,7 +77,9 @@ class _Answers:
         if isinstance(answer, Exception):
             raise answer
         r = requests.Response()
-        r.status_code, r.headers["Retry-After"] = answer[0], answer[1]
+        r.status_code = answer[0]
+        if answer[1] is not None:
+            r.headers["Retry-After"] = answer[1]
         r._content = json.dumps({"translations": ["x"]} if answer[0] == 200 else {"error": "e"}).encode()
         return r
 
@@ -89,15 +91,20 @@ def test_client_honours_retry_after_and_does_not_retry_timeouts_by_default(monke
     session = _Answers((503, "2"), (429, "1"), ok)
     assert translate_remote("http://x", "a", backoff_s=0.01, session=session)["translations"] == ["x"]
     assert session.calls == 3 and sleeps[0] >= 2 and sleeps[1] >= 1
-    # The server (408: Serve's request_timeout_s, or the body deadline), a gateway (504) or the
-    # client (no answer in time) gave up: the server may still be decoding it.
-    for timed_out in ((408, "0"), (504, "0"), requests.ReadTimeout("slow")):
+    # The server (408: Serve's request_timeout_s), a gateway (504) or the client (no answer in
+    # time) gave up: the server may still be decoding it.
+    for timed_out in ((408, None), (504, None), requests.ReadTimeout("slow")):
         session = _Answers(timed_out, ok)
         with pytest.raises(ServeRequestError):
             translate_remote("http://x", "a", backoff_s=0.01, session=session)
         assert session.calls == 1
         session = _Answers(timed_out, ok)
         assert translate_remote("http://x", "a", backoff_s=0.01, retry_timeouts=True, session=session)
+        assert session.calls == 2
+    # A timeout that says Retry-After (the body deadline: nothing was decoded) is retried.
+    for timed_out in ((408, "1"), (504, "0")):
+        session = _Answers(timed_out, ok)
+        assert translate_remote("http://x", "a", backoff_s=0.01, session=session)["translations"] == ["x"]
         assert session.calls == 2
 
 
