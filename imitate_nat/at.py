@@ -29,12 +29,14 @@ class Encoder(nn.Module):
 
 
 class ImitationDecoder(nn.Module):
-    """Decoder layer l: (o + u, π_l) = imitation_l(o) (eq 4-5), then o' = Transfer_l(o + u) (eq 6)."""
+    """Decoder layer l: (o + u, π_l) = imitation_l(o) (eq 4-5), then o' = Transfer_l(o + u) (eq 6).
+    With modules=False (a NAT built without imitation modules) layer l is Transfer_l(o) alone
+    and no π_l is returned."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, modules: bool = True):
         super().__init__()
         self.imitations = nn.ModuleList(ImitationModule(cfg.d_model, cfg.d_ffn, cfg.n_actions, cfg.action_alpha)
-                                        for _ in range(cfg.dec_layers))
+                                        for _ in range(cfg.dec_layers if modules else 0))
         self.layers = nn.ModuleList(TransferLayer(cfg.d_model, cfg.n_heads, cfg.d_ffn, cfg.dropout)
                                     for _ in range(cfg.dec_layers))
         self.norm = nn.LayerNorm(cfg.d_model)
@@ -46,11 +48,12 @@ class ImitationDecoder(nn.Module):
         src_mask = attention_mask(src_keep)
         tgt_mask = None if tgt_keep is None else attention_mask(tgt_keep)
         log_pis = []
-        for l, (imitate, transfer) in enumerate(zip(self.imitations, self.layers)):
-            o, log_pi = imitate(o)
-            log_pis.append(log_pi)
-            if policies_only and l == len(self.layers) - 1:
-                return None, log_pis
+        for l, transfer in enumerate(self.layers):
+            if self.imitations:
+                o, log_pi = self.imitations[l](o)
+                log_pis.append(log_pi)
+                if policies_only and l == len(self.layers) - 1:
+                    return None, log_pis
             o = transfer(o, memory, src_mask, tgt_mask, causal=causal, cache=cache, layer=l)
         return self.norm(o), log_pis
 
@@ -66,12 +69,15 @@ class EncoderDecoder(nn.Module):
         with torch.no_grad():
             self.embed.weight[cfg.pad_id].zero_()
         self.encoder = Encoder(cfg)
-        self.decoder = ImitationDecoder(cfg)
+        self.decoder = ImitationDecoder(cfg, cfg.imitation_modules)
         self.drop = Dropout(cfg.dropout)
         self.register_buffer("positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
 
+    def scaled_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.embed(tokens) * math.sqrt(self.cfg.d_model)
+
     def embed_tokens(self, tokens: torch.Tensor, start: int = 0) -> torch.Tensor:
-        x = self.embed(tokens) * math.sqrt(self.cfg.d_model)
+        x = self.scaled_embeddings(tokens)
         return self.drop(x + self.positions[start:start + tokens.size(1)].to(x.dtype))
 
     def encode(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,6 +92,11 @@ class EncoderDecoder(nn.Module):
 
 
 class ATDemonstrator(EncoderDecoder):
+    def __init__(self, cfg: ModelConfig):
+        if not cfg.imitation_modules:
+            raise ValueError("the AT demonstrator always has imitation modules (imitation_modules=False is for a NAT)")
+        super().__init__(cfg)
+
     def decode(self, tgt_in: torch.Tensor, memory, src_keep, cache: Cache | None = None, start: int = 0):
         """Causal decoding of tgt_in (B, T) starting at position `start`. With a cache, tgt_in holds
         only the new tokens and the cache grows in place. Returns (logits (B,T,V), [log π_l])."""

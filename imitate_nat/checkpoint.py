@@ -1,8 +1,10 @@
 """Model files: weights + config in one torch file, written atomically, loaded safely.
 
-A model file is {"format": 1, "kind": "at"|"nat", "config": ModelConfig dict, "state_dict": ...,
+A model file is {"format": 2, "kind": "at"|"nat", "config": ModelConfig dict, "state_dict": ...,
 "meta": small JSON-able dict}. Loading always uses torch.load(weights_only=True): only tensors
-and plain containers are unpickled, never code.
+and plain containers are unpickled, never code. Format 1 (before 2026-12) differs only in the
+name of one copy: its NAT "uniform" copied the encoder's states, which is "uniform_encoder"
+now ("uniform" copies the source embeddings, as the paper); it is read as that.
 
 Checkpoint averaging (fairseq's scripts/average_checkpoints.py): the element-wise mean of the
 weights of several model files of one model.
@@ -19,7 +21,8 @@ from .atomic import atomic_writer
 from .config import ModelConfig
 from .nat import NATLearner
 
-FORMAT = 1
+FORMAT = 2
+READABLE = (1, 2)
 KINDS = {"at": ATDemonstrator, "nat": NATLearner}
 
 
@@ -52,8 +55,10 @@ def read_model_file(path: str | Path) -> dict:
         blob = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated or not a torch file
         raise CheckpointError(f"{path}: cannot read model file ({type(e).__name__}: {e})") from e
-    if not isinstance(blob, dict) or blob.get("format") != FORMAT or blob.get("kind") not in KINDS:
+    if not isinstance(blob, dict) or blob.get("format") not in READABLE or blob.get("kind") not in KINDS:
         raise CheckpointError(f"{path}: not an imitate_nat model file (format {FORMAT})")
+    if blob["format"] == 1 and blob["config"].get("copy") == "uniform":
+        blob["config"] = {**blob["config"], "copy": "uniform_encoder"}
     return blob
 
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+COPIES = ("soft", "uniform", "uniform_encoder")   # ModelConfig.copy
+IL_REDUCTIONS = ("mean", "sum")                   # LossConfig.il_reduction
 
 
 @dataclass
@@ -24,7 +26,14 @@ class ModelConfig:
     max_positions: int = 1024         # longest sequence the positional encoding covers
     n_actions: int = 512              # size n of the action space A (paper §4: 512)
     action_alpha: float = 0.9         # α of the moving average c in eq 7
-    copy: str = "soft"                # NAT decoder inputs: "soft" (eq 10-11) or "uniform" (baseline)
+    # NAT decoder inputs: "soft" (SoftCopy, eq 10-11, of the encoder's top states); "uniform"
+    # (UniformCopy as the paper describes it: the source *embeddings*, no global information);
+    # "uniform_encoder" (uniform copying of the encoder's top states: this project's
+    # UniformCopy before 2026-12, kept to compare with).
+    copy: str = "soft"
+    # False: the NAT has no imitation modules (a normal NAT, the paper's baseline that
+    # "degenerates" without imitation); the AT demonstrator always has them.
+    imitation_modules: bool = True
     tau_init: float = 1.0             # initial SoftCopy temperature τ (trainable)
     max_length_offset: int = 64       # length classifier predicts T' - T in [-M, M]
     pad_id: int = PAD_ID
@@ -35,8 +44,8 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model ({self.d_model}) must be divisible by n_heads ({self.n_heads})")
-        if self.copy not in ("soft", "uniform"):
-            raise ValueError(f"copy must be 'soft' or 'uniform', got {self.copy!r}")
+        if self.copy not in COPIES:
+            raise ValueError(f"copy must be one of {', '.join(map(repr, COPIES))}, got {self.copy!r}")
         for name in ("vocab_size", "d_model", "n_heads", "d_ffn", "enc_layers", "dec_layers",
                      "n_actions", "max_positions", "max_length_offset"):
             if getattr(self, name) <= 0:
@@ -66,6 +75,11 @@ class LossConfig:
     lambda1: float = 0.001            # eq 14: weight of the action-distribution regularizer
     lambda2: float = 0.001            # eq 15: weight of the imitation loss
     imitation: bool = True            # False: "NAT without imitation" (Table 2 ablation)
+    # How L_IL is normalized (the paper does not say). "mean": per real target token, like the
+    # cross-entropy, so λ2 weighs per-token quantities. "sum": summed over the batch's real
+    # tokens while the cross-entropy stays a mean, i.e. a per-token weight of λ2 × the tokens
+    # in a batch (one worker's micro-batch): what λ2 = 0.001 means if the paper summed.
+    il_reduction: str = "mean"
     length_weight: float = 0.1        # weight of the target-length classifier loss
 
     def __post_init__(self) -> None:
@@ -74,6 +88,8 @@ class LossConfig:
         for name in ("lambda1", "lambda2", "length_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.il_reduction not in IL_REDUCTIONS:
+            raise ValueError(f"il_reduction must be 'mean' or 'sum', got {self.il_reduction!r}")
 
 
 # Named sizes. "base" and "iwslt_small" are the paper's; "tiny" trains on a CPU in minutes.

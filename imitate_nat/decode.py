@@ -142,10 +142,10 @@ def at_score(at: ATDemonstrator, memory, src_keep, hyps: torch.Tensor, hyp_lengt
 def nat_decode(nat: NATLearner, src: torch.Tensor, lengths: torch.Tensor | None = None):
     """One parallel pass at the predicted length T̂ (or the given lengths); argmax per position."""
     cfg = nat.cfg
-    memory, src_keep = nat.encode(src)
+    enc = nat.encode(src)
     if lengths is None:
-        lengths = nat.predict_lengths(memory, src_keep)
-    logits, _ = nat.decode(memory, src_keep, lengths)
+        lengths = nat.predict_lengths(enc)
+    logits, _ = nat.decode(enc, lengths)
     tokens = token_argmax(logits, cfg)
     return [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
 
@@ -162,7 +162,7 @@ def lpd_candidates(nat: NATLearner, at: ATDemonstrator, nat_enc, at_enc, lengths
                    length_penalty: float = 1.0, width: int | None = None):
     """The core of LPD, free of host syncs when `width` is given (CUDA graphs, graphs.py): decode
     the 2ΔT+1 lengths around each T̂ in ONE NAT pass, score them in ONE teacher-forced AT pass.
-    nat_enc / at_enc: (memory, src_keep) of each model's encoder (at_enc unused when ΔT = 0).
+    nat_enc: the NAT's Encoded; at_enc: the AT's (memory, src_keep) (unused when ΔT = 0).
     Candidate lengths and `width` are at most longest_candidate().
     Returns tokens (B·C, W) padded, candidate lengths (B·C,), AT scores (B, C)."""
     cfg, B, C = nat.cfg, lengths.size(0), 2 * delta_t + 1
@@ -173,7 +173,7 @@ def lpd_candidates(nat: NATLearner, at: ATDemonstrator, nat_enc, at_enc, lengths
     cand_len = (lengths.unsqueeze(1) + offsets).clamp(1, longest).view(-1)  # (B*C,)
     # Each source's C candidates are consecutive rows: they share its memory (no per-candidate
     # copies), so encoder keys/values are projected once per source in both passes.
-    logits, _ = nat.decode(*nat_enc, cand_len, width=width)
+    logits, _ = nat.decode(nat_enc, cand_len, width=width)
     tokens = token_argmax(logits, cfg)
     tokens = tokens.masked_fill(torch.arange(tokens.size(1), device=tokens.device) >= cand_len.unsqueeze(1),
                                 cfg.pad_id)
@@ -199,7 +199,7 @@ def lpd_decode(nat: NATLearner, at: ATDemonstrator, src: torch.Tensor, delta_t: 
         raise ValueError(f"delta_t must be >= 0, got {delta_t}")
     nat_enc = nat.encode(src)
     if lengths is None:
-        lengths = nat.predict_lengths(*nat_enc)
+        lengths = nat.predict_lengths(nat_enc)
     at_enc = at.encode(src) if delta_t > 0 else None
     tokens, cand_len, scores = lpd_candidates(nat, at, nat_enc, at_enc, lengths, delta_t, length_penalty)
     best, best_len = pick_best(tokens, cand_len, scores)

@@ -136,7 +136,7 @@ class GraphedLPD:
             def encode():
                 nat_enc = nat.encode(src)
                 at_enc = at.encode(src) if self.delta_t > 0 else None
-                return nat_enc, at_enc, nat.predict_lengths(*nat_enc)
+                return nat_enc, at_enc, nat.predict_lengths(nat_enc)
             graph, out = _capture(encode)
             return graph, src, lengths, out
         return self._graphs.encoder((B, S), record)

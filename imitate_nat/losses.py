@@ -3,6 +3,8 @@
 Normalization: every term is averaged over real target tokens (the cross-entropy as usual,
 L_π and L_IL likewise, summed over decoder layers), so λ1 and λ2 weigh per-token quantities
 against a per-token cross-entropy, as the paper's sums over t do against the sums of eq 1 and 2.
+The paper does not say how it normalized; LossConfig.il_reduction = "sum" sums L_IL over the
+batch's real tokens instead (the cross-entropy stays a mean), the other reading of its λ2.
 """
 from __future__ import annotations
 
@@ -38,10 +40,12 @@ def token_accuracy(logits: torch.Tensor, target: torch.Tensor, pad_id: int) -> f
     return float((logits.argmax(-1).eq(target) & keep).sum() / keep.sum().clamp_min(1))
 
 
-def imitation_loss(at_log_pis: list[torch.Tensor], nat_log_pis: list[torch.Tensor], mask: torch.Tensor):
+def imitation_loss(at_log_pis: list[torch.Tensor], nat_log_pis: list[torch.Tensor], mask: torch.Tensor,
+                   reduction: str = "mean"):
     """eq 12: L_IL = Σ_l H(π_AT, π_NAT), by eq 13 = -Σ_l E_{π_AT}[log π_NAT], averaged over real
-    tokens. π_AT is a fixed target: no gradient flows into the demonstrator."""
-    n = mask.sum().clamp_min(1)
+    tokens ("mean") or summed over them ("sum"). π_AT is a fixed target: no gradient flows into
+    the demonstrator."""
+    n = mask.sum().clamp_min(1) if reduction == "mean" else 1
     total = 0.0
     for at_lp, nat_lp in zip(at_log_pis, nat_log_pis, strict=True):
         h = -(at_lp.detach().exp() * nat_lp).sum(-1)  # eq 13: -E_{π_AT}[log π_NAT] per position
@@ -88,7 +92,9 @@ def nat_loss(nat: NATLearner, batch: Batch, cfg: LossConfig, demonstrator: ATDem
     if cfg.imitation:
         if demonstrator is None:
             raise ValueError("imitation is on but no AT demonstrator was given")
-        il = imitation_loss(demonstrator_policies(demonstrator, batch), log_pis, tgt_keep.float())
+        if not core.cfg.imitation_modules:
+            raise ValueError("imitation is on but the NAT has no imitation modules to imitate with")
+        il = imitation_loss(demonstrator_policies(demonstrator, batch), log_pis, tgt_keep.float(), cfg.il_reduction)
         loss = loss + cfg.lambda2 * il
         stats["imitation"] = il.item()
     stats["loss"] = loss.item()

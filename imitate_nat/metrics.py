@@ -1,12 +1,15 @@
 """Corpus BLEU, chrF and TER from sacreBLEU on detokenized text, with their signatures.
 
 References are one stream (a line per hypothesis) or several (a list of such streams, for a
-test set with more than one reference translation per sentence), as sacreBLEU takes them."""
+test set with more than one reference translation per sentence), as sacreBLEU takes them.
+`paired_bootstrap` tests whether one system's BLEU is above another's (Koehn, 2004), each
+system possibly several runs (seeds) of one configuration."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Sequence, Union
 
+import numpy as np
 from sacrebleu.metrics import BLEU, CHRF, TER
 
 References = Union[Sequence[str], Sequence[Sequence[str]]]
@@ -65,3 +68,29 @@ def chrf(hyps: Sequence[str], refs: References) -> Score:
 def ter(hyps: Sequence[str], refs: References) -> Score:
     """Translation edit rate (lower is better), with sacreBLEU's defaults."""
     return _corpus(TER(), "TER", hyps, refs)
+
+
+def paired_bootstrap(a: Sequence[Sequence[str]], b: Sequence[Sequence[str]], refs: References,
+                     tokenize: str = "13a", resamples: int = 1000, seed: int = 12345) -> dict:
+    """Paired bootstrap resampling of corpus BLEU: systems A and B, each one or more runs
+    (seeds) of hypotheses for the same sentences. Every resample draws the sentences with
+    replacement, the same draw for every run, and compares A's mean BLEU over its runs with
+    B's. Returns {"a": mean BLEU of A's runs, "b": B's, "delta": a - b, "p": the share of
+    resamples in which A's mean is not above B's (one-sided: small p, A better), "resamples"}.
+    Sentence statistics are sacreBLEU's own (as in its paired-bs), summed per resample."""
+    metric = BLEU(tokenize=tokenize)
+    streams = _streams(a[0], refs)
+    stats = [[np.asarray(metric._extract_corpus_statistics(list(h), streams), dtype=np.int64) for h in runs]
+             for runs in (a, b)]
+    n = len(streams[0])
+    rng = np.random.default_rng(seed)
+    draws = np.stack([np.bincount(rng.integers(0, n, n), minlength=n) for _ in range(resamples)])  # (R, n)
+
+    def mean_bleu(system: list, weights: np.ndarray) -> np.ndarray:
+        """Mean over the runs of BLEU, for each row of weights (sentence counts)."""
+        return np.mean([[metric._compute_score_from_stats(row).score for row in weights @ s] for s in system], axis=0)
+
+    observed = [float(mean_bleu(system, np.ones((1, n), dtype=np.int64))[0]) for system in stats]
+    diff = mean_bleu(stats[0], draws) - mean_bleu(stats[1], draws)
+    return {"a": observed[0], "b": observed[1], "delta": observed[0] - observed[1],
+            "p": float(np.mean(diff <= 0)), "resamples": resamples}

@@ -1,8 +1,11 @@
 """The imitate-NAT learner (paper §3.3): the AT demonstrator's encoder and imitation decoder,
 decoding all target positions at once (no causal mask), its inputs copied from the encoder's
-top-layer states by SoftCopy (eq 10-11) or UniformCopy, and a target-length classifier.
+top-layer states by SoftCopy (eq 10-11) or from the source embeddings by UniformCopy, and a
+target-length classifier.
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -13,6 +16,16 @@ from .layers import padding_mask
 
 # Parameters the NAT has and the AT lacks: everything else is initialized from the AT.
 NAT_ONLY_PREFIXES = ("log_tau", "length_head.")
+# What the AT has and a NAT built without imitation modules lacks (left behind at init).
+IMITATION_PREFIX = "decoder.imitations."
+
+
+class Encoded(NamedTuple):
+    """The NAT's view of a batch of sources. Rows may be shared by g consecutive target rows
+    (LPD's length candidates): see NATLearner.decode."""
+    memory: torch.Tensor                    # encoder top states (B, S, d): cross-attention, SoftCopy
+    src_keep: torch.Tensor                  # (B, S) True at real source positions
+    embedded: torch.Tensor | None = None    # scaled source embeddings (B, S, d): UniformCopy's source
 
 
 def soft_copy_weights(src_keep: torch.Tensor, tgt_len: int, tau: torch.Tensor) -> torch.Tensor:
@@ -45,64 +58,79 @@ class NATLearner(EncoderDecoder):
     def tau(self) -> torch.Tensor:
         return self.log_tau.exp()
 
+    def encode(self, src: torch.Tensor) -> Encoded:
+        memory, src_keep = super().encode(src)
+        # The paper's UniformCopy "directly copies the source embeddings without considering the
+        # global information": the scaled word embeddings, before positions (the decoder adds
+        # its own target positions) and dropout.
+        return Encoded(memory, src_keep, self.scaled_embeddings(src) if self.cfg.copy == "uniform" else None)
+
     # --- decoder inputs -------------------------------------------------------------------------
-    def copy_inputs(self, memory, src_keep, tgt_lengths: torch.Tensor, T: int | None = None) -> torch.Tensor:
+    def copy_inputs(self, enc: Encoded, tgt_lengths: torch.Tensor, T: int | None = None) -> torch.Tensor:
         """Decoder inputs for target lengths `tgt_lengths`, padded to T (default: their max).
-        `memory` may hold one row per source for g consecutive length candidates (LPD)."""
+        `enc` may hold one row per source for g consecutive length candidates (LPD)."""
         T = int(tgt_lengths.max()) if T is None else T
+        memory, src_keep = enc.memory, enc.src_keep
         g = tgt_lengths.size(0) // memory.size(0)
         if self.cfg.copy == "soft":
             # eq 10 depends on the source and on j, not on T': one copy serves all g candidates.
             w = soft_copy_weights(src_keep, T, self.tau).to(memory.dtype)
             y = w @ memory                                           # eq 11: y_j = Σ_i w_ji h_i
             return y if g == 1 else y.repeat_interleave(g, 0)
+        source = enc.embedded if self.cfg.copy == "uniform" else memory
         src_len = src_keep.sum(1)
         idx = uniform_copy_index(src_len if g == 1 else src_len.repeat_interleave(g), tgt_lengths, T)
-        idx = idx.view(memory.size(0), g * T, 1).expand(-1, -1, memory.size(-1))
-        return memory.gather(1, idx).view(-1, T, memory.size(-1))
+        idx = idx.view(source.size(0), g * T, 1).expand(-1, -1, source.size(-1))
+        return source.gather(1, idx).view(-1, T, source.size(-1))
 
     # --- target length --------------------------------------------------------------------------
-    def length_logits(self, memory, src_keep) -> torch.Tensor:
-        keep = src_keep.unsqueeze(-1).to(memory.dtype)
-        pooled = (memory * keep).sum(1) / keep.sum(1).clamp_min(1)
+    def length_logits(self, enc: Encoded) -> torch.Tensor:
+        keep = enc.src_keep.unsqueeze(-1).to(enc.memory.dtype)
+        pooled = (enc.memory * keep).sum(1) / keep.sum(1).clamp_min(1)
         return self.length_head(pooled)
 
     def length_targets(self, src_keep, tgt_lengths) -> torch.Tensor:
         M = self.cfg.max_length_offset
         return (tgt_lengths - src_keep.sum(1)).clamp(-M, M) + M
 
-    def predict_lengths(self, memory, src_keep) -> torch.Tensor:
+    def predict_lengths(self, enc: Encoded) -> torch.Tensor:
         """T̂ = T + argmax offset, kept within [1, max_positions]."""
-        offset = self.length_logits(memory, src_keep).argmax(-1) - self.cfg.max_length_offset
-        return (src_keep.sum(1) + offset).clamp(1, self.cfg.max_positions)
+        offset = self.length_logits(enc).argmax(-1) - self.cfg.max_length_offset
+        return (enc.src_keep.sum(1) + offset).clamp(1, self.cfg.max_positions)
 
     # --- decoding -------------------------------------------------------------------------------
-    def decode(self, memory, src_keep, tgt_lengths: torch.Tensor, width: int | None = None):
-        """All positions in parallel at the given lengths. Returns (logits (B,T',V), [log π_l]).
-        `memory`/`src_keep` may hold one row per source for g consecutive rows of `tgt_lengths`:
-        the candidates then share the source's copy and cross-attention keys (see TransferLayer).
-        `width` ≥ max length pads the decoder wider (masked: same outputs), without a host sync."""
+    def decode(self, enc: Encoded, tgt_lengths: torch.Tensor, width: int | None = None):
+        """All positions in parallel at the given lengths. Returns (logits (B,T',V), [log π_l];
+        no π without imitation modules). `enc` may hold one row per source for g consecutive
+        rows of `tgt_lengths`: the candidates then share the source's copy and cross-attention
+        keys (see TransferLayer). `width` ≥ max length pads the decoder wider (masked: same
+        outputs), without a host sync."""
         T = int(tgt_lengths.max()) if width is None else width  # host sync: the decoder's width
         if T > self.cfg.max_positions:
             raise ValueError(f"target length {T} exceeds max_positions={self.cfg.max_positions}")
-        x = self.copy_inputs(memory, src_keep, tgt_lengths, T)
+        x = self.copy_inputs(enc, tgt_lengths, T)
         x = self.drop(x + self.positions[: x.size(1)].to(x.dtype))
         tgt_keep = padding_mask(tgt_lengths, x.size(1))
-        h, log_pis = self.decoder(x, memory, src_keep, tgt_keep=tgt_keep, causal=False)
+        h, log_pis = self.decoder(x, enc.memory, enc.src_keep, tgt_keep=tgt_keep, causal=False)
         return self.output_logits(h), log_pis
 
     def forward(self, src: torch.Tensor, tgt_lengths: torch.Tensor):
         """Training pass at the reference lengths. Returns (logits, [log π_l], length logits)."""
-        memory, src_keep = self.encode(src)
-        logits, log_pis = self.decode(memory, src_keep, tgt_lengths)
-        return logits, log_pis, self.length_logits(memory, src_keep)
+        enc = self.encode(src)
+        logits, log_pis = self.decode(enc, tgt_lengths)
+        return logits, log_pis, self.length_logits(enc)
 
     # --- initialization from the demonstrator (paper §4, "Model Settings") -------------------------
     @torch.no_grad()
     def init_from_at(self, at: ATDemonstrator) -> None:
-        if at.cfg.to_dict() | {"copy": self.cfg.copy} != self.cfg.to_dict():
+        """Every parameter the two share; without imitation modules the AT's are left behind."""
+        nat_only = {"copy": self.cfg.copy, "imitation_modules": self.cfg.imitation_modules}
+        if at.cfg.to_dict() | nat_only != self.cfg.to_dict():
             raise ValueError("NAT and AT configs differ in architecture; cannot initialize the NAT from this AT")
-        missing, unexpected = self.load_state_dict(at.state_dict(), strict=False)
+        state = at.state_dict()
+        if not self.cfg.imitation_modules:
+            state = {k: v for k, v in state.items() if not k.startswith(IMITATION_PREFIX)}
+        missing, unexpected = self.load_state_dict(state, strict=False)
         bad = [k for k in missing if not k.startswith(NAT_ONLY_PREFIXES)]
         if bad or unexpected:
             raise ValueError(f"AT -> NAT initialization mismatch: missing {bad}, unexpected {unexpected}")

@@ -1,78 +1,19 @@
 """The `imitate-orch` command line. Also runnable as `python -m orchestrator.cli`."""
 from __future__ import annotations
 
-import logging
 import sys
-from typing import NoReturn
 
 import click
 
+from .cli_common import (EXIT_USAGE, check_cluster_or_exit, fail, job_argument, load_or_exit, run_source,
+                         set_option, setup_logging)
+from .cli_studies import STUDY_COMMANDS
 from .run.cluster import init_ray
 from .run.layout import DECODERS, STAGES
 from .run.manifest import package_version
-from .shipped_jobs import JobCopyError, copy_job, jobs_table, job_path
-from .spec.loading import SpecError, dump_spec, load_spec
-from .spec.schema import JobSpec
-from .studies.ablate import VARIANTS
+from .shipped_jobs import JobCopyError, copy_job, jobs_table
+from .spec.loading import SpecError, dump_spec
 from .translate_stream import PIPE_BUFFER_SIZE
-
-EXIT_USAGE = 2   # bad input (spec, arguments, files, an unfinished run): nothing was started
-log = logging.getLogger("imitate_orch")
-
-
-def fail(message) -> NoReturn:
-    """Refuse bad input: the message on stderr, exit 2."""
-    click.echo(f"error: {message}", err=True)
-    sys.exit(EXIT_USAGE)
-
-
-def load_or_exit(job: str, overrides: tuple[str, ...]) -> JobSpec:
-    """Validate the job spec before anything starts; a bad one exits 2 naming its fields."""
-    try:
-        return load_spec(job, list(overrides))
-    except SpecError as e:
-        fail(f"invalid job spec\n{e}")
-
-
-def check_cluster_or_exit(spec: JobSpec):
-    """Right after connecting to Ray, before any stage: a worker group or actor the cluster cannot
-    place would wait for ever, and a work dir some node does not see would fail a stage hours in;
-    both exit 2 naming the field. Returns the work dir probe (run/workdir.py): the caller probes
-    the nodes an autoscaler adds before each stage, and closes it at the end."""
-    import ray
-
-    from .run.cluster import check_fits_cluster
-    from .run.workdir import WorkdirProbe
-
-    probe = None
-    try:
-        check_fits_cluster(spec)
-        probe = WorkdirProbe(spec.workdir)
-        probe.check_new_nodes()
-        return probe
-    except SpecError as e:
-        if probe:
-            probe.close()
-        ray.shutdown()   # a local cluster started for this run goes away; a joined one stays
-        fail(f"the job cannot run on this Ray cluster (no stage was started)\n{e}")
-
-
-def run_source(ctx, param, value: str | None) -> str | None:
-    """--run: a models:/ URI as it is, else a run directory that exists (click's checks)."""
-    keep = value is None or value.startswith("models:/")
-    return value if keep else click.Path(exists=True, file_okay=False).convert(value, param, ctx)
-
-
-def setup_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="imitate-orch: %(message)s",
-                        stream=sys.stderr)
-    for noisy in ("mlflow", "alembic", "urllib3", "filelock"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-
-
-job_argument = click.argument("job", type=click.Path(dir_okay=False), callback=lambda _ctx, _param, v: job_path(v))
-set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
-                          help="Override a spec field, e.g. --set student.lambda2=0.01 (repeatable).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -332,73 +273,8 @@ def translate_cmd(texts, run_path, url, input_path, output_path, decoder, delta_
         sys.exit(EXIT_USAGE if e.status and 400 <= e.status < 500 else 1)
 
 
-@main.command()
-@job_argument
-@set_option
-@click.option("--lambda1-zero-teacher", is_flag=True,
-              help="Also train a teacher with λ1 = 0, for the action-usage comparison (Figure 4) in `report`.")
-@click.option("--only", multiple=True, type=click.Choice([v.name for v in VARIANTS]),
-              help="Run only this variant (repeatable); variants finished earlier still fill their rows. "
-                   "For splitting the ablation over several sittings.")
-@click.option("--address", default=None, help="Join an existing Ray cluster. Default: start a local one.")
-@click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
-@click.option("-v", "--verbose", is_flag=True)
-def ablate(job, overrides, lambda1_zero_teacher, only, address, no_progress, verbose) -> None:
-    """Run the paper's ablation (Table 2) of JOB: raw vs distilled targets, UniformCopy vs
-    SoftCopy, imitation on/off, LPD on/off.
-
-    Variants share one teacher and one distillation (the job's own, when done). Results go to
-    <workdir>/<job>-ablate/ (ablation.md, ablation.json, one run dir per variant) and MLflow."""
-    spec = load_or_exit(job, overrides)
-    setup_logging(verbose)
-    from .run.runner import StageFailed
-    from .studies.ablate import ablation_dir, run_ablation, table2_markdown
-
-    init_ray(spec, address)
-    check_cluster_or_exit(spec).close()
-    try:
-        result = run_ablation(spec, job, lambda1_zero_teacher=lambda1_zero_teacher, progress=not no_progress,
-                              echo=lambda m: click.echo(m, err=True), only=only)
-    except StageFailed as e:
-        click.echo(f"\nerror: {e}\n  Finished stages and variants are kept: rerun the same command to resume.", err=True)
-        if verbose:
-            raise
-        sys.exit(1)
-    click.echo(f"\n{spec.name}: ablation (Table 2)\n\n{table2_markdown(result)}\nwritten to {ablation_dir(spec)}")
-
-
-@main.command()
-@click.argument("run_dir", type=click.Path(file_okay=False))
-@click.option("--job", "job", type=click.Path(dir_okay=False, exists=True), default=None,
-              help="The job spec (default: the job.yaml of the run's MLflow run).")
-@set_option
-@click.option("--compare-teacher", type=click.Path(exists=True), default=None,
-              help="A teacher trained with λ1 = 0 (its run dir, or a model.pt using this run's tokenizer) for the "
-                   "action-usage comparison. Default: the one `ablate --lambda1-zero-teacher` trained, if any.")
-@click.option("--max-delta-t", type=click.IntRange(0, 20), default=None,
-              help="BLEU/latency vs ΔT for ΔT = 0..this (default: eval.delta_t).")
-@click.option("--split", type=click.Choice(["valid", "test"]), default="valid", show_default=True,
-              help="Set decoded for the ΔT sweep and the action usage.")
-@click.option("--out", type=click.Path(file_okay=False), default=None, help="Output dir (default: RUN_DIR/report).")
-@click.option("--tracking-uri", default=None,
-              help="MLflow store (default: the job's, else $MLFLOW_TRACKING_URI, else <workdir>/mlflow.db).")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
-def report(run_dir, job, overrides, compare_teacher, max_delta_t, split, out, tracking_uri, no_progress) -> None:
-    """Write RUN_DIR/report/report.md with PNG plots (also logged to MLflow): results (Table 1),
-    ablation (Table 2), training curves, BLEU and latency vs ΔT, action usage (Figure 4)."""
-    from .run.layout import RunNotReady
-    from .studies.report import write_report
-
-    if overrides and not job:
-        fail("--set needs --job")
-    spec = load_or_exit(job, overrides) if job else None
-    try:
-        path = write_report(run_dir, out, spec, tracking_uri, compare_teacher, max_delta_t, split,
-                            progress=not no_progress, echo=lambda m: click.echo(m, err=True))
-    except (RunNotReady, ValueError, OSError) as e:
-        fail(e)
-    click.echo(f"report: {path}")
-
+for command in STUDY_COMMANDS:
+    main.add_command(command)
 
 if __name__ == "__main__":
     main()

@@ -32,13 +32,26 @@ DIGEST_CACHE = ".input-sha256.json"   # in the run dir: input file -> sha256, ke
 _RACY_NS = 2 * 10**9   # a file written this recently may change again within one mtime tick: not cached
 
 
+# Fields added after run dirs existed, left out of a stage's identity at their defaults so
+# those run dirs keep their hashes (and are not retrained for a setting that changes nothing).
+_ADDED_AT_DEFAULT = {"teacher": {"seed": None},
+                     "student": {"seed": None, "imitation_modules": True, "il_reduction": "mean"}}
+
+
 def _identity_sections(spec: JobSpec, stage: str) -> dict:
     """The spec sections in `stage`'s identity. A training section's averaging fields are left
-    out while averaging is off: they change nothing then, and run dirs from before they existed
-    keep their hashes."""
+    out while averaging is off, and fields added later at their defaults (_ADDED_AT_DEFAULT):
+    they change nothing then, and run dirs from before they existed keep their hashes. A
+    student with `copy: uniform` carries the copy's source: before 2026-12 that name copied
+    the encoder's states (now `uniform_encoder`), so such a run dir's student is retrained."""
     sections = {name: getattr(spec, name).model_dump(mode="json") for name in STAGE[stage].reads}
     if stage in TRAINING and not sections[stage]["average_last"]:
         del sections[stage]["average_last"], sections[stage]["average_pick"]
+    for field, default in _ADDED_AT_DEFAULT.get(stage, {}).items():
+        if sections[stage][field] == default:
+            del sections[stage][field]
+    if stage == "student" and sections[stage]["copy"] == "uniform":
+        sections[stage]["copy_source"] = "embeddings"
     return sections
 
 

@@ -56,9 +56,11 @@ class ModelSpec(_Section):
     def overrides(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump(exclude={"size"}).items() if v is not None}
 
-    def to_model_config(self, vocab_size: int, copy: str = "soft") -> ModelConfig:
-        """The ModelConfig for both the AT teacher and the NAT student (`copy` is the student's)."""
-        return preset(self.size, vocab_size=vocab_size, copy=copy, **self.overrides())
+    def to_model_config(self, vocab_size: int, copy: str = "soft", imitation_modules: bool = True) -> ModelConfig:
+        """The ModelConfig for both the AT teacher and the NAT student (`copy` and
+        `imitation_modules` are the student's)."""
+        return preset(self.size, vocab_size=vocab_size, copy=copy, imitation_modules=imitation_modules,
+                      **self.overrides())
 
     @model_validator(mode="after")
     def _buildable(self) -> "ModelSpec":
@@ -82,6 +84,9 @@ class TrainSpec(_Section):
     log_every: int = Field(100, gt=0)
     checkpoint_every: int = Field(1000, gt=0)
     patience: Optional[int] = Field(None, gt=0)      # evals without improvement before stopping
+    # This stage's seed (initialization, dropout, batch order); None: the job's `seed`. Seeds of
+    # a student share everything upstream (the job's seed would retrain the teacher too).
+    seed: Optional[int] = Field(None, ge=0)
     # Ray Train scaling
     workers: int = Field(1, gt=0)
     cpus_per_worker: int = Field(1, ge=0)
@@ -130,10 +135,22 @@ with warnings.catch_warnings():
     class StudentSpec(TrainSpec):
         lambda2: float = Field(0.001, ge=0.0)        # eq 15: imitation loss weight
         imitation: bool = True                       # False: "NAT without imitation" ablation
-        copy: Literal["soft", "uniform"] = "soft"    # decoder inputs: SoftCopy or uniform copy
+        # False: a NAT with no imitation modules at all (the paper's baseline; needs imitation: false)
+        imitation_modules: bool = True
+        il_reduction: Literal["mean", "sum"] = "mean"   # L_IL per token, or summed over a batch's tokens
+        # decoder inputs: SoftCopy; UniformCopy of the source embeddings (the paper's); uniform
+        # copying of the encoder's states (this project's UniformCopy before 2026-12)
+        copy: Literal["soft", "uniform", "uniform_encoder"] = "soft"
         length_weight: float = Field(0.1, ge=0.0)
         targets: Literal["distilled", "raw"] = "distilled"
         init_from_teacher: bool = True
+
+        @model_validator(mode="after")
+        def _imitation_needs_modules(self) -> "StudentSpec":
+            if self.imitation and not self.imitation_modules:
+                raise FieldError("imitation_modules", "false leaves nothing to imitate with: set "
+                                 "student.imitation: false too (the module-free NAT baseline)")
+            return self
 
 
 # ------------------------------------------------------------- distill, eval, serve, sweep --

@@ -41,20 +41,20 @@ def _loss_config(spec, kind: str) -> LossConfig:
         return LossConfig(label_smoothing=t.label_smoothing, lambda1=t.lambda1)
     s = spec.student
     return LossConfig(label_smoothing=s.label_smoothing, lambda2=s.lambda2, imitation=s.imitation,
-                      length_weight=s.length_weight)
+                      il_reduction=s.il_reduction, length_weight=s.length_weight)
 
 
 def worker_config(ctx: StageContext, kind: str) -> WorkerConfig:
     spec = ctx.spec
     t = spec.teacher if kind == "at" else spec.student
     tok = Tokenizer(spm_path(ctx.run_dir))
-    copy = spec.student.copy if kind == "nat" else "soft"
+    student = {"copy": spec.student.copy, "imitation_modules": spec.student.imitation_modules} if kind == "nat" else {}
     if kind == "nat" and spec.student.targets == "distilled":
         train_tgt = bin_prefix(ctx.run_dir, "distill", DISTILLED)
     else:
         train_tgt = bin_prefix(ctx.run_dir, "tokenizer", "train.tgt")
     return WorkerConfig(
-        kind=kind, seed=spec.seed, train=t, model=spec.model.to_model_config(tok.vocab_size, copy=copy),
+        kind=kind, seed=spec.seed if t.seed is None else t.seed, train=t, model=spec.model.to_model_config(tok.vocab_size, **student),
         losses=_loss_config(spec, kind), spm=str(spm_path(ctx.run_dir)),
         train_src=str(bin_prefix(ctx.run_dir, "tokenizer", "train.src")), train_tgt=str(train_tgt),
         valid_src=str(split_path(ctx.run_dir, "valid", "src")), valid_tgt=str(split_path(ctx.run_dir, "valid", "tgt")),

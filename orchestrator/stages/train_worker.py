@@ -193,7 +193,7 @@ def setup(c: WorkerConfig, device) -> Trainee:
         if c.init_from_teacher:
             model.init_from_at(teacher.cpu())
             teacher.to(device)
-        if c.model.copy == "uniform":
+        if c.model.copy != "soft":
             model.log_tau.requires_grad_(False)  # unused by UniformCopy; DDP insists every trainable param is used
         if not c.losses.imitation:
             teacher = None

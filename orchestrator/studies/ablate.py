@@ -1,6 +1,6 @@
 """`imitate-orch ablate JOB`: the paper's ablation (Table 2) on any job.
 
-Each variant is the job with three student switches overridden, run as its own pipeline run
+Each variant is the job with four student switches overridden, run as its own pipeline run
 in `<workdir>/<job>-ablate/<variant>/`. The rows (Table 2 of the paper, IWSLT16 dev set):
 
     row  variant                      targets    copy         imitation   LPD
@@ -11,10 +11,20 @@ in `<workdir>/<job>-ablate/<variant>/`. The rows (Table 2 of the paper, IWSLT16 
     5    distilled-uniform-imitation  distilled  UniformCopy  w/          -
     6    distilled-soft-imitation     distilled  SoftCopy     w/          -   (imitate-NAT)
     7    distilled-soft-imitation     distilled  SoftCopy     w/          ΔT = eval.delta_t
+    8    distilled-soft-modules       distilled  SoftCopy     modules, no L_IL  (not in the paper)
+
+"w/o" is the paper's: a normal NAT, without imitation modules. Row 8 keeps the modules
+(initialized from the demonstrator) and drops only L_IL: rows 3 → 8 → 6 split imitation's
+effect into the modules' and the loss's. (Before 2026-12, rows 1-3 were row 8's kind and
+UniformCopy copied the encoder's states; ablation.json files from then say so: "format": 1.)
 
 Read cumulatively: 2 → 3 adds SoftCopy, 3 → 6 imitation, 6 → 7 LPD; 1 vs 2 and 4 vs 6 are raw
 vs distilled targets. LPD is decoding only, so row 7 trains nothing: it is row 6's student
 decoded with LPD. Every variant's NAT and NAT+LPD scores are kept in ablation.json.
+
+Seeds (`--seeds N`): each variant's student is trained N times, with student.seed = the job's
+seed + k (k = 0 is the job's own seed: the variant's usual run dir); the table gives the mean ±
+standard deviation, and ablation.json paired bootstrap p-values on test (studies/seeds.py).
 
 Sharing: the variants differ only in the student, so prepare/tokenizer/teacher/distill are one
 copy for all. A stage is linked to the job's own run dir (`<workdir>/<job>/<stage>`) when the
@@ -53,29 +63,36 @@ log = logging.getLogger("imitate_orch")
 LAMBDA1_ZERO = "lambda1-0"  # the λ1 = 0 teacher's run, beside the variants
 
 
+ABLATION_FORMAT = 2   # of ablation.json: 2 since module-free "w/o" rows and the paper's UniformCopy
+
+
 @dataclass(frozen=True)
 class Variant:
     name: str
     targets: str     # distilled | raw
     copy: str        # soft | uniform
     imitation: bool
+    modules: bool    # the student has imitation modules
 
     def overrides(self) -> dict:
-        return {"targets": self.targets, "copy": self.copy, "imitation": self.imitation}
+        return {"targets": self.targets, "copy": self.copy, "imitation": self.imitation,
+                "imitation_modules": self.modules}
 
 
 VARIANTS = (
-    Variant("raw-uniform", "raw", "uniform", False),
-    Variant("distilled-uniform", "distilled", "uniform", False),
-    Variant("distilled-soft", "distilled", "soft", False),
-    Variant("raw-soft-imitation", "raw", "soft", True),
-    Variant("distilled-uniform-imitation", "distilled", "uniform", True),
-    Variant("distilled-soft-imitation", "distilled", "soft", True),
+    Variant("raw-uniform", "raw", "uniform", False, False),
+    Variant("distilled-uniform", "distilled", "uniform", False, False),
+    Variant("distilled-soft", "distilled", "soft", False, False),
+    Variant("raw-soft-imitation", "raw", "soft", True, True),
+    Variant("distilled-uniform-imitation", "distilled", "uniform", True, True),
+    Variant("distilled-soft-imitation", "distilled", "soft", True, True),
+    Variant("distilled-soft-modules", "distilled", "soft", False, True),
 )
-# Table 2's rows: (variant, decoded with LPD). Row 7 is row 6 with LPD.
-ROWS = tuple((v.name, False) for v in VARIANTS) + (("distilled-soft-imitation", True),)
+# Table 2's rows: (variant, decoded with LPD). Row 7 is row 6 with LPD; row 8 is not the paper's.
+ROWS = tuple((v.name, False) for v in VARIANTS[:6]) + (("distilled-soft-imitation", True),
+                                                       ("distilled-soft-modules", False))
 NO_IMITATION = "distilled-soft"  # Table 1's "NAT without imitation"
-COPY_NAMES = {"soft": "SoftCopy", "uniform": "UniformCopy"}
+COPY_NAMES = {"soft": "SoftCopy", "uniform": "UniformCopy", "uniform_encoder": "UniformCopy of encoder states"}
 
 
 def ablation_dir(spec: JobSpec) -> Path:
@@ -139,7 +156,8 @@ def variant_result(v: Variant, rd: Path, spec: JobSpec, device: str) -> dict:
     evaluation = json.loads((rd / "evaluate" / "summary.json").read_text())
     summary = evaluation["rows"]
     valid = valid_scores(rd, spec, device)
-    return {"targets": v.targets, "copy": v.copy, "imitation": v.imitation, "run_dir": str(rd),
+    return {"targets": v.targets, "copy": v.copy, "imitation": v.imitation, "modules": v.modules,
+            "run_dir": str(rd), "seed": spec.student.seed if spec.student.seed is not None else spec.seed,
             "valid_sentences": valid["sentences"], "test_sentences": evaluation["test_sentences"],
             "valid": {"nat": valid["nat"], "lpd": valid["lpd"]},
             "test": {k: summary[k]["bleu"] for k in ("nat", "lpd")},
@@ -150,32 +168,80 @@ def variant_result(v: Variant, rd: Path, spec: JobSpec, device: str) -> dict:
             "stages": {s: str((rd / s).resolve()) for s in STAGES}}
 
 
+def seed_specs(base: JobSpec, v: Variant, seeds: int) -> list[JobSpec]:
+    """The variant's runs, one per student seed: the job's seed first (the variant's own run
+    dir, as without --seeds), then the job's seed + k in `<variant>-seed<seed>`."""
+    specs = [derived_spec(base, v.name, student=v.overrides())]
+    for k in range(1, seeds):
+        seed = base.seed + k
+        specs.append(derived_spec(base, f"{v.name}-seed{seed}", student={**v.overrides(), "seed": seed}))
+    return specs
+
+
+def with_runs(first: dict, runs: list[dict]) -> dict:
+    """A variant's entry: its first seed's result (as without seeds) and every seed's scores."""
+    keep = ("seed", "run_dir", "valid", "test", "test_chrf")
+    return {**first, "runs": [{k: r[k] for k in keep} for r in runs]}
+
+
 def table_rows(variants: dict) -> list[dict]:
-    """Table 2's rows; a variant not run yet (`ablate --only`) has no scores (None)."""
+    """Table 2's rows, BLEU the mean over a variant's seeds (std None for one seed); a variant
+    not run yet (`ablate --only`) has no scores (None)."""
+    from .seeds import mean_std
+
     rows = []
     for i, (name, lpd) in enumerate(ROWS, 1):
         v, kind = variants.get(name), "lpd" if lpd else "nat"
         switches = next(x for x in VARIANTS if x.name == name)
-        rows.append({"row": i, "variant": name, "targets": switches.targets, "copy": switches.copy,
-                     "imitation": switches.imitation, "lpd": lpd,
-                     "valid_bleu": v["valid"][kind] if v else None, "test_bleu": v["test"][kind] if v else None})
+        row = {"row": i, "variant": name, "targets": switches.targets, "copy": switches.copy,
+               "imitation": switches.imitation, "modules": switches.modules, "lpd": lpd, "seeds": 0,
+               "valid_bleu": None, "test_bleu": None, "valid_std": None, "test_std": None}
+        if v:
+            runs = v.get("runs") or [v]
+            row["seeds"] = len(runs)
+            for split in ("valid", "test"):
+                row[f"{split}_bleu"], row[f"{split}_std"] = mean_std([r[split][kind] for r in runs])
+        rows.append(row)
     return rows
 
 
+def _imitation_cell(r: dict) -> str:
+    if r["imitation"]:
+        return "w/"
+    return "modules, no L_IL" if r.get("modules", True) else "w/o"
+
+
+def _bleu_cell(mean: float, std: float | None) -> str:
+    return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
+
+
 def table2_markdown(result: dict) -> str:
-    """Table 2's layout; the caption names the decoding settings and set sizes."""
-    lines = ["| # | variant | targets | copy | imitation | LPD | valid BLEU | test BLEU |",
-             "|---:|---|---|---|---|---|---:|---:|"]
+    """Table 2's layout; the caption names the decoding settings and set sizes. A table from
+    before ABLATION_FORMAT 2 is shown as what it measured: its "w/o" rows kept the modules and
+    its UniformCopy copied the encoder's states."""
+    from .seeds import comparisons_markdown
+
+    old = result.get("format", 1) < ABLATION_FORMAT
+    lines = ["| # | variant | targets | copy | imitation | LPD | seeds | valid BLEU | test BLEU |",
+             "|---:|---|---|---|---|---|---:|---:|---:|"]
     for r in result["rows"]:
         lpd = f"ΔT = {result['delta_t']}" if r["lpd"] else "–"
-        scores = "not run yet | not run yet" if r["valid_bleu"] is None else f"{r['valid_bleu']:.2f} | {r['test_bleu']:.2f}"
-        lines.append(f"| {r['row']} | {r['variant']} | {r['targets']} | {COPY_NAMES[r['copy']]} | "
-                     f"{'w/' if r['imitation'] else 'w/o'} | {lpd} | {scores} |")
+        copy = "uniform_encoder" if old and r["copy"] == "uniform" else r["copy"]
+        scores = "not run yet | not run yet" if r["valid_bleu"] is None else \
+            f"{_bleu_cell(r['valid_bleu'], r.get('valid_std'))} | {_bleu_cell(r['test_bleu'], r.get('test_std'))}"
+        lines.append(f"| {r['row']} | {r['variant']} | {r['targets']} | {COPY_NAMES[copy]} | {_imitation_cell(r)} | "
+                     f"{lpd} | {r.get('seeds', 1) or '–'} | {scores} |")
+    note = ("\n**A table from before 2026-12**: its rows without imitation kept the imitation modules "
+            "(only L_IL was off) and its UniformCopy copied the encoder's states, not the source embeddings.\n"
+            if old else "")
     return ("\n".join(lines) + f"\n\nJob `{result['job']}`; BLEU (sacreBLEU) on valid ({result['valid_sentences']} "
-            f"sentences) and test ({result['test_sentences']}); NAT rows are one parallel pass, LPD rescored by the "
-            f"shared AT teacher. The AT teacher itself (beam {result['beam']}): test BLEU {result['test_at']:.2f}.\n"
+            f"sentences) and test ({result['test_sentences']}), the mean ± standard deviation over the student "
+            f"seeds; NAT rows are one parallel pass, LPD rescored by the shared AT teacher. Without imitation, "
+            f"\"w/o\" is a NAT without imitation modules (the paper's). The AT teacher itself (beam "
+            f"{result['beam']}): test BLEU {result['test_at']:.2f}.\n" + note
             + (f"\nNot run yet: {', '.join(result['missing'])} (`imitate-orch ablate JOB --only VARIANT`).\n"
-               if result.get("missing") else ""))
+               if result.get("missing") else "")
+            + ("\n" + comparisons_markdown(result["comparisons"]) if result.get("comparisons") else ""))
 
 
 def variant_done(spec: JobSpec) -> bool:
@@ -184,22 +250,25 @@ def variant_done(spec: JobSpec) -> bool:
 
 def write_results(out: Path, base: JobSpec, variants: dict, extra: dict) -> dict:
     """ablation.json and ablation.md from the variants finished so far, rewritten after each."""
+    from .seeds import comparisons
+
     first = next(iter(variants.values()))
-    result = {"job": base.name, "job_run_dir": str(run_dir(base)), "delta_t": base.eval.delta_t,
-              "beam": base.eval.beam_size, "valid_sentences": first["valid_sentences"],
+    result = {"format": ABLATION_FORMAT, "job": base.name, "job_run_dir": str(run_dir(base)),
+              "delta_t": base.eval.delta_t, "beam": base.eval.beam_size, "valid_sentences": first["valid_sentences"],
               "test_sentences": first["test_sentences"], "test_at": first["test_at"],
               "variants": variants, "missing": [v.name for v in VARIANTS if v.name not in variants], **extra}
     result["rows"] = table_rows(variants)
+    result["comparisons"] = comparisons(result["rows"], variants, base.eval.bleu_tokenize)
     atomic_write_json(out / "ablation.json", result)
     atomic_write_text(out / "ablation.md", table2_markdown(result))
     return result
 
 
 def run_ablation(base: JobSpec, job_yaml: str, lambda1_zero_teacher: bool = False, progress: bool = True,
-                 echo=print, only: tuple[str, ...] = ()) -> dict:
+                 echo=print, only: tuple[str, ...] = (), seeds: int = 1) -> dict:
     """Run every variant (or those in `only`; the others are reported when already finished),
-    score them, write ablation.json/.md after each and log to MLflow. Ray must be initialized by
-    the caller. Raises pipeline.StageFailed."""
+    each with `seeds` student seeds, score them, write ablation.json/.md after each variant and
+    log to MLflow. Ray must be initialized by the caller. Raises pipeline.StageFailed."""
     import torch  # here, not at module level: the CLI imports VARIANTS from this module
 
     out = ablation_dir(base)
@@ -207,23 +276,30 @@ def run_ablation(base: JobSpec, job_yaml: str, lambda1_zero_teacher: bool = Fals
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tracker = make_tracker(base)
     variants: dict[str, dict] = {}
-    extra: dict = {}
+    extra: dict = {"seeds": seeds}
     with tracker.parent(f"{base.name}-ablate", base.flat_params(), tags={"ablation_of": base.name}) as parent:
         nested = NestedTracker(tracker, parent.run_id, {"ablation_of": base.name})
         for i, v in enumerate(VARIANTS, 1):
-            spec = derived_spec(base, v.name, student=v.overrides())
+            specs = seed_specs(base, v, seeds)
             if only and v.name not in only:
-                if variant_done(spec):  # finished by an earlier ablate: in the table, not rerun
-                    variants[v.name] = variant_result(v, run_dir(spec), spec, device)
+                done = [s for s in specs if variant_done(s)]   # finished by an earlier ablate: in the table
+                if done and done[0] is specs[0]:
+                    runs = [variant_result(v, run_dir(s), s, device) for s in done]
+                    variants[v.name] = with_runs(runs[0], runs)
                 continue
-            links = stage_links(spec, base)
-            echo(f"ablate [{i}/{len(VARIANTS)}] {v.name}: targets={v.targets} copy={v.copy} "
-                 f"imitation={'on' if v.imitation else 'off'} ({describe_links(links, base)})")
-            run_pipeline(spec, job_yaml, progress=progress, tracker=nested, linked=links)
-            variants[v.name] = variant_result(v, run_dir(spec), spec, device)
-            r = variants[v.name]
-            tracker.handle(nested.last_run_id).log_metrics(
-                {f"{split}_bleu_{kind}": r[split][kind] for split in ("valid", "test") for kind in ("nat", "lpd")})
+            runs = []
+            for k, spec in enumerate(specs):
+                links = stage_links(spec, base)
+                seed_note = f" seed {spec.student.seed} ({k + 1}/{seeds})" if seeds > 1 else ""
+                echo(f"ablate [{i}/{len(VARIANTS)}] {v.name}{seed_note}: targets={v.targets} copy={v.copy} "
+                     f"imitation={'on' if v.imitation else 'off'} modules={'yes' if v.modules else 'no'} "
+                     f"({describe_links(links, base)})")
+                run_pipeline(spec, job_yaml, progress=progress, tracker=nested, linked=links)
+                runs.append(variant_result(v, run_dir(spec), spec, device))
+                tracker.handle(nested.last_run_id).log_metrics(
+                    {f"{split}_bleu_{kind}": runs[-1][split][kind] for split in ("valid", "test")
+                     for kind in ("nat", "lpd")})
+            variants[v.name] = with_runs(runs[0], runs)
             write_results(out, base, variants, extra)
         if lambda1_zero_teacher:
             spec = derived_spec(base, LAMBDA1_ZERO, teacher={"lambda1": 0.0})

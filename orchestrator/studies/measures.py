@@ -102,19 +102,26 @@ def delta_t_sweep(rd: Path, spec: JobSpec, split: str, max_delta_t: int, device:
 
 # -------------------------------------------------------------------------- action usage --
 
+def teacher_forced_batches(tok, src: list[str], ref: list[str], max_positions: int, device: str,
+                           batch_tokens: int = 4096):
+    """Batches of the non-empty (src, ref) pairs, tokenized and cut to the models' positions,
+    for teacher-forced measurements. Raises ValueError when there are none."""
+    from imitate_nat.data import make_batch, token_batches
+
+    cap = max_positions - 1  # room for EOS (source) and BOS (target input)
+    pairs = [(s[:cap], t[:cap]) for s, t in zip(tok.encode_batch(src), tok.encode_batch(ref)) if s and t]
+    if not pairs:
+        raise ValueError("no non-empty sentence pairs to measure on")
+    return [make_batch([pairs[i][0] for i in idx], [pairs[i][1] for i in idx]).to(device)
+            for idx in token_batches([max(len(s), len(t)) + 1 for s, t in pairs], batch_tokens)]
+
+
 def action_usage(at, tok, src: list[str], ref: list[str], device: str, batch_tokens: int = 4096) -> dict:
     """Argmax-action histogram (eq 3) of an AT teacher, teacher-forced on (src, ref), over every
     real target position (incl. the EOS step, as the regularizer sees them) and decoder layer."""
-    from imitate_nat.data import make_batch, token_batches
-
-    cap = at.cfg.max_positions - 1  # room for EOS (source) and BOS (target input)
-    pairs = [(s[:cap], t[:cap]) for s, t in zip(tok.encode_batch(src), tok.encode_batch(ref)) if s and t]
-    if not pairs:
-        raise ValueError("no non-empty sentence pairs to measure action usage on")
     n, layers = at.cfg.n_actions, at.cfg.dec_layers
     counts = torch.zeros(layers, n, dtype=torch.long)
-    for idx in token_batches([max(len(s), len(t)) + 1 for s, t in pairs], batch_tokens):
-        b = make_batch([pairs[i][0] for i in idx], [pairs[i][1] for i in idx]).to(device)
+    for b in teacher_forced_batches(tok, src, ref, at.cfg.max_positions, device, batch_tokens):
         _, log_pis = at(b.src, b.tgt_in)
         keep = b.tgt_out.ne(at.cfg.pad_id)
         for l, log_pi in enumerate(log_pis):

@@ -30,7 +30,7 @@ from ..run.manifest import read_manifest
 from ..run.tracking import RunHandle, resolve_tracking_uri
 from ..spec.schema import JobSpec
 from . import plots
-from .ablate import LAMBDA1_ZERO, NO_IMITATION, table2_markdown
+from .ablate import COPY_NAMES, LAMBDA1_ZERO, NO_IMITATION, table2_markdown
 from .measures import JobRun, delta_t_sweep, find_job_run, teacher_action_usage, training_curves
 
 
@@ -48,8 +48,11 @@ def default_tracking_uri(rd: Path) -> str:
 def student_label(spec: JobSpec) -> str:
     """'imitate-NAT' for the paper's student, else what differs (an ablation variant's run)."""
     s = spec.student
-    extras = (["UniformCopy"] if s.copy == "uniform" else []) + (["raw targets"] if s.targets == "raw" else [])
-    name = "imitate-NAT" if s.imitation else "NAT without imitation"
+    extras = ([COPY_NAMES[s.copy]] if s.copy != "soft" else []) + (["raw targets"] if s.targets == "raw" else [])
+    if s.imitation:
+        name = "imitate-NAT"
+    else:
+        name = "NAT with imitation modules, no L_IL" if s.imitation_modules else "NAT without imitation"
     return f"{name} ({', '.join(extras)})" if extras else name
 
 
@@ -60,7 +63,8 @@ def results_section(rd: Path, spec: JobSpec, ablation: dict | None) -> list[str]
     table = [(f"AT demonstrator (beam {e.beam_size})", rows["at"])]
     if ablation and NO_IMITATION in ablation["variants"]:
         v = ablation["variants"][NO_IMITATION]
-        table.append(("NAT without imitation (ablation row 3)",
+        kept = " (its imitation modules kept: an ablation from before 2026-12)" if ablation.get("format", 1) < 2 else ""
+        table.append((f"NAT without imitation (ablation row 3){kept}",
                       {"bleu": v["test"]["nat"], "chrf": v["test_chrf"]["nat"], "latency_ms": v["latency_ms"]["nat"],
                        "speedup": v["speedup"]["nat"]}))  # vs the AT timed beside it, in its own evaluate stage
     nat = student_label(spec)

@@ -10,7 +10,9 @@ from imitate_nat import ATDemonstrator, NATLearner, preset
 from imitate_nat.data import source_tensor
 from imitate_nat import decode
 from imitate_nat.decode import at_score, beam_search, greedy_search, lpd_candidates, lpd_decode, nat_decode
+from imitate_nat.config import COPIES
 from imitate_nat.layers import select_cache
+from imitate_nat.nat import Encoded
 
 SPECIALS = 4  # pad, unk, bos, eos
 
@@ -149,8 +151,7 @@ def test_nat_decode_emits_exactly_the_requested_lengths_and_no_special_tokens():
     assert [len(o) for o in out] == [1, 3, 5, 8]
     assert all(t not in (0, 2, 3) for o in out for t in o)
     predicted = nat_decode(nat, src)
-    memory, keep = nat.encode(src)
-    assert [len(o) for o in predicted] == nat.predict_lengths(memory, keep).tolist()
+    assert [len(o) for o in predicted] == nat.predict_lengths(nat.encode(src)).tolist()
 
 
 def test_lpd_with_delta_zero_equals_nat_decoding():
@@ -181,7 +182,7 @@ def test_lpd_keeps_the_candidate_the_at_scores_best():
     assert len({len(x) for x in best}) > 1 or len(set(map(tuple, best))) > 1
 
 
-@pytest.mark.parametrize("copy", ["soft", "uniform"])
+@pytest.mark.parametrize("copy", COPIES)
 def test_candidates_sharing_one_memory_row_equal_per_candidate_copies(copy):
     """LPD passes each source's memory once for its C consecutive length candidates (copy inputs
     and cross-attention fold them): the logits equal those of C repeated copies."""
@@ -189,10 +190,10 @@ def test_candidates_sharing_one_memory_row_equal_per_candidate_copies(copy):
     nat = NATLearner(dataclasses.replace(at.cfg, copy=copy)).eval()
     nat.init_from_at(at)
     src, C = sources(15, n=3, seed=24), 5
-    memory, keep = nat.encode(src)
+    enc = nat.encode(src)
     cand_len = torch.tensor([[1, 2, 3, 4, 5], [4, 5, 6, 7, 8], [2, 3, 4, 5, 6]]).view(-1)
-    shared, _ = nat.decode(memory, keep, cand_len)
-    copied, _ = nat.decode(memory.repeat_interleave(C, 0), keep.repeat_interleave(C, 0), cand_len)
+    shared, _ = nat.decode(enc, cand_len)
+    copied, _ = nat.decode(Encoded(*(None if t is None else t.repeat_interleave(C, 0) for t in enc)), cand_len)
     real = torch.arange(shared.size(1)) < cand_len.unsqueeze(1)
     assert torch.allclose(shared[real], copied[real], atol=1e-5)
 
@@ -202,7 +203,7 @@ def test_lpd_sends_all_candidates_through_one_nat_and_one_at_pass():
     src = sources(15, n=3, seed=20)
     calls = {"nat": [], "at": []}
     nat_decode_fn, at_decode_fn = nat.decode, at.decode
-    nat.decode = lambda memory, keep, lengths, **k: calls["nat"].append(len(lengths)) or nat_decode_fn(memory, keep, lengths, **k)
+    nat.decode = lambda enc, lengths, **k: calls["nat"].append(len(lengths)) or nat_decode_fn(enc, lengths, **k)
     at.decode = lambda *a, **k: calls["at"].append(a[0].size(0)) or at_decode_fn(*a, **k)
     lpd_decode(nat, at, src, delta_t=3)
     assert calls == {"nat": [3 * 7], "at": [3 * 7]}

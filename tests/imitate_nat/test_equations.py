@@ -8,7 +8,7 @@ from imitate_nat import ATDemonstrator, LossConfig, NATLearner, preset
 from imitate_nat.data import make_batch
 from imitate_nat.imitation import ImitationModule, action_usage_entropy, sharpened_target
 from imitate_nat.losses import at_loss, demonstrator_policies, imitation_loss, nat_loss
-from imitate_nat.nat import soft_copy_weights, uniform_copy_index
+from imitate_nat.nat import Encoded, soft_copy_weights, uniform_copy_index
 
 
 def tiny(**kw):
@@ -232,7 +232,7 @@ def test_eq10_11_softcopy_small_tau_is_nearest_position_copy():
     memory = torch.randn(2, 5, nat.cfg.d_model)
     keep = torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
     lengths = torch.tensor([7, 4])
-    y = nat.copy_inputs(memory, keep, lengths)
+    y = nat.copy_inputs(Encoded(memory, keep), lengths)
     for b, S in enumerate([5, 3]):
         for j in range(int(lengths[b])):
             assert torch.allclose(y[b, j], memory[b, min(j, S - 1)], atol=1e-5)
@@ -377,9 +377,9 @@ def test_nat_decoder_is_not_causal_and_at_decoder_is():
     nat = NATLearner(tiny()).eval()
     nat.init_from_at(at)
     src = make_batch([[5, 6, 7, 8]], [[9]]).src
-    memory, keep = nat.encode(src)
+    enc = nat.encode(src)
     lengths = torch.tensor([5])
-    base, _ = nat.decode(memory, keep, lengths)
+    base, _ = nat.decode(enc, lengths)
     copy_inputs = nat.copy_inputs
 
     def last_input_changed(*args, **kw):
@@ -388,7 +388,7 @@ def test_nat_decoder_is_not_causal_and_at_decoder_is():
         return x
 
     nat.copy_inputs = last_input_changed
-    changed, _ = nat.decode(memory, keep, lengths)
+    changed, _ = nat.decode(enc, lengths)
     assert not torch.allclose(changed[:, 0], base[:, 0], atol=1e-4)  # position 0 sees position 4's input
 
     memory, keep = at.encode(src)
@@ -420,4 +420,4 @@ def test_length_targets_and_prediction_are_offsets_from_source_length():
     with torch.no_grad():
         nat.length_head.weight.zero_()
         nat.length_head.bias.copy_(torch.tensor([0, 0, 0, 0, 0, 0, 9.0, 0, 0]))  # offset +2
-    assert nat.predict_lengths(torch.zeros(2, 5, nat.cfg.d_model), keep).tolist() == [7, 4]
+    assert nat.predict_lengths(Encoded(torch.zeros(2, 5, nat.cfg.d_model), keep)).tolist() == [7, 4]

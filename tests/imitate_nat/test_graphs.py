@@ -6,6 +6,7 @@ import torch
 
 from imitate_nat import ATDemonstrator, NATLearner, preset
 from imitate_nat.data import source_tensor
+from imitate_nat.config import COPIES
 from imitate_nat.decode import lpd_candidates, lpd_decode, nat_decode, pick_best
 from imitate_nat.graphs import GraphCache, GraphedLPD
 
@@ -29,7 +30,7 @@ def sources(vocab, n, seed, lo=2, hi=12):
                           for k in torch.randint(lo, hi, (n,), generator=g)])
 
 
-@pytest.mark.parametrize("copy", ["soft", "uniform"])
+@pytest.mark.parametrize("copy", COPIES)
 def test_lpd_ignores_extra_decoder_width_and_padded_source_columns(copy):
     """What one graph per (width, source) bucket relies on: padding is masked everywhere."""
     at, nat = model_pair(copy)
@@ -38,9 +39,9 @@ def test_lpd_ignores_extra_decoder_width_and_padded_source_columns(copy):
     padded = torch.cat([src, torch.zeros(src.size(0), 5, dtype=torch.long)], 1)  # 5 extra pad columns
     with torch.no_grad():
         nat_enc = nat.encode(src)  # unpadded, natural width
-        _, cand_len, scores = lpd_candidates(nat, at, nat_enc, at.encode(src), nat.predict_lengths(*nat_enc), 2)
+        _, cand_len, scores = lpd_candidates(nat, at, nat_enc, at.encode(src), nat.predict_lengths(nat_enc), 2)
         nat_enc, at_enc = nat.encode(padded), at.encode(padded)
-        lengths = nat.predict_lengths(*nat_enc)
+        lengths = nat.predict_lengths(nat_enc)
         W = int(cand_len.max()) + 7
         wide_tokens, wide_len, wide_scores = lpd_candidates(nat, at, nat_enc, at_enc, lengths, 2, width=W)
         best, best_len = pick_best(wide_tokens, wide_len, wide_scores)
@@ -61,7 +62,7 @@ def test_graphed_lpd_refuses_models_off_the_gpu_or_in_training_mode():
 
 
 @cuda
-@pytest.mark.parametrize("copy", ["soft", "uniform"])
+@pytest.mark.parametrize("copy", COPIES)
 @pytest.mark.parametrize("delta_t", [0, 3])
 def test_graphed_lpd_equals_eager_lpd(copy, delta_t):
     at, nat = model_pair(copy, device="cuda")

@@ -17,15 +17,19 @@ from helpers import MICRO_JOB_SETS, copy_micro_workdir, micro_job_spec
 
 def test_variants_are_the_rows_of_table_2(tmp_path):
     base = micro_job_spec(tmp_path)
-    assert len(ROWS) == 7 and ROWS[-1] == ("distilled-soft-imitation", True)   # row 7: row 6 + LPD
-    assert {(v.targets, v.copy, v.imitation) for v in VARIANTS} == {
-        ("raw", "uniform", False), ("distilled", "uniform", False), ("distilled", "soft", False),
-        ("raw", "soft", True), ("distilled", "uniform", True), ("distilled", "soft", True)}
+    assert len(ROWS) == 8 and ROWS[6] == ("distilled-soft-imitation", True)   # row 7: row 6 + LPD
+    assert ROWS[7] == ("distilled-soft-modules", False)    # row 8: the modules without L_IL (not the paper's)
+    # "w/o imitation" is the paper's: a NAT without imitation modules.
+    assert {(v.targets, v.copy, v.imitation, v.modules) for v in VARIANTS} == {
+        ("raw", "uniform", False, False), ("distilled", "uniform", False, False), ("distilled", "soft", False, False),
+        ("raw", "soft", True, True), ("distilled", "uniform", True, True), ("distilled", "soft", True, True),
+        ("distilled", "soft", False, True)}
     hashes = {}
     for v in VARIANTS:
         spec = derived_spec(base, v.name, student=v.overrides())
         assert run_dir(spec) == ablation_dir(base) / v.name
-        assert (spec.student.targets, spec.student.copy, spec.student.imitation) == (v.targets, v.copy, v.imitation)
+        s = spec.student
+        assert (s.targets, s.copy, s.imitation, s.imitation_modules) == (v.targets, v.copy, v.imitation, v.modules)
         assert spec.student.max_steps == base.student.max_steps      # everything else is the job's
         hashes[v.name] = stage_hashes(spec)
     base_hashes = stage_hashes(base)
@@ -71,12 +75,20 @@ def test_ablate_after_run_trains_no_second_teacher_and_fills_table_2(micro_run, 
 
     # In sittings: `--only` trains that variant; the table says which rows are not run yet,
     # and `report` takes the partial table.
-    r = CliRunner().invoke(main, ["ablate", "jobs/tiny.yaml", *sets, "--only", "distilled-soft", "--no-progress"])
+    # With two student seeds: the job's, and the job's + 1 in a run dir of its own; the row is their mean.
+    r = CliRunner().invoke(main, ["ablate", "jobs/tiny.yaml", *sets, "--only", "distilled-soft", "--seeds", "2",
+                                  "--no-progress"])
     assert r.exit_code == 0, r.output + repr(r.exception)
     partial = json.loads((out / "ablation.json").read_text())
-    assert list(partial["variants"]) == ["distilled-soft"] and len(partial["missing"]) == 5
-    assert [row["valid_bleu"] is None for row in partial["rows"]] == [True, True, False, True, True, True, True]
-    assert (out / "ablation.md").read_text().count("not run yet | not run yet") == 6
+    assert list(partial["variants"]) == ["distilled-soft"] and len(partial["missing"]) == 6
+    assert [row["valid_bleu"] is None for row in partial["rows"]] == [True, True, False, True, True, True, True, True]
+    assert (out / "ablation.md").read_text().count("not run yet | not run yet") == 7
+    runs, row3 = partial["variants"]["distilled-soft"]["runs"], partial["rows"][2]
+    assert [r_["seed"] for r_ in runs] == [spec.seed, spec.seed + 1]
+    assert runs[1]["run_dir"] == str(out / f"distilled-soft-seed{spec.seed + 1}")
+    assert row3["seeds"] == 2 and row3["valid_bleu"] == pytest.approx(sum(r_["valid"]["nat"] for r_ in runs) / 2)
+    assert row3["valid_std"] is not None and " ± " in (out / "ablation.md").read_text()
+    assert read_model_file(out / "distilled-soft" / "student" / "model.pt")["config"]["imitation_modules"] is False
     r = CliRunner().invoke(main, ["report", str(rd), "--max-delta-t", "0", "--no-progress", "--out", str(tmp_path / "p")])
     assert r.exit_code == 0, r.output + repr(r.exception)
     assert "| 3 | distilled-soft |" in (tmp_path / "p" / "report.md").read_text()
@@ -84,8 +96,14 @@ def test_ablate_after_run_trains_no_second_teacher_and_fills_table_2(micro_run, 
     r = CliRunner().invoke(main, ["ablate", "jobs/tiny.yaml", *sets, "--no-progress"])
     assert r.exit_code == 0, r.output + repr(r.exception)
     result = json.loads((out / "ablation.json").read_text())
-    assert [row["row"] for row in result["rows"]] == list(range(1, 8))
-    assert all(f"| {i} | " in r.output for i in range(1, 8)) and (out / "ablation.md").is_file()
+    assert [row["row"] for row in result["rows"]] == list(range(1, 9))
+    assert all(f"| {i} | " in r.output for i in range(1, 9)) and (out / "ablation.md").is_file()
+    # Paired bootstrap between the rows one switch apart; its observed Δ is the rows' test BLEU Δ.
+    test_bleu = {row["row"]: row["test_bleu"] for row in result["rows"]}
+    assert [(c["from"], c["to"]) for c in result["comparisons"]] == [(2, 3), (3, 8), (8, 6), (3, 6), (2, 5), (6, 7)]
+    for c in result["comparisons"]:
+        assert c["delta"] == pytest.approx(test_bleu[c["to"]] - test_bleu[c["from"]], abs=1e-6) and 0 <= c["p"] <= 1
+    assert "| 3 → 8 | imitation modules, no L_IL |" in r.output
     row6, row7 = result["rows"][5], result["rows"][6]
     assert row7["lpd"] and row7["valid_bleu"] == result["variants"][row6["variant"]]["valid"]["lpd"]
 
@@ -93,7 +111,8 @@ def test_ablate_after_run_trains_no_second_teacher_and_fills_table_2(micro_run, 
         vd = out / v.name
         for stage in ("prepare", "tokenizer", "teacher", "distill"):
             assert (vd / stage).is_symlink() and (vd / stage).resolve() == (rd / stage).resolve()
-        assert read_model_file(vd / "student" / "model.pt")["config"]["copy"] == v.copy
+        config = read_model_file(vd / "student" / "model.pt")["config"]
+        assert (config["copy"], config["imitation_modules"]) == (v.copy, v.modules)
     assert read_manifest(rd / "teacher").started == teacher_started          # the job's teacher, not retrained
     assert (out / "distilled-soft-imitation" / "student").resolve() == (rd / "student").resolve()
 
@@ -110,7 +129,8 @@ def test_ablate_after_run_trains_no_second_teacher_and_fills_table_2(micro_run, 
             if stage_run.data.params["reused"] == "False":
                 trained.setdefault(stage_run.data.tags["stage"], []).append(v.info.run_name)
     assert "teacher" not in trained and "distill" not in trained and "prepare" not in trained
-    assert sorted(trained["student"]) == sorted(v.name for v in VARIANTS if v.name != "distilled-soft-imitation")
+    assert sorted(trained["student"]) == sorted([v.name for v in VARIANTS if v.name != "distilled-soft-imitation"]
+                                                + [f"distilled-soft-seed{spec.seed + 1}"])
     assert abl.data.metrics["row7_valid_bleu"] == row7["valid_bleu"]
     trainings = "params.reused = 'False'"
     assert len(client.search_runs([exp], f"tags.stage = 'teacher' and {trainings}")) == 1   # micro_run's, only

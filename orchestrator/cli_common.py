@@ -1,0 +1,70 @@
+"""What every `imitate-orch` command shares: refusing bad input (exit 2), loading a job spec,
+checking it fits the Ray cluster, logging, and the JOB argument and --set option."""
+from __future__ import annotations
+
+import logging
+import sys
+from typing import NoReturn
+
+import click
+
+from .shipped_jobs import job_path
+from .spec.loading import SpecError, load_spec
+from .spec.schema import JobSpec
+
+EXIT_USAGE = 2   # bad input (spec, arguments, files, an unfinished run): nothing was started
+
+
+def fail(message) -> NoReturn:
+    """Refuse bad input: the message on stderr, exit 2."""
+    click.echo(f"error: {message}", err=True)
+    sys.exit(EXIT_USAGE)
+
+
+def load_or_exit(job: str, overrides: tuple[str, ...]) -> JobSpec:
+    """Validate the job spec before anything starts; a bad one exits 2 naming its fields."""
+    try:
+        return load_spec(job, list(overrides))
+    except SpecError as e:
+        fail(f"invalid job spec\n{e}")
+
+
+def check_cluster_or_exit(spec: JobSpec):
+    """Right after connecting to Ray, before any stage: a worker group or actor the cluster cannot
+    place would wait for ever, and a work dir some node does not see would fail a stage hours in;
+    both exit 2 naming the field. Returns the work dir probe (run/workdir.py): the caller probes
+    the nodes an autoscaler adds before each stage, and closes it at the end."""
+    import ray
+
+    from .run.cluster import check_fits_cluster
+    from .run.workdir import WorkdirProbe
+
+    probe = None
+    try:
+        check_fits_cluster(spec)
+        probe = WorkdirProbe(spec.workdir)
+        probe.check_new_nodes()
+        return probe
+    except SpecError as e:
+        if probe:
+            probe.close()
+        ray.shutdown()   # a local cluster started for this run goes away; a joined one stays
+        fail(f"the job cannot run on this Ray cluster (no stage was started)\n{e}")
+
+
+def run_source(ctx, param, value: str | None) -> str | None:
+    """--run: a models:/ URI as it is, else a run directory that exists (click's checks)."""
+    keep = value is None or value.startswith("models:/")
+    return value if keep else click.Path(exists=True, file_okay=False).convert(value, param, ctx)
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="imitate-orch: %(message)s",
+                        stream=sys.stderr)
+    for noisy in ("mlflow", "alembic", "urllib3", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+job_argument = click.argument("job", type=click.Path(dir_okay=False), callback=lambda _ctx, _param, v: job_path(v))
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                          help="Override a spec field, e.g. --set student.lambda2=0.01 (repeatable).")

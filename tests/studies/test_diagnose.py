@@ -1,0 +1,40 @@
+"""`imitate-orch diagnose RUN_DIR`: the imitation diagnostics of a finished run, written to
+RUN_DIR/diagnostics/, with other students (here a NAT without imitation modules) beside it."""
+import json
+import shutil
+
+from click.testing import CliRunner
+
+from imitate_nat import ATDemonstrator, NATLearner
+from imitate_nat.checkpoint import load_model, save_model
+from orchestrator.cli import main
+
+
+def test_diagnose_a_run_with_a_module_free_student_beside_it(micro_run, tmp_path):
+    rd = tmp_path / "run"
+    for stage in ("prepare", "tokenizer", "teacher", "student"):
+        shutil.copytree(micro_run[0] / stage, rd / stage, symlinks=True)
+    at, _ = load_model(rd / "teacher" / "model.pt")
+    assert isinstance(at, ATDemonstrator)
+    bare = NATLearner(type(at.cfg)(**{**at.cfg.to_dict(), "imitation_modules": False}))
+    bare.init_from_at(at)
+    save_model(bare, tmp_path / "bare.pt")
+
+    r = CliRunner().invoke(main, ["diagnose", str(rd), "--student", str(tmp_path / "bare.pt"),
+                                  "--bleu-sentences", "8", "--beam", "2"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    result = json.loads((rd / "diagnostics" / "diagnostics.json").read_text())
+    L = at.cfg.dec_layers
+    assert set(result["students"]) == {"run (this run)", str(tmp_path / "bare.pt")}
+    own = result["students"]["run (this run)"]
+    assert own["imitation_modules"] and len(own["kl"]) == L and all(k >= -1e-6 for k in own["kl"])
+    assert result["students"][str(tmp_path / "bare.pt")] == {"imitation_modules": False}
+    d = result["at"]["decoding"]
+    assert d["sentences"] == 8 and d["beam"] == 2 and 0 <= d["bleu_u_zeroed"] <= 100
+    md = (rd / "diagnostics" / "diagnostics.md").read_text()
+    assert "with u = 0 in every layer" in md and "no imitation modules" in md and md in r.output
+
+    # A run without a student: exit 2, saying which stage to run.
+    shutil.rmtree(rd / "student")
+    r = CliRunner().invoke(main, ["diagnose", str(rd)])
+    assert r.exit_code == 2 and "no student model" in r.output
