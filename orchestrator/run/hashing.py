@@ -34,8 +34,9 @@ _RACY_NS = 2 * 10**9   # a file written this recently may change again within on
 
 # Fields added after run dirs existed, left out of a stage's identity at their defaults so
 # those run dirs keep their hashes (and are not retrained for a setting that changes nothing).
-_ADDED_AT_DEFAULT = {"teacher": {"seed": None},
-                     "student": {"seed": None, "imitation_modules": True, "il_reduction": "mean"}}
+_ADDED_AT_DEFAULT = {"teacher": {"seed": None, "valid_sentences": 500},
+                     "student": {"seed": None, "valid_sentences": 500, "imitation_modules": True,
+                                 "il_reduction": "mean"}}
 
 
 def _identity_sections(spec: JobSpec, stage: str) -> dict:

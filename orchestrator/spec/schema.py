@@ -87,6 +87,9 @@ class TrainSpec(_Section):
     # This stage's seed (initialization, dropout, batch order); None: the job's `seed`. Seeds of
     # a student share everything upstream (the job's seed would retrain the teacher too).
     seed: Optional[int] = Field(None, ge=0)
+    # Valid sentences (the first N) whose BLEU picks the best checkpoint during training; None:
+    # the whole valid set (slower evals; what a comparison between models should pick on).
+    valid_sentences: Optional[int] = Field(500, gt=0)
     # Ray Train scaling
     workers: int = Field(1, gt=0)
     cpus_per_worker: int = Field(1, ge=0)

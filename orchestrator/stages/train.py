@@ -31,7 +31,6 @@ from .train_checkpoints import intact_checkpoint_dirs
 from .train_worker import WorkerConfig, train_loop
 
 log = logging.getLogger("imitate_orch")
-VALID_SENTENCES = 500  # valid BLEU during training on at most this many sentences (full valid at evaluate)
 RUN_NONCE = "ray-run-nonce"   # in the stage dir: part of the Ray Train run's name (ray_run_name)
 
 
@@ -58,7 +57,7 @@ def worker_config(ctx: StageContext, kind: str) -> WorkerConfig:
         losses=_loss_config(spec, kind), spm=str(spm_path(ctx.run_dir)),
         train_src=str(bin_prefix(ctx.run_dir, "tokenizer", "train.src")), train_tgt=str(train_tgt),
         valid_src=str(split_path(ctx.run_dir, "valid", "src")), valid_tgt=str(split_path(ctx.run_dir, "valid", "tgt")),
-        valid_sentences=VALID_SENTENCES, teacher=str(model_path(ctx.run_dir, "teacher")),
+        valid_sentences=t.valid_sentences, teacher=str(model_path(ctx.run_dir, "teacher")),
         init_from_teacher=kind == "nat" and spec.student.init_from_teacher, threads=max(1, int(t.cpus_per_worker)),
         progress=ctx.progress, tracker=ctx.experiment, run_id=ctx.tracker.run_id)
 

@@ -159,7 +159,7 @@ class WorkerConfig:
     train_tgt: str
     valid_src: str
     valid_tgt: str
-    valid_sentences: int        # valid BLEU during training on at most this many sentences
+    valid_sentences: int | None  # valid BLEU during training on at most this many sentences (None: all)
     teacher: str                # the demonstrator's model file (read by students only)
     init_from_teacher: bool
     threads: int

@@ -119,8 +119,9 @@ BEFORE = {
 def test_new_student_fields_at_their_defaults_keep_the_hashes_of_existing_run_dirs():
     default = stage_hashes(spec_from_dict({"name": "x"}))
     assert {k: default[k] for k in BEFORE["default"]} == BEFORE["default"]
-    explicit = spec_from_dict({"name": "x", "teacher": {"seed": None},
-                               "student": {"seed": None, "imitation_modules": True, "il_reduction": "mean"}})
+    explicit = spec_from_dict({"name": "x", "teacher": {"seed": None, "valid_sentences": 500},
+                               "student": {"seed": None, "imitation_modules": True, "il_reduction": "mean",
+                                           "valid_sentences": 500}})
     assert stage_hashes(explicit) == default
     assert stage_hashes(spec_from_dict({"name": "x", "student": {"imitation": False}}))["student"] == \
         BEFORE["no-imitation"]["student"]
@@ -130,7 +131,7 @@ def test_new_student_fields_at_their_defaults_keep_the_hashes_of_existing_run_di
     assert uniform["teacher"] == default["teacher"]
     # Each switch, and a student's own seed, changes the student and what follows, nothing before.
     for student in ({"imitation": False, "imitation_modules": False}, {"il_reduction": "sum"}, {"seed": 7},
-                    {"copy": "uniform_encoder"}):
+                    {"copy": "uniform_encoder"}, {"valid_sentences": None}):
         h = stage_hashes(spec_from_dict({"name": "x", "student": student}))
         assert [s for s in h if h[s] != default[s]] == ["student", "evaluate"], student
     h = stage_hashes(spec_from_dict({"name": "x", "teacher": {"seed": 7}}))

@@ -38,3 +38,28 @@ def test_diagnose_a_run_with_a_module_free_student_beside_it(micro_run, tmp_path
     shutil.rmtree(rd / "student")
     r = CliRunner().invoke(main, ["diagnose", str(rd)])
     assert r.exit_code == 2 and "no student model" in r.output
+
+
+def test_ablation_students_are_those_trained_from_this_runs_teacher(tmp_path):
+    from orchestrator.studies.diagnose import student_files
+
+    def run(path, teacher: bytes, student: bytes | None = b"s"):
+        (path / "teacher").mkdir(parents=True)
+        (path / "teacher" / "model.pt").write_bytes(teacher)
+        if student is not None:
+            (path / "student").mkdir()
+            (path / "student" / "model.pt").write_bytes(student + path.name.encode())
+        return path
+
+    rd = run(tmp_path / "job", b"T")
+    ablation = tmp_path / "job-ablate"
+    run(ablation / "distilled-soft", b"T")
+    run(ablation / "lambda1-0", b"other teacher")
+    run(ablation / "raw-uniform", b"T", student=None)            # not finished
+    (ablation / "distilled-soft-imitation").mkdir(parents=True)   # linked to the job's own dirs
+    for stage in ("teacher", "student"):
+        (ablation / "distilled-soft-imitation" / stage).symlink_to(rd / stage)
+    assert list(student_files(rd)) == ["job (this run)"]
+    found = student_files(rd, ablation=True)
+    assert found == {"job (this run)": rd / "student" / "model.pt",
+                     "ablation: distilled-soft": ablation / "distilled-soft" / "student" / "model.pt"}
