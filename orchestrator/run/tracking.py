@@ -46,11 +46,13 @@ def resolve_tracking_uri(spec_uri: str | None, workdir: str | os.PathLike) -> st
 
 def store_client(uri: str):
     """An MlflowClient for the store at `uri`, or None for a SQLite file that does not exist:
-    looking for runs (serve, eval, report) must not create an empty store as a side effect."""
+    looking for runs (serve, eval, report) must not create an empty store as a side effect.
+    What it downloads are small files (job.yaml, models): no progress bar per file."""
     from mlflow import MlflowClient
 
     if uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
         return None
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return MlflowClient(tracking_uri=uri)
 
 

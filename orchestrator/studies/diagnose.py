@@ -3,8 +3,9 @@ the student imitate them? (imitate_nat/diagnostics.py says what each figure mean
 
 Teacher-forced on a split of the run (valid by default, every sentence): the demonstrator's
 per-layer policy entropy, ‖u‖/‖o‖ and action–token mutual information, and for each student
-(the run's own, those given with --student, and with --ablation every finished variant of
-the job's ablation that shares this run's teacher) H(π_AT, π_NAT), KL and argmax agreement.
+(the run's own once trained, those given with --student, and with --ablation every finished
+variant of the job's ablation that shares this run's teacher) H(π_AT, π_NAT), KL and argmax
+agreement. A run whose teacher is trained can be diagnosed before its student is.
 Then the demonstrator's BLEU on the first sentences of the split decoded as trained and with
 u = 0 in every layer. Writes RUN_DIR/diagnostics/diagnostics.json and diagnostics.md.
 """
@@ -28,10 +29,11 @@ def _finished_model(rd: Path, stage: str) -> Path:
 
 
 def student_files(rd: Path, extra: tuple[str, ...] = (), ablation: bool = False) -> dict[str, Path]:
-    """label -> student model file: the run's own, then each --student (a run dir or a model
-    file), then (ablation) the finished variants of <workdir>/<job>-ablate/ trained from this
-    run's teacher."""
-    students = {f"{rd.name} (this run)": _finished_model(rd, "student")}
+    """label -> student model file: the run's own (when trained: the demonstrator alone can be
+    diagnosed before), then each --student (a run dir or a model file), then (ablation) the
+    finished variants of <workdir>/<job>-ablate/ trained from this run's teacher."""
+    own = model_path(rd, "student")
+    students = {f"{rd.name} (this run)": own} if own.is_file() else {}
     for item in extra:
         p = Path(item).resolve()
         students[p.name if p.is_dir() else str(p)] = _finished_model(p, "student") if p.is_dir() else p
@@ -115,6 +117,8 @@ def diagnostics_markdown(r: dict) -> str:
               f"as trained, {d['bleu_u_zeroed']:.2f} with u = 0 in every layer "
               f"({d['bleu_u_zeroed'] - d['bleu']:+.2f}).", "",
               "| student | layer | H(π_AT, π_NAT) | KL(π_AT ‖ π_NAT) | argmax agreement |", "|---|---:|---:|---:|---:|"]
+    if not r["students"]:
+        lines.append("| (no student yet: the run's student stage has not finished; none given with --student) | | | | |")
     for name, s in r["students"].items():
         if not s["imitation_modules"]:
             lines.append(f"| {name} | – | no imitation modules | | |")

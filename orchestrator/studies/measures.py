@@ -14,7 +14,6 @@ import datetime as dt
 import json
 import logging
 import math
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -166,7 +165,6 @@ def _experiment_ids(client) -> list[str]:
 
 
 def _job_yaml(client, run_id: str) -> dict:
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # a bar per small file is noise
     with tempfile.TemporaryDirectory() as d:
         return yaml.safe_load(Path(client.download_artifacts(run_id, "job.yaml", d)).read_text())
 

@@ -34,10 +34,15 @@ def test_diagnose_a_run_with_a_module_free_student_beside_it(micro_run, tmp_path
     md = (rd / "diagnostics" / "diagnostics.md").read_text()
     assert "with u = 0 in every layer" in md and "no imitation modules" in md and md in r.output
 
-    # A run without a student: exit 2, saying which stage to run.
+    # Before the student is trained: the demonstrator alone. Without a teacher: exit 2, saying so.
     shutil.rmtree(rd / "student")
+    r = CliRunner().invoke(main, ["diagnose", str(rd), "--bleu-sentences", "2", "--beam", "1"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((rd / "diagnostics" / "diagnostics.json").read_text())["students"] == {}
+    assert "no student yet" in r.output
+    shutil.rmtree(rd / "teacher")
     r = CliRunner().invoke(main, ["diagnose", str(rd)])
-    assert r.exit_code == 2 and "no student model" in r.output
+    assert r.exit_code == 2 and "no teacher model" in r.output
 
 
 def test_ablation_students_are_those_trained_from_this_runs_teacher(tmp_path):
@@ -60,6 +65,7 @@ def test_ablation_students_are_those_trained_from_this_runs_teacher(tmp_path):
     for stage in ("teacher", "student"):
         (ablation / "distilled-soft-imitation" / stage).symlink_to(rd / stage)
     assert list(student_files(rd)) == ["job (this run)"]
+    assert student_files(run(tmp_path / "untrained", b"T", student=None)) == {}
     found = student_files(rd, ablation=True)
     assert found == {"job (this run)": rd / "student" / "model.pt",
                      "ablation: distilled-soft": ablation / "distilled-soft" / "student" / "model.pt"}
