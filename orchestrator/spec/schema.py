@@ -343,6 +343,11 @@ class JobSpec(_Section):
             raise ValueError(f"exists and is not a directory: {v}")
         return v
 
+    def training_seed(self, stage: str) -> int:
+        """The seed a training stage ("teacher" or "student") trains with: its own, else the job's."""
+        own = getattr(self, stage).seed
+        return self.seed if own is None else own
+
     def flat_params(self) -> dict[str, str]:
         """The whole spec as {"teacher.lr": "0.0005", ...} (MLflow params are strings)."""
         out: dict[str, str] = {}

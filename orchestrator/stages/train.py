@@ -53,7 +53,7 @@ def worker_config(ctx: StageContext, kind: str) -> WorkerConfig:
     else:
         train_tgt = bin_prefix(ctx.run_dir, "tokenizer", "train.tgt")
     return WorkerConfig(
-        kind=kind, seed=spec.seed if t.seed is None else t.seed, train=t, model=spec.model.to_model_config(tok.vocab_size, **student),
+        kind=kind, seed=spec.training_seed("teacher" if kind == "at" else "student"), train=t, model=spec.model.to_model_config(tok.vocab_size, **student),
         losses=_loss_config(spec, kind), spm=str(spm_path(ctx.run_dir)),
         train_src=str(bin_prefix(ctx.run_dir, "tokenizer", "train.src")), train_tgt=str(train_tgt),
         valid_src=str(split_path(ctx.run_dir, "valid", "src")), valid_tgt=str(split_path(ctx.run_dir, "valid", "tgt")),

@@ -157,7 +157,7 @@ def variant_result(v: Variant, rd: Path, spec: JobSpec, device: str) -> dict:
     summary = evaluation["rows"]
     valid = valid_scores(rd, spec, device)
     return {"targets": v.targets, "copy": v.copy, "imitation": v.imitation, "modules": v.modules,
-            "run_dir": str(rd), "seed": spec.student.seed if spec.student.seed is not None else spec.seed,
+            "run_dir": str(rd), "seed": spec.training_seed("student"),
             "valid_sentences": valid["sentences"], "test_sentences": evaluation["test_sentences"],
             "valid": {"nat": valid["nat"], "lpd": valid["lpd"]},
             "test": {k: summary[k]["bleu"] for k in ("nat", "lpd")},

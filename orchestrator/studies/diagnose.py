@@ -11,7 +11,6 @@ u = 0 in every layer. Writes RUN_DIR/diagnostics/diagnostics.json and diagnostic
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -38,12 +37,24 @@ def student_files(rd: Path, extra: tuple[str, ...] = (), ablation: bool = False)
         p = Path(item).resolve()
         students[p.name if p.is_dir() else str(p)] = _finished_model(p, "student") if p.is_dir() else p
     if ablation:
-        teacher = sha256_file(_finished_model(rd, "teacher"))
+        # Variants link the job's (or a shared) teacher dir: each distinct file is hashed once.
+        digests: dict[Path, str] = {}
+
+        def digest(path: Path) -> str | None:
+            if not path.is_file():
+                return None
+            path = path.resolve()
+            if path not in digests:
+                digests[path] = sha256_file(path)
+            return digests[path]
+
+        teacher = digest(_finished_model(rd, "teacher"))
+        seen = {p.resolve() for p in students.values()}
         for variant in sorted((rd.parent / f"{rd.name}-ablate").glob("*/student/" + MODEL)):
             vd = variant.parent.parent
-            same = (vd / "teacher" / MODEL).is_file() and sha256_file(vd / "teacher" / MODEL) == teacher
-            if same and variant.resolve() not in {p.resolve() for p in students.values()}:
+            if digest(vd / "teacher" / MODEL) == teacher and variant.resolve() not in seen:
                 students[f"ablation: {vd.name}"] = variant
+                seen.add(variant.resolve())
     return students
 
 
@@ -127,7 +138,3 @@ def diagnostics_markdown(r: dict) -> str:
             lines.append(f"| {name} | {l + 1} | {_f(s['cross_entropy'][l])} | {_f(s['kl'][l])} | "
                          f"{s['argmax_agreement'][l]:.1%} |")
     return "\n".join(lines) + "\n"
-
-
-def read_diagnostics(run_dir) -> dict:
-    return json.loads((Path(run_dir) / "diagnostics" / "diagnostics.json").read_text())
