@@ -21,7 +21,8 @@ from typing import IO, Iterable, Iterator
 
 from ..spec.schema import JobSpec
 from .hashing import stage_hashes
-from .layout import STAGES
+from .layout import STAGES, run_dir
+from .manifest import read_manifest
 
 log = logging.getLogger("imitate_orch")
 
@@ -31,6 +32,21 @@ def shared_stage_dirs(spec: JobSpec, root: Path,
     """Content-addressed dirs for `stages`: runs whose specs agree up to a stage share its dir."""
     hashes = stage_hashes(spec)
     return {stage: Path(root).resolve() / stage / hashes[stage][:16] for stage in stages}
+
+
+def job_or_shared_stage_dirs(spec: JobSpec, job: JobSpec, root: Path,
+                             stages: Iterable[str] = ("prepare", "tokenizer", "teacher", "distill")) -> dict[str, Path]:
+    """Like shared_stage_dirs, but each stage comes from the job's own run dir while that dir
+    holds the very same stage, finished (its manifest has this spec's hash for it): a sweep
+    after `run` trains no teacher again. From the first stage that is not there so, the
+    content-addressed dir under `root`; nothing is ever written into the job's run dir."""
+    hashes, shared = stage_hashes(spec), shared_stage_dirs(spec, root, stages)
+    dirs, reuse = {}, True
+    for stage in shared:
+        manifest = read_manifest(run_dir(job) / stage)
+        reuse = reuse and manifest is not None and manifest.status == "done" and manifest.input_hash == hashes[stage]
+        dirs[stage] = run_dir(job) / stage if reuse else shared[stage]
+    return dirs
 
 
 def link_stage(run: Path, stage: str, target: Path) -> None:

@@ -242,6 +242,10 @@ class SweepSpec(_Section):
     max_concurrent: int = Field(2, gt=0)             # trials running at once
     lambda1: tuple[float, float] = (1e-4, 1e-1)      # log-uniform [low, high]; low == high: fixed
     lambda2: tuple[float, float] = (1e-4, 1e-1)
+    # A grid instead of a range: every value is tried, in each of the num_samples repetitions
+    # (e.g. lambda2_values: [0.001, 0.01, 0.1, 1] with num_samples 1 is four trials).
+    lambda1_values: list[float] | None = Field(None, min_length=1)
+    lambda2_values: list[float] | None = Field(None, min_length=1)
     n_actions: list[int] = Field(default_factory=lambda: [64, 128, 256, 512], min_length=1)  # uniform choice
     delta_t: list[int] = Field(default_factory=lambda: [0, 1, 2, 3, 4, 5], min_length=1)
     # What ranks the trials (valid set, final): NAT+LPD at its best ΔT, or the one-pass NAT.
@@ -258,6 +262,13 @@ class SweepSpec(_Section):
         if not (0 < v[0] <= v[1] and math.isfinite(v[1])):
             raise ValueError(f"need 0 < low <= high < inf for a log-uniform range, got {list(v)}")
         return v
+
+    @field_validator("lambda1_values", "lambda2_values")
+    @classmethod
+    def _grid(cls, v: list[float] | None) -> list[float] | None:
+        if v is not None and not all(0 <= x < math.inf for x in v):
+            raise ValueError(f"grid values must be finite and >= 0, got {v}")
+        return None if v is None else sorted(set(v))
 
     @field_validator("n_actions")
     @classmethod

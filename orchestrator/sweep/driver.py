@@ -1,6 +1,7 @@
 """`imitate-orch sweep JOB`: Ray Tune over λ1, λ2 and the action count, ΔT swept on trained students.
 
-Search (the job's `sweep:` section): λ1 and λ2 log-uniform, the action count a uniform choice,
+Search (the job's `sweep:` section): λ1 and λ2 log-uniform (or each a grid: `lambda1_values`,
+`lambda2_values`), the action count a uniform choice,
 sampled by Tune's random search seeded with the job's `seed`; `num_samples` trials, at most
 `max_concurrent` at once. λ1 and the action count change the teacher, λ2 only the student,
 ΔT only decoding: trials share teachers (and distilled corpora) by config hash, and every
@@ -16,8 +17,10 @@ error, MLflow run FAILED with the error) and the sweep goes on.
 Everything lives in `<workdir>/<job>-sweep/`:
     tune/              the Tune experiment (rerunning the same command restores it: finished
                        trials are kept, unfinished ones continue, failed ones run again)
-    shared/<stage>/<hash>/   prepare, tokenizer, teacher, distill dirs shared by trials
-    trials/<id>/<job>/ each trial's run dir (links to shared/, its own student)
+    shared/<stage>/<hash>/   prepare, tokenizer, teacher, distill dirs shared by trials (a stage
+                       that `run` already made for the same settings is linked from the job's
+                       run dir `<workdir>/<job>/` instead, and only read there)
+    trials/<id>/<job>/ each trial's run dir (links to shared/ or the job's dirs, its own student)
     results.md, results.json, plots/*.png, best.yaml
 `best.yaml` is the job with the best trial's λ1, action count, λ2 and ΔT, named `<job>-best`;
 its run dir `<workdir>/<job>-best/` is seeded with (hard-linked copies of) the best trial's
@@ -50,11 +53,13 @@ log = logging.getLogger("imitate_orch")
 def search_space(spec: JobSpec) -> dict:
     sw = spec.sweep
 
-    def log_uniform(low: float, high: float):
-        return low if low == high else tune.loguniform(low, high)
+    def sampled(bounds: tuple[float, float], grid: list[float] | None):
+        if grid is not None:
+            return tune.grid_search(grid)
+        return bounds[0] if bounds[0] == bounds[1] else tune.loguniform(*bounds)
 
-    return {"lambda1": log_uniform(*sw.lambda1), "n_actions": tune.choice(sw.n_actions),
-            "lambda2": log_uniform(*sw.lambda2)}
+    return {"lambda1": sampled(sw.lambda1, sw.lambda1_values), "n_actions": tune.choice(sw.n_actions),
+            "lambda2": sampled(sw.lambda2, sw.lambda2_values)}
 
 
 def student_rounds(spec: JobSpec) -> int:

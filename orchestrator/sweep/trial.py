@@ -3,10 +3,12 @@
 A trial is the job with three settings sampled (teacher.lambda1, model.n_actions,
 student.lambda2), working in `<sweep>/trials/<trial id>/<job>/`:
 
-1. prepare → tokenizer → teacher → distill through `run_pipeline`, each stage in a
-   content-addressed dir under `<sweep>/shared/` (symlinked into the trial's run dir), so every
-   trial with the same data and teacher config (λ1, action count, …) shares one teacher and one
-   distilled corpus: the first trains it, the others wait on its lock and reuse it.
+1. prepare → tokenizer → teacher → distill through `run_pipeline`, each stage symlinked into the
+   trial's run dir from the job's own run dir when `run` has already made that very stage
+   there (a sweep after `run` trains no teacher again), else from a content-addressed dir under
+   `<sweep>/shared/`, so every trial with the same data and teacher config (λ1, action count,
+   …) shares one teacher and one distilled corpus: the first trains it, the others wait on its
+   lock and reuse it. Nothing is written into the job's run dir.
 2. student: the pipeline's student stage (manifest, MLflow run, Ray Train checkpoints and
    resume), trained with a `TuneReportCallback`, so the valid BLEU that the training loop reports
    at every eval/checkpoint interval reaches Tune and ASHA can stop the trial early.
@@ -42,7 +44,7 @@ from ..pipeline import run_pipeline
 from ..run.files import atomic_write_text
 from ..run.layout import run_dir
 from ..run.runner import StageContext, StageResult, run_stage
-from ..run.sharing import shared_stage_dirs, stage_lock
+from ..run.sharing import job_or_shared_stage_dirs, stage_lock
 from ..run.tracking import NestedTracker, RunHandle, Tracker
 from ..spec.loading import spec_from_dict
 from ..spec.schema import JobSpec
@@ -109,8 +111,9 @@ def trial_body(config: dict, setup: TrialSetup, trial_id: str, report_callback) 
         if run.run_id:
             atomic_write_text(id_file, run.run_id)
         tracker = NestedTracker(setup.tracker, run.run_id, adopt=True) if setup.tracker.enabled else setup.tracker
+        job = spec_from_dict(setup.base, setup.job_yaml)
         run_pipeline(spec, setup.job_yaml, until="distill", progress=False, tracker=tracker,
-                     linked=shared_stage_dirs(spec, Path(setup.sweep_dir) / "shared"))
+                     linked=job_or_shared_stage_dirs(spec, job, Path(setup.sweep_dir) / "shared"))
         with stage_lock(rd / "student", "student"):
             student = run_stage(spec, "student", lambda ctx: tuned_student(ctx, report_callback), tracker=tracker,
                                 progress=False)

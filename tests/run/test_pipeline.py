@@ -205,6 +205,43 @@ def test_runs_share_linked_stages_and_train_one_teacher(ray_local, tmp_path):
     assert c["teacher"] != links_a["teacher"] and c["tokenizer"] == links_a["tokenizer"]
 
 
+def test_a_sweep_trial_reads_the_stages_run_made_and_shares_the_rest(tmp_path):
+    """job_or_shared_stage_dirs: the job's own stage dirs while `run` finished that very stage
+    there (same hash, status done); from the first that is missing, unfinished or made with
+    other settings, the sweep's content-addressed dirs, for it and every stage after it."""
+    from orchestrator.run.hashing import stage_hashes
+    from orchestrator.run.layout import run_dir
+    from orchestrator.run.manifest import Manifest, write_manifest
+    from orchestrator.run.sharing import job_or_shared_stage_dirs, shared_stage_dirs
+
+    from helpers import micro_job_spec
+
+    job, root = micro_job_spec(tmp_path / "runs"), tmp_path / "runs" / "tiny-sweep" / "shared"
+    trial = micro_job_spec(tmp_path / "trial", "student.lambda2=0.05")        # same data, same teacher
+    other = micro_job_spec(tmp_path / "trial", "model.n_actions=8")           # same data, another teacher
+    hashes = stage_hashes(job)
+
+    def made(stage, status="done", input_hash=None):
+        (run_dir(job) / stage).mkdir(parents=True, exist_ok=True)
+        write_manifest(run_dir(job) / stage, Manifest(stage, input_hash or hashes[stage], status=status))
+
+    shared = shared_stage_dirs(trial, root)
+    assert job_or_shared_stage_dirs(trial, job, root) == shared                     # nothing made yet
+    for stage in ("prepare", "tokenizer", "teacher"):
+        made(stage)
+    made("distill", status="running")
+    dirs = job_or_shared_stage_dirs(trial, job, root)
+    assert {s: d == run_dir(job) / s for s, d in dirs.items()} == \
+        {"prepare": True, "tokenizer": True, "teacher": True, "distill": False}
+    assert dirs["distill"] == shared["distill"]
+    dirs = job_or_shared_stage_dirs(other, job, root)                               # another teacher: shared
+    assert dirs["tokenizer"] == run_dir(job) / "tokenizer" and dirs["teacher"] == shared_stage_dirs(other, root)["teacher"]
+    made("tokenizer", input_hash="0" * 64)                                         # the job changed since
+    dirs = job_or_shared_stage_dirs(trial, job, root)
+    assert dirs["prepare"] == run_dir(job) / "prepare" and dirs["tokenizer"] == shared["tokenizer"]
+    assert dirs["teacher"] == shared["teacher"]                                    # and nothing after it
+
+
 def test_stage_lock_makes_a_second_runner_wait(tmp_path):
     import threading
     import time

@@ -165,6 +165,16 @@ def test_search_space_samples_log_ranges_and_fixes_degenerate_ones(tmp_path):
     assert 0.2 < sum(x < 1e-3 for x in samples) / len(samples) < 0.5  # log-uniform: 1/3 per decade
 
 
+def test_a_grid_of_values_replaces_a_range(tmp_path):
+    spec = micro_job_spec(tmp_path, "sweep.lambda2_values=[1, 0.001, 0.1, 0.01, 0.1]")
+    space = search_space(spec)
+    assert space["lambda2"] == {"grid_search": [0.001, 0.01, 0.1, 1]}
+    assert not isinstance(search_space(micro_job_spec(tmp_path))["lambda2"], dict)   # without: a range
+    for bad in ("[]", "[-1]", "[.inf]"):
+        with pytest.raises(SpecError, match="lambda2_values"):
+            micro_job_spec(tmp_path, f"sweep.lambda2_values={bad}")
+
+
 def test_trials_share_teachers_by_config_and_best_yaml_keeps_their_hashes(tmp_path):
     from orchestrator.run.hashing import stage_hashes
 
