@@ -15,10 +15,12 @@ process (Ray's workers included) sampled every 0.2 s for its RSS:
   prepare     read, normalize, filter, dedup, write (the job's `files` source)
   tokenizer   SentencePiece trained on a sample (tokenizer.max_sentences), then the train set
               binarized by Ray tasks (2 CPUs)
+  plan        the batch plan written once (the training stage's driver does this before it
+              starts its workers: imitate_nat.indexed.write_batch_plan)
   iterate     one pass of batch iteration on 2 ranks at once (2 processes: rank 0 and 1 of 2,
               batch_tokens 4096): every batch made into tensors as training would; a rank's
-              data memory is its RSS after opening the data and planning the batches minus its
-              RSS before
+              data memory is its RSS after opening the data and its plan minus its RSS before
+              (the old path: after tokenizing and planning)
 With --old-ref, the same stages of that commit (which held corpora in Python lists) run on the
 same corpus first, its iteration through its `load_pairs`/`batch_stream`.
 
@@ -81,13 +83,14 @@ def make_corpus(d: Path, pairs: int, seed: int = 0) -> None:
 # --------------------------------------------------------------------- measuring --
 
 class Sampler:
-    """Peak RSS of a process and every descendant, sampled every `every` seconds."""
+    """Peak RSS of a process and every descendant (Ray's workers included: they are children of
+    the raylet that the process's ray.init started), sampled every `every` seconds."""
 
     def __init__(self, every: float = 0.2):
-        self.every, self.peaks, self.names, self._stop = every, {}, {}, threading.Event()
+        self.every, self.peaks, self.workers, self._stop = every, {}, set(), threading.Event()
 
     def watch(self, pid: int) -> None:
-        self.root, self.t0 = pid, time.time() - 1
+        self.root = pid
         self.thread = threading.Thread(target=self._run, daemon=True)
         self.thread.start()
 
@@ -98,33 +101,22 @@ class Sampler:
                 procs = [root, *root.children(recursive=True)]
             except psutil.Error:
                 procs = []
-            # Ray's workers are not descendants (the raylet detaches): the Ray processes started
-            # since this stage began (the machine runs nothing else of Ray meanwhile).
-            for p in psutil.process_iter(["create_time", "name"]):
-                try:
-                    if p.info["create_time"] >= self.t0 and p.pid not in {q.pid for q in procs} \
-                            and ("ray::" in (p.info["name"] or "") or "default_worker" in " ".join(p.cmdline())):
-                        procs.append(p)
-                except psutil.Error:
-                    continue
             for p in procs:
                 try:
-                    rss = p.memory_info().rss
-                    self.names.setdefault(p.pid, " ".join(p.cmdline())[:80] or p.name())
+                    rss, cmd = p.memory_info().rss, " ".join(p.cmdline())
                 except psutil.Error:
                     continue
+                # a Ray worker: "…/default_worker.py …" until it sets its title "ray::<task>"
+                if cmd.startswith("ray::") or "default_worker.py" in cmd:
+                    self.workers.add(p.pid)
                 self.peaks[p.pid] = max(self.peaks.get(p.pid, 0), rss)
             time.sleep(self.every)
 
     def stop(self) -> dict:
         self._stop.set()
         self.thread.join()
-        ray_tasks = [v for pid, v in self.peaks.items() if self.names[pid].startswith("ray::")
-                     and "IDLE" not in self.names[pid]]
-        workers = [v for pid, v in self.peaks.items() if "default_worker.py" in self.names[pid]
-                   or self.names[pid].startswith("ray::")]
         return {"driver_peak_mb": self.peaks.get(self.root, 0) / MB,
-                "ray_worker_peak_mb": max(workers + ray_tasks, default=0) / MB}
+                "ray_worker_peak_mb": max((self.peaks[p] for p in self.workers), default=0) / MB}
 
 
 def run_child(code: str, env: dict, cwd: Path) -> tuple[dict, float, dict]:
@@ -167,9 +159,9 @@ def rss():
     return int(next(l for l in open("/proc/self/status") if l.startswith("VmRSS:")).split()[1]) * 1024
 rank, rd = int(sys.argv[1]), sys.argv[2]
 before = rss()
-data = TrainData(rd + "/tokenizer/train.src", rd + "/tokenizer/train.tgt", 256)
-steps = len(data.cut(4096)) // 2
-stream = batch_stream(data, 4096, 1, 0, rank, 2)
+data = TrainData(rd + "/tokenizer/train.src", rd + "/tokenizer/train.tgt", rd + "/plan")
+steps = len(data.plan) // 2
+stream = batch_stream(data, 1, 0, rank, 2)
 opened = rss()
 t0, sents = time.perf_counter(), 0
 for _ in range(steps):
@@ -178,6 +170,13 @@ for _ in range(steps):
 secs = time.perf_counter() - t0
 print(json.dumps({"data_mb": (opened - before) / 2**20, "sentences": sents, "seconds": secs,
                   "after_pass_mb": (rss() - before) / 2**20}))
+"""
+
+NEW_PLAN = """
+import json
+from imitate_nat.indexed import write_batch_plan
+rd = {rd!r}
+print(json.dumps(write_batch_plan(rd + "/tokenizer/train.src", rd + "/tokenizer/train.tgt", 256, 4096, rd + "/plan")))
 """
 
 OLD_ITERATE = """
@@ -238,9 +237,15 @@ def run_path(name: str, code_root: Path, data_dir: Path, work: Path, pairs: int,
     out = {}
     for stage in ("prepare", "tokenizer"):
         metrics, seconds, peaks = run_child(template.format(stage=stage, raw=raw, rd=str(rd)), env, code_root)
-        out[stage] = {"seconds": seconds, "pairs_per_s": pairs / seconds, **peaks}
+        parts = {k: metrics[k] for k in ("trainer_seconds", "binarize_seconds") if k in metrics}
+        out[stage] = {"seconds": seconds, "pairs_per_s": pairs / seconds, **peaks, **parts}
         print(f"  {name:<4}{stage:<10}{seconds:8.1f} s  {pairs / seconds:9.0f} pairs/s  driver peak "
-              f"{peaks['driver_peak_mb']:7.0f} MB  Ray worker peak {peaks['ray_worker_peak_mb']:6.0f} MB", flush=True)
+              f"{peaks['driver_peak_mb']:7.0f} MB  Ray worker peak {peaks['ray_worker_peak_mb']:6.0f} MB"
+              + "".join(f"  {k.split('_')[0]} {v:.1f} s" for k, v in parts.items()), flush=True)
+    if name == "new":   # the training stage's driver plans the batches once, for its workers
+        _, seconds, peaks = run_child(NEW_PLAN.format(rd=str(rd)), env, code_root)
+        out["plan"] = {"seconds": seconds, **peaks}
+        print(f"  {name:<4}{'plan':<10}{seconds:8.1f} s  driver peak {peaks['driver_peak_mb']:7.0f} MB", flush=True)
     out["iterate"] = it = iterate(NEW_ITERATE if name == "new" else OLD_ITERATE, env, code_root, rd)
     print(f"  {name:<4}{'iterate':<10}{it['seconds']:8.1f} s  {it['sentences_per_s_per_rank']:9.0f} sent/s/rank  "
           f"rank data {it['rank_data_mb']:6.0f} MB (after a pass {it['rank_after_pass_mb']:.0f})  "

@@ -22,6 +22,8 @@ as ``make_batch``.
 from __future__ import annotations
 
 import contextlib
+import itertools
+import json
 import os
 import random
 import shutil
@@ -33,6 +35,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import torch
 
+from .atomic import atomic_write_bytes, atomic_writer
 from .config import BOS_ID, EOS_ID, PAD_ID
 from .data import Batch
 
@@ -89,8 +92,23 @@ class IndexedWriter:
         return self.num_sentences - 1
 
     def add_many(self, seqs: Iterable[Sequence[int]]) -> None:
-        for ids in seqs:
-            self.add(ids)
+        """Appends sentences as add() does, a batch at a time: one array for all their ids, so
+        the per-sentence cost is a length, not a numpy call (binarizing is mostly this)."""
+        seqs = list(seqs)
+        if not seqs:
+            return
+        lengths = np.fromiter(map(len, seqs), dtype=np.int64, count=len(seqs))
+        flat = np.asarray(list(itertools.chain.from_iterable(seqs)))
+        if flat.size:
+            if flat.dtype.kind not in "iu":
+                raise TypeError(f"expected sequences of integer ids, got {flat.dtype}")
+            lo, hi = int(flat.min()), int(flat.max())
+            if lo < 0 or hi >= self.vocab_size:
+                raise ValueError(f"token id out of range [0, {self.vocab_size}): {lo if lo < 0 else hi}")
+            self._bin.write(flat.astype(self.dtype, copy=False).tobytes())
+        self._idx.write((self.num_tokens + np.cumsum(lengths)).astype("<i8").tobytes())
+        self.num_tokens += int(lengths.sum())
+        self.num_sentences += len(seqs)
 
     def _append_dataset(self, ds: "IndexedDataset") -> None:
         """Appends a whole written dataset of the same dtype (bytes copied, offsets shifted)."""
@@ -238,6 +256,78 @@ def plan_batches(lengths, max_tokens: int, shuffle: bool = False, seed: int = 0,
         cuts.append(s)
     batches = np.split(order, cuts[:-1]) if n else []
     return shuffled(batches, seed) if shuffle else batches
+
+
+def write_batch_plan(src_prefix: str | os.PathLike, tgt_prefix: str | os.PathLike, max_len: int,
+                     max_tokens: int, out_prefix: str | os.PathLike) -> dict:
+    """Plans the training batches of a binarized pair corpus once, for workers to memory-map
+    (``BatchPlan``), so that no worker holds per-sentence arrays: pairs with an empty side or
+    a side of max_len tokens or more are left out (``filter_lengths``), the rest cut into
+    token-bucketed batches (``plan_batches`` on ``pair_lengths``, in length order).
+
+    Writes, each atomically: P.pairs.npy (the pairs' dataset indices, batch after batch; int32
+    below 2**31 sentences), P.batches.npy (int64 per batch: its end in P.pairs.npy and its
+    target tokens + EOS), then P.json (what the plan is made from; written last, so a
+    P.json that matches means the arrays are whole). A plan whose P.json already matches is
+    kept as it is. Returns the P.json dict."""
+    out_prefix = os.fspath(out_prefix)
+    src, tgt = IndexedDataset(src_prefix), IndexedDataset(tgt_prefix)
+    if len(src) != len(tgt):
+        raise ValueError(f"{src.prefix} holds {len(src)} sentences, {tgt.prefix} {len(tgt)}")
+    meta = {"version": 1, "max_len": int(max_len), "max_tokens": int(max_tokens),
+            **{side: [ds.prefix, len(ds), ds.num_tokens, os.stat(ds.prefix + ".idx").st_mtime_ns]
+               for side, ds in (("src", src), ("tgt", tgt))}}
+    with contextlib.suppress(OSError, ValueError):
+        with open(out_prefix + ".json", encoding="utf-8") as f:
+            old = json.load(f)
+        if {k: old.get(k) for k in meta} == meta:
+            return old
+    s_len, t_len = src.lengths, tgt.lengths
+    keep = filter_lengths(s_len, t_len, max_len)
+    keep = keep.astype(np.int32) if len(src) < 2 ** 31 else keep
+    batches = plan_batches(pair_lengths(s_len[keep], t_len[keep]), max_tokens)
+    ends = np.cumsum([len(b) for b in batches], dtype=np.int64)
+    tokens = np.array([int(t_len[keep[b]].sum()) + len(b) for b in batches], dtype=np.int64)
+    pairs = keep[np.concatenate(batches)] if batches else keep[:0]
+    with atomic_writer(out_prefix + ".pairs.npy", "wb") as f:
+        np.save(f, pairs)
+    with atomic_writer(out_prefix + ".batches.npy", "wb") as f:
+        np.save(f, np.stack([ends, tokens], axis=1) if batches else np.empty((0, 2), np.int64))
+    meta.update(pairs=len(pairs), batches=len(batches))
+    atomic_write_bytes(out_prefix + ".json", (json.dumps(meta, indent=1) + "\n").encode())
+    return meta
+
+
+class BatchPlan:
+    """A plan written by ``write_batch_plan``, opened read-only: the pair indices stay on disk
+    (memory-mapped; a worker reads the pages of its own batches), the per-batch ends and
+    token counts (16 bytes a batch) are in memory."""
+
+    def __init__(self, prefix: str | os.PathLike):
+        self.prefix = os.fspath(prefix)
+        with open(self.prefix + ".json", encoding="utf-8") as f:
+            self.meta = json.load(f)
+        table = np.load(self.prefix + ".batches.npy")
+        self.ends, self.tokens = table[:, 0].copy(), table[:, 1].copy()
+        self.pairs = (np.load(self.prefix + ".pairs.npy", mmap_mode="r") if self.meta["pairs"]
+                      else np.empty(0, np.int32))  # mmap refuses empty files
+        if len(self.ends) != self.meta["batches"] or len(self.pairs) != self.meta["pairs"]:
+            raise ValueError(f"{self.prefix}: the plan's arrays do not match its .json")
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    @property
+    def num_pairs(self) -> int:
+        return len(self.pairs)
+
+    def __getitem__(self, k: int) -> np.ndarray:
+        """The dataset indices of batch k."""
+        k = int(k)
+        return np.asarray(self.pairs[(self.ends[k - 1] if k else 0): self.ends[k]])
+
+    def __reduce__(self):  # pickles as its prefix and reopens there
+        return BatchPlan, (self.prefix,)
 
 
 def shuffled(batches: Sequence, seed: int) -> list:

@@ -15,7 +15,7 @@ from .config import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 
 def train_sentencepiece(files: Sequence[str | Path], model_path: str | Path, vocab_size: int = 8000,
                         model_type: str = "unigram", character_coverage: float = 1.0,
-                        max_sentences: int = 2_000_000, seed: int = 0) -> "Tokenizer":
+                        max_sentences: int = 2_000_000, seed: int = 0, num_threads: int | None = None) -> "Tokenizer":
     """Train one joint model on the non-blank lines of `files` (source and target sides
     together) and write it to `model_path` atomically. Returns the loaded tokenizer.
 
@@ -23,7 +23,8 @@ def train_sentencepiece(files: Sequence[str | Path], model_path: str | Path, voc
     at a time, first to count the lines, then to hand them (all of them, or with more than
     `max_sentences` a seeded uniform sample of that many, in corpus order) to SentencePiece
     through an iterator it consumes lazily; only SentencePiece holds the sentences it trains
-    on. `vocab_size` is an upper bound: tiny corpora get what they support (hard_vocab_limit
+    on. `num_threads`: SentencePiece's trainer threads (default: every CPU of the machine).
+    `vocab_size` is an upper bound: tiny corpora get what they support (hard_vocab_limit
     off) rather than an error.
 
     Not SentencePiece's own input=/input_sentence_size sampling: with sentencepiece 0.2.3 its
@@ -43,7 +44,7 @@ def train_sentencepiece(files: Sequence[str | Path], model_path: str | Path, voc
     spm.SentencePieceTrainer.train(
         sentence_iterator=lines, model_writer=model, vocab_size=vocab_size, model_type=model_type,
         character_coverage=character_coverage, pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
-        hard_vocab_limit=False, num_threads=os.cpu_count() or 1,
+        hard_vocab_limit=False, num_threads=num_threads or os.cpu_count() or 1,
         minloglevel=2, input_sentence_size=0, shuffle_input_sentence=False)
     # Trained in memory (model_writer), so the file appears whole or not at all: fsynced, renamed, no debris.
     model_path = atomic_write_bytes(model_path, model.getvalue())

@@ -4,9 +4,10 @@ A job's run lives in `<workdir>/<job>/`, one folder per stage, in pipeline order
 
     prepare    train.src train.tgt valid.src valid.tgt test.src test.tgt   (text, one sentence a line)
     tokenizer  spm.model, train.src.bin/.idx, train.tgt.bin/.idx   (the train set binarized: imitate_nat/indexed.py)
-    teacher    model.pt          (imitate_nat.checkpoint model file: ATDemonstrator, best on valid)
+    teacher    model.pt          (imitate_nat.checkpoint model file: ATDemonstrator, best on valid),
+               plan.pairs.npy plan.batches.npy plan.json   (its batch plan: imitate_nat.indexed.write_batch_plan)
     distill    train.distilled.tgt (+ .bin/.idx)   (one line per line of prepare/train.src, same order)
-    student    model.pt          (NATLearner, best on valid)
+    student    model.pt          (NATLearner, best on valid), plan.*   (as the teacher's)
     evaluate   summary.json summary.md test.at.txt test.nat.txt test.lpd.txt
 
 Each stage folder also holds its manifest.json (run/manifest.py) and whatever the stage keeps
@@ -23,6 +24,7 @@ from .manifest import read_manifest
 
 MODEL = "model.pt"                  # a trained model (teacher, student)
 SPM = "spm.model"                   # the joint SentencePiece model (tokenizer)
+PLAN = "plan"                       # a training stage's batch plan: plan.pairs.npy, plan.batches.npy, plan.json
 DISTILLED = "train.distilled.tgt"   # the teacher's translations of prepare/train.src (distill)
 SPLITS = ("train", "valid", "test")
 SIDES = ("src", "tgt")

@@ -1,9 +1,11 @@
-"""tokenizer: one joint SentencePiece model on prepare's train.src + train.tgt -> spm.model,
-then the training corpus binarized with it -> train.src.bin/.idx, train.tgt.bin/.idx (Ray
+"""tokenizer: one joint SentencePiece model on prepare's train.src + train.tgt -> spm.model
+(trained in a Ray task: its memory, ~4 GB for a 1M-sentence sample at 32k pieces, is a worker
+node's, not the driver's or the head's), then the training corpus binarized with it -> train.src.bin/.idx, train.tgt.bin/.idx (Ray
 tasks encode it in parallel chunks: orchestrator/binarize.py). The training stages read these
 memory-mapped; valid and test stay text (they are decoded from text and scored as text).
 
-Metrics: vocab_size (actual pieces; the spec's value is an upper bound on tiny corpora) and
+Metrics: trainer_seconds and binarize_seconds (wall time of each part), vocab_size (actual
+pieces; the spec's value is an upper bound on tiny corpora) and
 avg_src_pieces / avg_tgt_pieces, the mean number of pieces per sentence on valid (or, when
 valid is empty, on up to 1000 training sentences: a seeded sample picked while streaming the
 files, so the corpus is never held in memory).
@@ -11,11 +13,16 @@ files, so the corpus is never held in memory).
 from __future__ import annotations
 
 import logging
+import os
 import random
+import time
+from pathlib import Path
+
+import ray
 
 from imitate_nat.data import count_lines, iter_lines, read_lines
 from imitate_nat.indexed import IndexedDataset
-from imitate_nat.tokenizer import train_sentencepiece
+from imitate_nat.tokenizer import Tokenizer, train_sentencepiece
 
 from ..binarize import binarize
 from ..run.cluster import init_ray
@@ -25,6 +32,27 @@ from ..run.runner import StageContext, StageResult
 log = logging.getLogger("imitate_orch")
 
 SAMPLE = 1000
+TRAINER_THREADS = 8   # SentencePiece's trainer gains little from more
+
+
+@ray.remote(max_retries=1)
+def _train_task(files: list[str], model_path: str, options: dict) -> dict:
+    """train_sentencepiece on whichever node Ray picks; the model file is written (atomically)
+    into the shared run directory. Returns where it ran."""
+    train_sentencepiece(files, model_path, **options)
+    return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
+
+def train_tokenizer(files: list[Path], model_path: Path, options: dict) -> Tokenizer:
+    """Trains the SentencePiece model in a Ray task of as many CPUs as its trainer threads (up
+    to TRAINER_THREADS, no more than the largest node offers; with no CPU node up yet, an
+    autoscaler starts one) and loads it."""
+    node_cpus = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=0)
+    threads = min(TRAINER_THREADS, node_cpus) if node_cpus else TRAINER_THREADS
+    where = ray.get(_train_task.options(num_cpus=threads).remote(
+        [str(Path(f).resolve()) for f in files], str(Path(model_path).resolve()), {**options, "num_threads": threads}))
+    log.info("tokenizer: trained by a Ray task with %d CPU(s) on node %s (pid %d)", threads, where["node"], where["pid"])
+    return Tokenizer(model_path)
 
 
 def _train_sample(train_files, seed: int) -> tuple[list[str], list[str]]:
@@ -54,23 +82,27 @@ def tokenizer(ctx: StageContext) -> StageResult:
     spec, prep = ctx.spec.tokenizer, "prepare"
     train_files = [ctx.stage_path(prep, "train.src"), ctx.stage_path(prep, "train.tgt")]
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    tok = train_sentencepiece(train_files, ctx.out_dir / SPM, vocab_size=spec.vocab_size,
-                              model_type=spec.model_type, character_coverage=spec.character_coverage,
-                              max_sentences=spec.max_sentences, seed=ctx.spec.seed)
+    init_ray(ctx.spec)
+    started = time.perf_counter()
+    tok = train_tokenizer(train_files, ctx.out_dir / SPM, dict(
+        vocab_size=spec.vocab_size, model_type=spec.model_type, character_coverage=spec.character_coverage,
+        max_sentences=spec.max_sentences, seed=ctx.spec.seed))
 
     src = read_lines(ctx.stage_path(prep, "valid.src"))
     tgt = read_lines(ctx.stage_path(prep, "valid.tgt"))
     if not src:
         src, tgt = _train_sample(train_files, ctx.spec.seed)
-    metrics = {"vocab_size": tok.vocab_size,
+    metrics = {"vocab_size": tok.vocab_size, "trainer_seconds": time.perf_counter() - started,
                "avg_src_pieces": _avg_pieces(tok, src), "avg_tgt_pieces": _avg_pieces(tok, tgt)}
     log.info("tokenizer: %s vocab %d (asked %d), pieces/sentence src %.1f tgt %.1f", spec.model_type,
              metrics["vocab_size"], spec.vocab_size, metrics["avg_src_pieces"], metrics["avg_tgt_pieces"])
-    init_ray(ctx.spec)
-    outputs = {SPM: SPM}
+    outputs, started = {SPM: SPM}, time.perf_counter()
     for side in ("src", "tgt"):
         prefix = bin_prefix(ctx.run_dir, "tokenizer", f"train.{side}")
         binarize(split_path(ctx.run_dir, "train", side), ctx.out_dir / SPM, prefix, progress=ctx.progress)
         metrics[f"train_{side}_tokens"] = float(IndexedDataset(prefix).num_tokens)
         outputs.update({n: n for n in (f"train.{side}.bin", f"train.{side}.idx")})
+    metrics["binarize_seconds"] = time.perf_counter() - started
+    log.info("tokenizer: trained in %.0f s, train set binarized in %.0f s", metrics["trainer_seconds"],
+             metrics["binarize_seconds"])
     return StageResult(outputs=outputs, metrics=metrics)

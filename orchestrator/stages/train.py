@@ -19,11 +19,12 @@ import secrets
 
 from imitate_nat.checkpoint import read_model_file
 from imitate_nat.config import LossConfig
+from imitate_nat.indexed import write_batch_plan
 from imitate_nat.tokenizer import Tokenizer
 
 from ..run.files import atomic_write_bytes, atomic_write_text, sha256_json
 from ..run.hashing import consumed_digests, extend_key
-from ..run.layout import DISTILLED, MODEL, bin_prefix, model_path, split_path, spm_path
+from ..run.layout import DISTILLED, MODEL, PLAN, bin_prefix, model_path, split_path, spm_path
 from ..run.runner import StageContext, StageResult
 from ..spec.schema import TrainSpec
 from .train_average import write_average_or_best
@@ -56,6 +57,7 @@ def worker_config(ctx: StageContext, kind: str) -> WorkerConfig:
         kind=kind, seed=spec.training_seed("teacher" if kind == "at" else "student"), train=t, model=spec.model.to_model_config(tok.vocab_size, **student),
         losses=_loss_config(spec, kind), spm=str(spm_path(ctx.run_dir)),
         train_src=str(bin_prefix(ctx.run_dir, "tokenizer", "train.src")), train_tgt=str(train_tgt),
+        train_plan=str(ctx.out_dir / PLAN),
         valid_src=str(split_path(ctx.run_dir, "valid", "src")), valid_tgt=str(split_path(ctx.run_dir, "valid", "tgt")),
         valid_sentences=t.valid_sentences, teacher=str(model_path(ctx.run_dir, "teacher")),
         init_from_teacher=kind == "nat" and spec.student.init_from_teacher, threads=max(1, int(t.cpus_per_worker)),
@@ -122,6 +124,10 @@ def train_model(ctx: StageContext, kind: str, callbacks=()) -> StageResult:
     log.info("%s: up to %d tokens per update (batch_tokens %d per worker × %d worker(s) × update_freq %d; "
              "padding included)", ctx.stage, per_update, t.batch_tokens, t.workers, t.update_freq)
     ctx.tracker.log_params({"tokens_per_update_max": per_update})   # the real count: metric train/tokens
+    # Planned once, here, into the (shared) stage dir; the workers memory-map it (kept on resume).
+    c = worker_config(ctx, kind)
+    plan = write_batch_plan(c.train_src, c.train_tgt, c.model.max_positions, t.batch_tokens, c.train_plan)
+    log.info("%s: %d training pairs in %d batches", ctx.stage, plan["pairs"], plan["batches"])
     result = run_trainer(ctx, kind, callbacks)
     if t.average_last:
         metrics = write_average_or_best(ctx, worker_config(ctx, kind), result)

@@ -1,8 +1,9 @@
 """The per-worker training loop run by Ray Train for the teacher (AT) and the student (NAT).
 
 Data: the tokenizer stage's (or, for distilled targets, the distill stage's) binarized corpus,
-memory-mapped (imitate_nat/indexed.py): a worker holds lengths and the batch plan, never the
-tokens of the corpus, and nothing is tokenized again on a (re)start. Batches hold up to
+memory-mapped (imitate_nat/indexed.py), and its batch plan, written once by the stage
+(train.py) and memory-mapped too: a worker holds 16 bytes per batch, reads only its own
+batches' pages, and nothing is tokenized or planned again on a (re)start. Batches hold up to
 `batch_tokens` tokens *per worker* (fairseq's --max-tokens); a step takes `update_freq` of
 them on every worker (gradient accumulation) and each micro-batch's loss is weighted by its
 share of the step's target tokens, so after the gradient averaging of DDP or DeepSpeed the
@@ -32,14 +33,13 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
 from imitate_nat import ATDemonstrator, LossConfig, ModelConfig, NATLearner
 from imitate_nat.checkpoint import load_model, save_model
 from imitate_nat.data import read_lines
-from imitate_nat.indexed import IndexedDataset, collate, filter_lengths, pair_lengths, plan_batches, shuffled
+from imitate_nat.indexed import BatchPlan, IndexedDataset, collate, shuffled
 from imitate_nat.losses import at_loss, nat_loss, unwrap
 from imitate_nat.metrics import bleu
 from imitate_nat.optim import lr_at, make_optimizer, set_lr
@@ -57,51 +57,46 @@ log = logging.getLogger("imitate_orch")
 
 
 class TrainData:
-    """A worker's view of the binarized training pairs: the token ids stay on disk
-    (memory-mapped), only per-sentence lengths and the batch plan are in memory, and a batch's
-    tensors are made when it is trained on. Pairs with an empty side or a side of max_len
-    tokens or more are left out, as the model cannot hold them."""
+    """A worker's view of the binarized training pairs and their batch plan (written once by
+    the stage: imitate_nat.indexed.write_batch_plan). The token ids and the plan's pair
+    indices stay on disk, memory-mapped; a worker reads the pages of its own batches, and a
+    batch's tensors are made when it is trained on."""
 
-    def __init__(self, src_prefix: str, tgt_prefix: str, max_len: int):
+    def __init__(self, src_prefix: str, tgt_prefix: str, plan_prefix: str):
         self.src, self.tgt = IndexedDataset(src_prefix), IndexedDataset(tgt_prefix)
-        if len(self.src) != len(self.tgt):
-            raise ValueError(f"{src_prefix} holds {len(self.src)} sentences, {tgt_prefix} {len(self.tgt)}")
-        self.keep = filter_lengths(self.src.lengths, self.tgt.lengths, max_len).astype(np.int64)
-        self.tgt_tokens = self.tgt.lengths[self.keep] + 1         # + EOS: the tokens a batch is scored on
+        self.plan = BatchPlan(plan_prefix)
 
     def __len__(self) -> int:
-        return len(self.keep)
+        return self.plan.num_pairs
 
-    def cut(self, batch_tokens: int) -> list[np.ndarray]:
-        """Token-bucketed batches (indices into the kept pairs), in length order."""
-        return plan_batches(pair_lengths(self.src.lengths[self.keep], self.tgt.lengths[self.keep]), batch_tokens)
+    def tokens(self, batch: int) -> int:
+        """Target tokens (+ EOS) of plan batch `batch`: the tokens it is scored on."""
+        return int(self.plan.tokens[batch])
 
-    def tokens(self, batch: np.ndarray) -> int:
-        return int(self.tgt_tokens[batch].sum())
-
-    def collate(self, batch: np.ndarray):
-        return collate(self.src, self.tgt, self.keep[batch])
+    def collate(self, batch: int):
+        return collate(self.src, self.tgt, self.plan[batch])
 
 
-def batch_stream(data: TrainData, batch_tokens: int, seed: int, start_step: int, rank: int, world: int,
-                 update_freq: int = 1):
+def batch_stream(data: TrainData, seed: int, start_step: int, rank: int, world: int, update_freq: int = 1):
     """Yields (step, this worker's micro-batches, their target tokens, the step's target tokens on
     all workers) for ever, from step start_step + 1.
 
-    The batches are cut once and shuffled per epoch (seed × 1000 + epoch): a function of the step
-    alone, so a resumed run takes the same batches. A step takes world × update_freq batches in
-    plan order and worker r the r-th of every world (fairseq's --max-tokens per GPU and
-    --update-freq); the last batches of an epoch that cannot fill a step wait for the next
-    epoch's order (none with one worker and update_freq 1, where this is the whole plan)."""
-    cut, per_step = data.cut(batch_tokens), world * update_freq
-    steps_per_epoch = len(cut) // per_step
+    The plan's batches (cut once, in length order) are shuffled per epoch (seed × 1000 + epoch):
+    a function of the step alone, so a resumed run takes the same batches. A step takes world ×
+    update_freq batches in plan order and worker r the r-th of every world (fairseq's
+    --max-tokens per GPU and --update-freq); the last batches of an epoch that cannot fill a
+    step wait for the next epoch's order (none with one worker and update_freq 1, where this
+    is the whole plan)."""
+    n_batches, per_step = len(data.plan), world * update_freq
+    steps_per_epoch = n_batches // per_step
     if steps_per_epoch == 0:
-        raise ValueError(f"{len(data)} training pairs make {len(cut)} batches of {batch_tokens} tokens: fewer than "
-                         f"one step needs ({world} workers × update_freq {update_freq}); lower batch_tokens")
+        raise ValueError(f"{len(data)} training pairs make {n_batches} batches of {data.plan.meta['max_tokens']} "
+                         f"tokens: fewer than one step needs ({world} workers × update_freq {update_freq}); "
+                         "lower batch_tokens")
     step, epoch = start_step, start_step // steps_per_epoch
     first = start_step - epoch * steps_per_epoch   # resuming mid-epoch: the steps already taken are skipped
     while True:
-        plan = shuffled(cut, seed * 1000 + epoch)
+        plan = shuffled(range(n_batches), seed * 1000 + epoch)
         for s in range(first, steps_per_epoch):
             step += 1
             group = plan[s * per_step:(s + 1) * per_step]
@@ -157,6 +152,7 @@ class WorkerConfig:
     spm: str
     train_src: str
     train_tgt: str
+    train_plan: str             # the batch plan's prefix (imitate_nat.indexed.write_batch_plan)
     valid_src: str
     valid_tgt: str
     valid_sentences: int | None  # valid BLEU during training on at most this many sentences (None: all)
@@ -270,7 +266,7 @@ def train_loop(config: dict) -> None:
     # A GPU Ray assigned but CUDA cannot see (a node that only advertises GPUs): train on the CPU.
     device = ray.train.torch.get_device() if torch.cuda.is_available() else torch.device("cpu")
     tok = Tokenizer(c.spm)
-    data = TrainData(c.train_src, c.train_tgt, c.model.max_positions)
+    data = TrainData(c.train_src, c.train_tgt, c.train_plan)
     valid = valid_set(c)
     tr = setup(c, device)
 
@@ -309,7 +305,7 @@ def train_loop(config: dict) -> None:
     # Throughput between log points, validation and checkpoints left out: train/tokens_per_s
     # (target tokens of all workers) and train/steps_per_s (updates).
     clock, paused, tokens_since, steps_since = time.perf_counter(), 0.0, 0, 0
-    for step, micro, tokens, step_tokens in batch_stream(data, t.batch_tokens, c.seed, start_step, rank, world,
+    for step, micro, tokens, step_tokens in batch_stream(data, c.seed, start_step, rank, world,
                                                          t.update_freq):
         lr = lr_at(step, t.lr, t.warmup_steps)
         loss, nll, stats = train_step(tr, c, micro, [n * world / step_tokens for n in tokens], lr, device)

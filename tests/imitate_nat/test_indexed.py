@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from imitate_nat.data import make_batch, token_batches
-from imitate_nat.indexed import (HEADER_SIZE, IndexedDataset, IndexedWriter, collate, filter_lengths,
-                                 merge_indexed, pair_lengths, plan_batches, rank_batches)
+from imitate_nat.indexed import (HEADER_SIZE, BatchPlan, IndexedDataset, IndexedWriter, collate, filter_lengths,
+                                 merge_indexed, pair_lengths, plan_batches, rank_batches, write_batch_plan)
 
 
 def random_corpus(rng, n, vocab, max_len=12, empty_every=5):
@@ -67,11 +67,12 @@ def test_numpy_input_and_empty_dataset(tmp_path):
 
 def test_bad_ids_and_mismatched_files(tmp_path):
     for bad in ([1, 1000], [-1], [0.5]):
-        with pytest.raises((ValueError, TypeError)):
-            with IndexedWriter(tmp_path / "b", 1000) as w:
-                w.add([1, 2])
-                w.add(bad)
-        assert os.listdir(tmp_path) == []
+        for many in (False, True):
+            with pytest.raises((ValueError, TypeError)):
+                with IndexedWriter(tmp_path / "b", 1000) as w:
+                    w.add([1, 2])
+                    w.add_many([[3], bad]) if many else w.add(bad)
+            assert os.listdir(tmp_path) == []
     write(tmp_path / "c", [[1, 2, 3]], 1000)
     with open(tmp_path / "c.bin", "ab") as f:
         f.write(b"\0\0")
@@ -80,6 +81,20 @@ def test_bad_ids_and_mismatched_files(tmp_path):
     (tmp_path / "d.idx").write_bytes(b"not an index file at all")
     with pytest.raises(ValueError, match="not an index"):
         IndexedDataset(tmp_path / "d")
+
+
+def test_add_many_writes_the_bytes_add_writes(tmp_path):
+    rng = np.random.default_rng(2)
+    seqs = random_corpus(rng, 500, 70000) + [np.array([3, 69999], dtype=np.uint32), []]
+    with IndexedWriter(tmp_path / "one", 70000) as w:
+        for s in seqs:
+            w.add(s)
+    with IndexedWriter(tmp_path / "many", 70000) as w:
+        w.add_many(seqs[:7])
+        w.add_many([])
+        w.add_many(iter(seqs[7:]))
+    for ext in ("bin", "idx"):
+        assert (tmp_path / f"one.{ext}").read_bytes() == (tmp_path / f"many.{ext}").read_bytes()
 
 
 def test_atomic_write(tmp_path):
@@ -143,6 +158,40 @@ def test_plan_batches_training_lengths():
     for seed in (0, 1001):
         got = plan_batches(lengths, 4096, shuffle=True, seed=seed)
         assert [b.tolist() for b in got] == token_batches(lengths.tolist(), 4096, shuffle=True, seed=seed)
+
+
+def test_written_plan_is_the_plan_of_the_kept_pairs_and_is_kept_until_its_inputs_change(tmp_path):
+    rng = np.random.default_rng(8)
+    srcs, tgts = random_corpus(rng, 500, 1000, max_len=30), random_corpus(rng, 500, 1000, max_len=30, empty_every=7)
+    src, tgt = write(tmp_path / "s", srcs, 1000), write(tmp_path / "t", tgts, 1000)
+    meta = write_batch_plan(src.prefix, tgt.prefix, 20, 120, tmp_path / "plan")
+    keep = filter_lengths(src.lengths, tgt.lengths, 20)
+    want = [keep[b] for b in plan_batches(pair_lengths(src.lengths[keep], tgt.lengths[keep]), 120)]
+    plan = BatchPlan(tmp_path / "plan")
+    assert len(plan) == meta["batches"] == len(want) and plan.num_pairs == meta["pairs"] == len(keep) > 0
+    assert [plan[k].tolist() for k in range(len(plan))] == [b.tolist() for b in want]
+    assert plan.tokens.tolist() == [sum(len(tgts[i]) + 1 for i in b) for b in want]   # + EOS
+    assert isinstance(plan.pairs, np.memmap) and pickle.loads(pickle.dumps(plan))[3].tolist() == want[3].tolist()
+    assert sorted(p.name for p in tmp_path.glob("plan*")) == ["plan.batches.npy", "plan.json", "plan.pairs.npy"]
+
+    stamp = (tmp_path / "plan.pairs.npy").stat().st_mtime_ns
+    assert write_batch_plan(src.prefix, tgt.prefix, 20, 120, tmp_path / "plan") == meta     # same inputs: kept
+    assert (tmp_path / "plan.pairs.npy").stat().st_mtime_ns == stamp
+    assert write_batch_plan(src.prefix, tgt.prefix, 20, 200, tmp_path / "plan")["batches"] < len(want)
+    short = write(tmp_path / "t", [t[:3] for t in tgts], 1000)          # the targets rewritten: planned again
+    again = write_batch_plan(src.prefix, tgt.prefix, 20, 120, tmp_path / "plan")
+    keep = filter_lengths(src.lengths, short.lengths, 20)
+    assert again["pairs"] == len(keep) and again != meta
+    assert BatchPlan(tmp_path / "plan").tokens.sum() == sum(min(len(tgts[i]), 3) + 1 for i in keep)
+
+    (tmp_path / "plan.json").write_text((tmp_path / "plan.json").read_text().replace('"batches": ', '"batches": 1'))
+    with pytest.raises(ValueError, match="do not match"):
+        BatchPlan(tmp_path / "plan")
+    write(tmp_path / "e1", [], 1000), write(tmp_path / "e2", [], 1000)
+    assert write_batch_plan(tmp_path / "e1", tmp_path / "e2", 20, 120, tmp_path / "empty")["pairs"] == 0
+    assert len(BatchPlan(tmp_path / "empty")) == 0
+    with pytest.raises(ValueError, match="holds 500 sentences"):
+        write_batch_plan(src.prefix, tmp_path / "e2", 20, 120, tmp_path / "bad")
 
 
 @pytest.mark.parametrize("n_batches,world", [(0, 1), (1, 2), (10, 1), (10, 3), (11, 4), (12, 4), (3, 8)])

@@ -7,9 +7,10 @@ import subprocess
 import sys
 
 import numpy as np
+import torch
 
 from imitate_nat.data import read_lines, token_batches
-from imitate_nat.indexed import IndexedDataset, IndexedWriter
+from imitate_nat.indexed import IndexedDataset, IndexedWriter, collate, write_batch_plan
 from imitate_nat.tokenizer import Tokenizer
 from orchestrator.binarize import binarize
 from orchestrator.run.files import sha256_file
@@ -61,20 +62,29 @@ def old_path_batches(run_dir, max_len, batch_tokens, seed, epoch):
     return keep, token_batches(lengths, batch_tokens, shuffle=True, seed=seed * 1000 + epoch)
 
 
-def test_one_worker_takes_the_batches_of_the_in_memory_path_epoch_after_epoch(prepared_run):
+def train_data(run_dir, plan_dir, max_len, batch_tokens) -> TrainData:
+    """The worker's view of the tokenizer stage's pairs, planned as the training stage plans it."""
+    src, tgt = bin_prefix(run_dir, "tokenizer", "train.src"), bin_prefix(run_dir, "tokenizer", "train.tgt")
+    write_batch_plan(src, tgt, max_len, batch_tokens, plan_dir / "plan")
+    return TrainData(src, tgt, plan_dir / "plan")
+
+
+def test_one_worker_takes_the_batches_of_the_in_memory_path_epoch_after_epoch(prepared_run, tmp_path):
     run_dir, _ = prepared_run
-    data = TrainData(bin_prefix(run_dir, "tokenizer", "train.src"), bin_prefix(run_dir, "tokenizer", "train.tgt"), 64)
-    stream = batch_stream(data, 300, seed=3, start_step=0, rank=0, world=1)
+    data = train_data(run_dir, tmp_path, 64, 300)
+    stream = batch_stream(data, seed=3, start_step=0, rank=0, world=1)
     for epoch in range(2):
         keep, expected = old_path_batches(run_dir, 64, 300, 3, epoch)
-        assert data.keep.tolist() == keep
+        assert sorted(data.plan.pairs.tolist()) == keep and len(data) == len(keep)
         for batch in expected:
             step, micro, tokens, step_tokens = next(stream)
             [b] = micro
-            assert b.tgt.shape[0] == len(batch) and tokens == [step_tokens]
+            want = collate(data.src, data.tgt, [keep[i] for i in batch])
+            assert torch.equal(b.src, want.src) and torch.equal(b.tgt_out, want.tgt_out)
+            assert tokens == [step_tokens] == [int(want.tgt_out.ne(0).sum())]
     # resuming at a step gives what the uninterrupted stream gives from there
-    again = batch_stream(data, 300, seed=3, start_step=len(expected) + 2, rank=0, world=1)
-    stream = batch_stream(data, 300, seed=3, start_step=0, rank=0, world=1)
+    again = batch_stream(data, seed=3, start_step=len(expected) + 2, rank=0, world=1)
+    stream = batch_stream(data, seed=3, start_step=0, rank=0, world=1)
     for _ in range(len(expected) + 2):
         next(stream)
     for _ in range(5):
@@ -82,14 +92,14 @@ def test_one_worker_takes_the_batches_of_the_in_memory_path_epoch_after_epoch(pr
         assert a[0] == b[0] and a[2:] == b[2:] and all((x.src == y.src).all() for x, y in zip(a[1], b[1]))
 
 
-def test_workers_take_disjoint_whole_batches_and_a_step_counts_every_workers_tokens(prepared_run):
+def test_workers_take_disjoint_whole_batches_and_a_step_counts_every_workers_tokens(prepared_run, tmp_path):
     run_dir, _ = prepared_run
-    data = TrainData(bin_prefix(run_dir, "tokenizer", "train.src"), bin_prefix(run_dir, "tokenizer", "train.tgt"), 64)
-    world, update_freq, batch_tokens = 2, 2, 200
-    n_batches = len(data.cut(batch_tokens))
+    world, update_freq = 2, 2
+    data = train_data(run_dir, tmp_path, 64, 200)
+    n_batches = len(data.plan)
     steps = n_batches // (world * update_freq)
     seen = []
-    streams = [batch_stream(data, batch_tokens, 1, 0, rank, world, update_freq) for rank in range(world)]
+    streams = [batch_stream(data, 1, 0, rank, world, update_freq) for rank in range(world)]
     for _ in range(steps):   # one epoch
         outs = [next(s) for s in streams]
         assert len({o[0] for o in outs}) == 1 and len({o[3] for o in outs}) == 1     # same step, same total
@@ -105,59 +115,38 @@ def test_workers_take_disjoint_whole_batches_and_a_step_counts_every_workers_tok
 
 
 MEMORY_PROBE = """
-import json, resource, sys
-import numpy as np
+import json, sys
 from orchestrator.stages.train_worker import TrainData, batch_stream
 
-def rss():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
+def rss():  # resident MB: all of it, and its private (anonymous) part
+    rows = dict(line.split(":") for line in open("/proc/self/status"))
+    return [int(rows[k].split()[0]) / 1024 for k in ("VmRSS", "RssAnon")]
 before = rss()
-data = TrainData(sys.argv[1], sys.argv[2], 256)
-stream = batch_stream(data, 4096, 1, 0, 0, 2, 2)
+data = TrainData(sys.argv[1], sys.argv[2], sys.argv[3])
+stream = batch_stream(data, 1, 0, 0, 2, 2)
+opened = rss()
 for _ in range(20):
     next(stream)
-print(json.dumps({"pairs": len(data), "growth": rss() - before}))
+after = rss()
+print(json.dumps({"pairs": len(data), "open": opened[0] - before[0], "anon": after[1] - before[1]}))
 """
 
 
 def test_a_rank_opening_200k_pairs_grows_by_little(tmp_path):
-    """Binarized and memory-mapped, a rank holds lengths and the plan only: 200k pairs of ~30
-    tokens cost it a few MB (the token-list path took ~140 MB for this corpus)."""
+    """Binarized, planned once by the stage and memory-mapped, a rank holds 16 bytes a batch:
+    opening 200k pairs of ~30 tokens costs it well under 4 MB (the token-list path took ~140 MB
+    for this corpus, per-rank length arrays and plans ~6 MB), and 20 steps add no private
+    memory: what they add is the file pages of the batches taken, which the kernel can drop."""
     rng = np.random.default_rng(0)
     for side in ("src", "tgt"):
         with IndexedWriter(tmp_path / side, 32000) as w:
             for n in rng.integers(10, 50, 200_000):
                 w.add(rng.integers(4, 32000, n))
-    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, str(tmp_path / "src"), str(tmp_path / "tgt")],
+    meta = write_batch_plan(tmp_path / "src", tmp_path / "tgt", 256, 4096, tmp_path / "plan")
+    out = subprocess.run([sys.executable, "-c", MEMORY_PROBE, *(str(tmp_path / n) for n in ("src", "tgt", "plan"))],
                          capture_output=True, text=True, cwd=ROOT, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout)
-    print(result)
-    assert result["pairs"] == 200_000
-    assert result["growth"] < 40 * 2 ** 20
-
-
-def test_a_run_dir_from_before_binarization_shows_stale_from_the_tokenizer_on(tmp_path):
-    """Run dirs made before the tokenizer binarized the train set hold no .bin/.idx: their
-    tokenizer (and every later stage) is stale and rebuilds; prepare is reused."""
-    from orchestrator.run.files import sha256_json
-    from orchestrator.run.hashing import stage_hashes
-    from orchestrator.run.layout import STAGE, STAGES, run_dir
-    from orchestrator.run.manifest import Manifest, write_manifest
-    from orchestrator.run.runner import stage_states
-    from orchestrator.spec.loading import spec_from_dict
-
-    spec = spec_from_dict({"name": "old", "workdir": str(tmp_path)})
-    upstream, old_hashes = None, {}
-    for stage in STAGES:   # the stage hashes as they were computed before stage versions
-        sections = {n: getattr(spec, n).model_dump(mode="json") for n in STAGE[stage].reads}
-        old_hashes[stage] = upstream = sha256_json({"stage": stage, "seed": spec.seed, "sections": sections,
-                                                    "upstream": upstream})
-    assert old_hashes["prepare"] == stage_hashes(spec)["prepare"]
-    for stage in STAGES:
-        d = run_dir(spec) / stage
-        d.mkdir(parents=True)
-        write_manifest(d, Manifest(stage=stage, input_hash=old_hashes[stage], status="done"))
-    assert [s.state for s in stage_states(spec)] == ["done"] + ["stale"] * (len(STAGES) - 1)
+    print(result, meta["batches"])
+    assert result["pairs"] == meta["pairs"] == 200_000
+    assert result["open"] < 4 and result["anon"] < 4

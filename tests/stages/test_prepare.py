@@ -1,6 +1,9 @@
 """prepare and tokenizer stages: synthetic, files and (offline) huggingface sources."""
 from __future__ import annotations
 
+import logging
+import os
+import re
 import sys
 from pathlib import Path
 
@@ -189,6 +192,9 @@ def test_huggingface_wrong_language_and_missing_package(tmp_path, monkeypatch):
 # A fresh interpreter: `datasets` and `huggingface_hub` read the offline switches when they are
 # imported, which this test process may have done already.
 _NO_HUB_SCRIPT = """
+import logging
+import os
+import re
 import sys
 from pathlib import Path
 from orchestrator.run.runner import StageContext
@@ -239,10 +245,14 @@ def test_huggingface_network_errors_are_told_from_other_errors(tmp_path, monkeyp
             assert isinstance(caught.value, HubUnreachable) and caught.value.__cause__ is error
 
 
-def test_tokenizer_stage(ray_local, synthetic_run):
+def test_tokenizer_stage(ray_local, synthetic_run, caplog):
     tmp, _, out = synthetic_run
     spec = _spec(tmp, SYNTH, tokenizer={"vocab_size": 200})
-    result = tokenizer(StageContext(spec, run_dir=out.parent, stage="tokenizer", progress=False))
+    with caplog.at_level(logging.INFO, logger="imitate_orch"):
+        result = tokenizer(StageContext(spec, run_dir=out.parent, stage="tokenizer", progress=False))
+    # SentencePiece's trainer (GBs at WMT scale) runs in a Ray task, not in the driver
+    [trained] = [r.getMessage() for r in caplog.records if "trained by a Ray task" in r.getMessage()]
+    assert int(re.search(r"pid (\d+)", trained).group(1)) != os.getpid()
     assert result.outputs == {n: n for n in ("spm.model", "train.src.bin", "train.src.idx", "train.tgt.bin",
                                              "train.tgt.idx")}
     model = out.parent / "tokenizer" / "spm.model"
