@@ -84,19 +84,39 @@ def binarize(text_path: str | os.PathLike, spm_path: str | os.PathLike, out_pref
              chunk_lines: int = CHUNK_LINES, progress: bool = False) -> int:
     """Encode every line of `text_path` into `out_prefix`.bin/.idx with Ray tasks (Ray must be
     initialized); returns the number of sentences, which equals the number of lines."""
-    text_path, out_prefix = Path(text_path).resolve(), Path(out_prefix).resolve()
-    n, ranges = chunk_ranges(text_path, chunk_lines)
-    parts = [out_prefix.with_name(f"{out_prefix.name}.part{k:05d}") for k in range(len(ranges))]
-    refs = [encode_chunk.remote(str(text_path), a, b, str(Path(spm_path).resolve()), str(p))
-            for (a, b), p in zip(ranges, parts)]
-    counted = 0
-    with tqdm(total=n, unit="line", desc=f"binarize {text_path.name}", disable=not progress) as bar:
-        pending = list(refs)
+    return binarize_files([(text_path, out_prefix)], spm_path, chunk_lines, progress)[0]
+
+
+def binarize_files(jobs: list[tuple[str | os.PathLike, str | os.PathLike]], spm_path: str | os.PathLike,
+                   chunk_lines: int = CHUNK_LINES, progress: bool = False) -> list[int]:
+    """binarize() for several (text file, out prefix) pairs at once: the chunk tasks of all
+    files are queued together, so the CPUs stay busy across the files (no idle tail between
+    them); returns each file's number of sentences."""
+    spm_path = str(Path(spm_path).resolve())
+    plans = []
+    for text_path, out_prefix in jobs:
+        text_path, out_prefix = Path(text_path).resolve(), Path(out_prefix).resolve()
+        n, ranges = chunk_ranges(text_path, chunk_lines)
+        parts = [out_prefix.with_name(f"{out_prefix.name}.part{k:05d}") for k in range(len(ranges))]
+        refs = [encode_chunk.remote(str(text_path), a, b, spm_path, str(p)) for (a, b), p in zip(ranges, parts)]
+        plans.append((text_path, out_prefix, n, parts, refs))
+    owner = {ref: k for k, plan in enumerate(plans) for ref in plan[4]}
+    counted = [0] * len(plans)
+    names = ", ".join(p[0].name for p in plans)
+    with tqdm(total=sum(p[2] for p in plans), unit="line", desc=f"binarize {names}", disable=not progress) as bar:
+        pending = list(owner)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             k = ray.get(done[0])
-            counted += k
+            counted[owner[done[0]]] += k
             bar.update(k)
+    for (text_path, out_prefix, n, parts, _), got in zip(plans, counted):
+        _merge(text_path, out_prefix, n, parts, got, spm_path)
+    return [p[2] for p in plans]
+
+
+def _merge(text_path: Path, out_prefix: Path, n: int, parts: list[Path], counted: int, spm_path: str) -> None:
+    """The parts of one file, checked and merged in order into out_prefix; the parts removed."""
     if counted != n:
         raise RuntimeError(f"binarize {text_path}: the chunks hold {counted} lines, the file {n}")
     if parts:
@@ -109,4 +129,3 @@ def binarize(text_path: str | os.PathLike, spm_path: str | os.PathLike, out_pref
             Path(f"{p}{suffix}").unlink(missing_ok=True)
     if len(IndexedDataset(out_prefix)) != n:
         raise RuntimeError(f"binarize {text_path}: {out_prefix} does not hold {n} sentences")
-    return n

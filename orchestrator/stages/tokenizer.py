@@ -24,7 +24,7 @@ from imitate_nat.data import count_lines, iter_lines, read_lines
 from imitate_nat.indexed import IndexedDataset
 from imitate_nat.tokenizer import Tokenizer, train_sentencepiece
 
-from ..binarize import binarize
+from ..binarize import binarize_files
 from ..run.cluster import init_ray
 from ..run.layout import SPM, bin_prefix, split_path
 from ..run.runner import StageContext, StageResult
@@ -97,9 +97,10 @@ def tokenizer(ctx: StageContext) -> StageResult:
     log.info("tokenizer: %s vocab %d (asked %d), pieces/sentence src %.1f tgt %.1f", spec.model_type,
              metrics["vocab_size"], spec.vocab_size, metrics["avg_src_pieces"], metrics["avg_tgt_pieces"])
     outputs, started = {SPM: SPM}, time.perf_counter()
-    for side in ("src", "tgt"):
-        prefix = bin_prefix(ctx.run_dir, "tokenizer", f"train.{side}")
-        binarize(split_path(ctx.run_dir, "train", side), ctx.out_dir / SPM, prefix, progress=ctx.progress)
+    prefixes = {side: bin_prefix(ctx.run_dir, "tokenizer", f"train.{side}") for side in ("src", "tgt")}
+    binarize_files([(split_path(ctx.run_dir, "train", side), prefix) for side, prefix in prefixes.items()],
+                   ctx.out_dir / SPM, progress=ctx.progress)
+    for side, prefix in prefixes.items():
         metrics[f"train_{side}_tokens"] = float(IndexedDataset(prefix).num_tokens)
         outputs.update({n: n for n in (f"train.{side}.bin", f"train.{side}.idx")})
     metrics["binarize_seconds"] = time.perf_counter() - started

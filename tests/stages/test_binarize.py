@@ -12,7 +12,7 @@ import torch
 from imitate_nat.data import read_lines, token_batches
 from imitate_nat.indexed import IndexedDataset, IndexedWriter, collate, write_batch_plan
 from imitate_nat.tokenizer import Tokenizer
-from orchestrator.binarize import binarize
+from orchestrator.binarize import binarize, binarize_files
 from orchestrator.run.files import sha256_file
 from orchestrator.run.layout import bin_prefix, spm_path, split_path
 from orchestrator.run.manifest import read_manifest
@@ -36,6 +36,13 @@ def test_binarized_train_set_holds_the_tokenizers_ids_for_every_line(ray_local, 
         part = IndexedDataset(tmp_path / side)
         assert [part[i].tolist() for i in range(102)] == tok.encode_batch(read_lines(text))
         assert not list(tmp_path.glob(f"{side}.part*"))         # the chunks are merged and gone
+    # both sides queued at once: the same bytes as one file at a time
+    texts = [tmp_path / f"{side}.txt" for side in ("src", "tgt")]
+    assert binarize_files([(t, tmp_path / f"both.{t.stem}") for t in texts], spm_path(run_dir), chunk_lines=15) == \
+        [102, 102]
+    for t in texts:
+        for ext in ("bin", "idx"):
+            assert (tmp_path / f"both.{t.stem}.{ext}").read_bytes() == (tmp_path / f"{t.stem}.{ext}").read_bytes()
 
 
 def test_manifests_record_the_binarized_files_with_checksums(micro_run):
