@@ -275,7 +275,7 @@ def write_batch_plan(src_prefix: str | os.PathLike, tgt_prefix: str | os.PathLik
     if len(src) != len(tgt):
         raise ValueError(f"{src.prefix} holds {len(src)} sentences, {tgt.prefix} {len(tgt)}")
     meta = {"version": 1, "max_len": int(max_len), "max_tokens": int(max_tokens),
-            **{side: [ds.prefix, len(ds), ds.num_tokens, os.stat(ds.prefix + ".idx").st_mtime_ns]
+            **{side: [os.path.realpath(ds.prefix), len(ds), ds.num_tokens, os.stat(ds.prefix + ".idx").st_mtime_ns]
                for side, ds in (("src", src), ("tgt", tgt))}}
     with contextlib.suppress(OSError, ValueError):
         with open(out_prefix + ".json", encoding="utf-8") as f:
