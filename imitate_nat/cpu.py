@@ -4,10 +4,11 @@ bf16, for decoding (NAT, NAT + LPD, AT beam search) on a CPU.
 Most of a decoding pass on a CPU is matrix products: the Transformer's linear layers, the
 imitation modules' policy FFNs (eq 4) and, largest at a 32k vocabulary, the tied output
 projection h·Eᵀ that gives the NAT's argmax and the AT's log p(y|x) when LPD rescores.
-  int8: every nn.Linear and the output projection as Int8Linear: weights int8 with one scale
-        per output unit, each input row quantized to int8 with its own scale when it arrives,
-        products summed exactly in int32 (oneDNN: VNNI / AMX-int8 kernels on x86). Per-row
-        scales keep a sentence's translation independent of what else is in its batch.
+  int8: dynamic quantization (torch.ao, fbgemm/oneDNN VNNI kernels on x86, QNNPACK on ARM) of
+        every nn.Linear and of the output projection: weights int8 with one scale per output
+        unit; each product's input quantized to int8 when it arrives, with one scale for the
+        whole matrix, products summed in int32. That shared scale makes a translation depend a
+        little on the other sentences of its batch (the fp32 and bf16 paths do not).
   bf16: weights and activations in bfloat16, products summed in fp32 (oneDNN). Fast only on
         CPUs with bf16 matrix units (AMX); elsewhere slower than fp32.
   auto: bf16 where the CPU has AMX tiles, else int8.
@@ -18,6 +19,7 @@ the BLEU each mode costs on Multi30k.
 from __future__ import annotations
 
 import copy
+import warnings
 
 import torch
 from torch import nn
@@ -42,43 +44,24 @@ def resolve_mode(mode: str) -> str:
     return mode
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int8 quantization with one scale per row: (q (N, K) int8, scale (N, 1)), x ≈ q·scale."""
-    scale = torch.linalg.vector_norm(x, float("inf"), dim=-1, keepdim=True).clamp_min(1e-12) / 127.0   # max |x|
-    return torch.round(x * scale.reciprocal()).to(torch.int8), scale
-
-
-class Int8Linear(nn.Module):
-    """y = x·Wᵀ + b with W and each row of x in int8: y ≈ (q_x·q_Wᵀ) · s_x · s_W + b, the integer
-    product exact in int32 (|q| ≤ 127, so K < 2¹⁷ inputs cannot overflow)."""
-
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
-        super().__init__()
-        q, scale = quantize_rows(weight.detach().float())          # one scale per output unit
-        self.register_buffer("weight_t", q.t().contiguous())        # (K, N): the layout _int_mm takes
-        self.register_buffer("weight_scale", scale.view(-1))
-        self.register_buffer("bias", None if bias is None else bias.detach().float().clone())
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> "Int8Linear":
-        return cls(linear.weight, linear.bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        q, scale = quantize_rows(x.reshape(-1, shape[-1]).float())
-        y = torch._int_mm(q, self.weight_t).float().mul_(scale)    # in place: the output is the big tensor
-        y = y.mul_(self.weight_scale) if self.bias is None else torch.addcmul(self.bias, y, self.weight_scale)
-        return y.view(*shape[:-1], -1).to(x.dtype)
+def _tied_projection(model: EncoderDecoder) -> nn.Linear:
+    """The output projection h·Eᵀ as a Linear layer holding a copy of E, so it quantizes like the others."""
+    proj = nn.Linear(model.cfg.d_model, model.cfg.vocab_size, bias=False)
+    proj.weight = nn.Parameter(model.embed.weight.detach().clone(), requires_grad=False)
+    return proj
 
 
 def quantize_int8(model: EncoderDecoder) -> EncoderDecoder:
-    """Every nn.Linear of `model` (in place) and its output projection h·Eᵀ as Int8Linear."""
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, nn.Linear):
-                setattr(parent, name, Int8Linear.from_linear(child))
-    model.output_projection = Int8Linear(model.embed.weight)
-    return model
+    """Every nn.Linear of `model` (in place) and its output projection h·Eᵀ, dynamically quantized."""
+    from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
+
+    model.output_projection = _tied_projection(model)
+    with warnings.catch_warnings():
+        # torch.ao's eager quantization is deprecated in favour of torchao (another package) but
+        # present and working in the pinned torch; its notices would repeat on every load.
+        warnings.filterwarnings("ignore", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message=".*quantize_per_(tensor|channel).*deprecated", category=UserWarning)
+        return quantize_dynamic(model, {nn.Linear: per_channel_dynamic_qconfig}, dtype=torch.qint8, inplace=True)
 
 
 def for_cpu(model: EncoderDecoder, mode: str = "auto") -> EncoderDecoder:
