@@ -37,7 +37,7 @@ log = logging.getLogger("imitate_orch")
 MODEL_ARTIFACT = "model"        # the pyfunc model's folder in the parent run's artifacts
 MODEL_FILES_DIR = "artifacts"   # inside a pyfunc model: the run-dir layout of MODEL_FILES
 # The eval settings the model decodes with (its model_config), and what `serve`/`eval` take as defaults.
-EVAL_SETTINGS = ("beam_size", "delta_t", "length_penalty", "batch_tokens", "bleu_tokenize")
+EVAL_SETTINGS = ("beam_size", "delta_t", "length_penalty", "batch_tokens", "bleu_tokenize", "cpu_fast")
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 INPUT_EXAMPLE = ["a happy bird sees the horse", "the dog runs"]
 
