@@ -35,7 +35,7 @@ _RACY_NS = 2 * 10**9   # a file written this recently may change again within on
 # Fields added after run dirs existed, left out of a stage's identity at their defaults so
 # those run dirs keep their hashes (and are not retrained for a setting that changes nothing),
 # by spec section. eval.cpu_fast "auto" changes the evaluate stage's figures a little (the CPU
-# path: BLEU within ±0.15 on Multi30k, faster latencies); a finished evaluate stage is kept
+# path: BLEU within ±0.06 on Multi30k, faster latencies); a finished evaluate stage is kept
 # (its summary names no CPU path: fp32) rather than every run dir's being redone.
 _ADDED_AT_DEFAULT = {"teacher": {"seed": None, "valid_sentences": 500},
                      "student": {"seed": None, "valid_sentences": 500, "imitation_modules": True,

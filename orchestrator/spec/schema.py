@@ -197,7 +197,7 @@ class EvalSpec(_Section):
     gpus: float = Field(0, ge=0.0)
     # Decoding on a CPU (evaluate stage, eval, translate --run, serve, the registered model): the
     # models in int8 or bf16 (imitate_nat/cpu.py); auto: bf16 on CPUs with AMX, else int8; off:
-    # fp32. No effect on a GPU. BLEU cost on Multi30k within ±0.05 (BENCHMARKS.md).
+    # fp32. No effect on a GPU. BLEU on Multi30k within ±0.06 of fp32 (BENCHMARKS.md).
     cpu_fast: Literal[CPU_MODES] = "auto"
 
     @field_validator("cpu_fast", mode="before")
