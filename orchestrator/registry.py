@@ -188,6 +188,7 @@ def resolve_model(client, uri: str) -> RegisteredModel:
     its settings and digests (read from its MLmodel file, not downloading the models)."""
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
+    from mlflow.pyfunc import MODEL_CONFIG
 
     mv = model_version(client, uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,7 +197,8 @@ def resolve_model(client, uri: str) -> RegisteredModel:
         except (MlflowException, OSError) as e:
             raise RegistryError(f"{uri}: the files of version {mv.version} cannot be read: {e}") from None
         meta = Model.load(str(mlmodel))
-    settings = meta.flavors["python_function"].get("model_config") or {}
+    # MLflow files save_model's model_config under the flavor's "config" key (pyfunc.MODEL_CONFIG).
+    settings = meta.flavors["python_function"].get(MODEL_CONFIG) or {}
     return RegisteredModel(mv.name, str(mv.version), mv.run_id, f"models:/{mv.name}/{mv.version}",
                            settings, (meta.metadata or {}).get("sha256", {}))
 
