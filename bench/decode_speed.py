@@ -1,7 +1,10 @@
 """Decoding speed, measured side by side in one run: AT beam-4 and greedy (KV cache), NAT one
-pass, NAT+LPD(ΔT), and a Hugging Face MarianMT peer at the same dimensions (beam 4). On CUDA,
-NAT and NAT+LPD also run as CUDA graphs (imitate_nat/graphs.py; the AT and the peer stay eager),
-and the graphs' outputs are compared with the eager ones.
+pass, NAT+LPD(ΔT), and peers at the same dimensions (bench/peers.py): Hugging Face MarianMT
+(beam 4) and CTranslate2 (the same Marian model converted; fp32 and int8, beam 4 and greedy).
+On a CPU, AT beam-4, NAT and NAT+LPD also run on the CPU inference path (imitate_nat/cpu.py:
+int8, and bf16 where the CPU has bf16 matrix units). On CUDA, NAT and NAT+LPD also run as CUDA
+graphs (imitate_nat/graphs.py; the AT and the peers stay eager), and the graphs' outputs are
+compared with the eager ones.
 
 Random weights (seeded); every method sees the same random sources and decodes exactly
 --tgt-len tokens (+ EOS for the autoregressive ones; LPD: its 2ΔT+1 candidate lengths around it),
@@ -10,7 +13,7 @@ Figures are ms/sentence (median over --repeats timed measurements of --sentences
 after --warmup untimed calls) and speedups over our AT beam-4. A benchmark, not a test:
 the paper's targets (GPU, batch 1) are printed for information only.
 
-    python bench/decode_speed.py                     # base size, CPU-feasible defaults
+    python bench/decode_speed.py --threads 2         # base size, CPU-feasible defaults
     python bench/decode_speed.py --device cuda --dtype bf16 --json out.json
 """
 from __future__ import annotations
@@ -28,13 +31,17 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from imitate_nat.at import ATDemonstrator  # noqa: E402
 from imitate_nat.config import PRESETS, preset  # noqa: E402
+from imitate_nat.cpu import CPU_MODES, for_cpu, has_bf16_matrix_units  # noqa: E402
 from imitate_nat.decode import beam_search, greedy_search, lpd_decode, nat_decode  # noqa: E402
 from imitate_nat.graphs import GraphedLPD  # noqa: E402
 from imitate_nat.nat import NATLearner  # noqa: E402
+from peers import build_ct2, build_marian  # noqa: E402  (bench/ is the script's directory)
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 PAPER_TARGETS = {"NAT": 18.6, "NAT+LPD": 9.7}  # Wei et al. 2019, WMT14 En-De, GPU, batch 1
 BASELINE = "AT beam-4"
+CT2_PEER = "CT2 int8 beam-4"   # the optimized autoregressive peer the CPU targets compare with
+MARIAN = "Marian beam-4 (HF)"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -58,12 +65,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "they use one sentence, as CPU kernels need no per-shape warm-up (default: cuda 2, cpu 1)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's); on a CPU "
                    "shared with other jobs, 1 gives far steadier figures")
-    p.add_argument("--no-peer", action="store_true", help="skip the MarianMT peer")
+    p.add_argument("--no-peer", action="store_true", help="skip the MarianMT and CTranslate2 peers")
+    p.add_argument("--cpu-modes", default=None, help="on a CPU: comma-separated modes of the CPU inference path "
+                   "to time beside fp32 (int8, bf16; none: no such rows; default: int8, plus bf16 where the "
+                   "CPU has bf16 matrix units)")
     p.add_argument("--no-cuda-graphs", action="store_true", help="on CUDA, skip the CUDA-graph NAT and LPD rows")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", metavar="PATH", help="also write all figures as JSON")
     a = p.parse_args(argv)
     a.batch_sizes = [int(b) for b in a.batch_sizes.split(",") if b.strip()]
+    if a.cpu_modes is None:
+        a.cpu_modes = "int8,bf16" if has_bf16_matrix_units() else "int8"
+    a.cpu_modes = [] if a.device == "cuda" or a.cpu_modes == "none" else [m for m in a.cpu_modes.split(",") if m]
+    if set(a.cpu_modes) - set(CPU_MODES[1:3]):
+        p.error(f"--cpu-modes: choose from {', '.join(CPU_MODES[1:3])} or none, got {','.join(a.cpu_modes)}")
     if a.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda requested but CUDA is not available")
     if a.dtype != "fp32" and a.device != "cuda":
@@ -90,28 +105,20 @@ def build_models(a):
     return cfg, at.to(a.device, dtype).eval(), nat.to(a.device, dtype).eval()
 
 
-def build_marian(cfg, a):
-    """MarianMT at our dimensions, or (None, reason) when transformers is missing."""
-    try:
-        from transformers import GenerationConfig, MarianConfig, MarianMTModel
-    except ImportError as e:
-        return None, f"transformers not installed ({e}); `pip install -e .[bench]` to add the peer"
-    ids = dict(pad_token_id=cfg.pad_id, eos_token_id=cfg.eos_id, decoder_start_token_id=cfg.bos_id,
-               forced_eos_token_id=cfg.eos_id)
-    mcfg = MarianConfig(vocab_size=cfg.vocab_size, decoder_vocab_size=cfg.vocab_size, d_model=cfg.d_model,
-                        encoder_layers=cfg.enc_layers, decoder_layers=cfg.dec_layers,
-                        encoder_attention_heads=cfg.n_heads, decoder_attention_heads=cfg.n_heads,
-                        encoder_ffn_dim=cfg.d_ffn, decoder_ffn_dim=cfg.d_ffn,
-                        max_position_embeddings=max(1024, a.src_len + a.tgt_len + 8), **ids)
-    torch.manual_seed(a.seed)
-    model = MarianMTModel(mcfg).to(a.device, DTYPES[a.dtype]).eval()
-    # tgt_len tokens then a forced EOS: the same tgt_len + 1 decoder steps as our beam search.
-    gen = GenerationConfig(num_beams=4, do_sample=False, early_stopping=False, use_cache=True,
-                           min_new_tokens=a.tgt_len, max_new_tokens=a.tgt_len + 1, length_penalty=1.0, **ids)
-    return (model, gen), None
+def build_peers(cfg, a) -> tuple[dict, dict]:
+    """({row name: fn(src)}, {peer: why it was skipped}) for MarianMT and CTranslate2."""
+    if a.no_peer:
+        return {}, {"MarianMT": "--no-peer", "CTranslate2": "--no-peer"}
+    rows, skipped = {}, {}
+    marian, skipped["MarianMT"] = build_marian(cfg, a, DTYPES[a.dtype])
+    if marian:
+        rows[MARIAN] = marian
+    ct2, skipped["CTranslate2"] = build_ct2(cfg, a)
+    rows.update(ct2 or {})
+    return rows, {k: v for k, v in skipped.items() if v}
 
 
-def methods(at, nat, marian, a):
+def methods(at, nat, peers: dict, a):
     """name -> fn(src) returning the mean output length (tokens, excluding EOS)."""
     T, L = a.tgt_len, dict(max_len_a=0, max_len_b=a.tgt_len + 1, min_len=a.tgt_len)
     full = lambda src: torch.full((src.size(0),), T, dtype=torch.long, device=src.device)  # noqa: E731
@@ -123,21 +130,19 @@ def methods(at, nat, marian, a):
         f"NAT+LPD(dT={a.delta_t})": lambda src: mean_len(lpd_decode(nat, at, src, delta_t=a.delta_t,
                                                                      lengths=full(src))),
     }
+    for mode in a.cpu_modes:   # the CPU inference path: the same models in int8 / bf16
+        fast_at, fast_nat = for_cpu(at, mode), for_cpu(nat, mode)
+        out[f"{BASELINE} cpu-{mode}"] = lambda src, m=fast_at: mean_len(beam_search(m, src, beam_size=4, **L))
+        out[f"NAT cpu-{mode}"] = lambda src, m=fast_nat: mean_len(nat_decode(m, src, lengths=full(src)))
+        out[f"NAT+LPD(dT={a.delta_t}) cpu-{mode}"] = lambda src, m=fast_nat, t=fast_at: mean_len(
+            lpd_decode(m, t, src, delta_t=a.delta_t, lengths=full(src)))
     if a.device == "cuda" and not a.no_cuda_graphs:
         biggest = max(a.batch_sizes)
         nat_graph = GraphedLPD(nat, at, delta_t=0, max_batch=biggest)
         lpd_graph = GraphedLPD(nat, at, delta_t=a.delta_t, max_batch=biggest)
         out["NAT graph"] = lambda src: mean_len(nat_graph(src, full(src)))
         out[f"NAT+LPD(dT={a.delta_t}) graph"] = lambda src: mean_len(lpd_graph(src, full(src)))
-    if marian is not None:
-        model, gen = marian
-
-        @torch.no_grad()
-        def run_marian(src):
-            seqs = model.generate(input_ids=src, attention_mask=src.ne(at.cfg.pad_id), generation_config=gen)
-            return float(seqs.size(1) - 2)  # minus decoder start and the final EOS
-        out["Marian beam-4 (HF)"] = run_marian
-    return out
+    return {**out, **peers}
 
 
 def graph_agreement(at, nat, srcs: list[torch.Tensor], a) -> dict:
@@ -185,18 +190,20 @@ def machine_info(a) -> dict:
             "cpu": platform.processor() or platform.machine(), "loadavg_1m_at_start": os.getloadavg()[0]}
     if a.device == "cuda":
         info["device_name"] = torch.cuda.get_device_name()
-    try:
-        import transformers
-        info["transformers"] = transformers.__version__
-    except ImportError:
-        info["transformers"] = None
+    for package in ("transformers", "ctranslate2"):
+        try:
+            info[package] = __import__(package).__version__
+        except ImportError:
+            info[package] = None
     return info
 
 
 def print_table(bs: int, rows: dict, a, n_sent: int) -> None:
     n_rep = len(rows[BASELINE]["samples_ms"])
     print(f"\nbatch size {bs}: {n_sent} sentences per measurement, median of {n_rep} repeat(s)")
-    print(f"  {'method':<22}{'ms/sent':>11}{'speedup':>10}{'out len':>9}   paper target (GPU, batch 1)")
+    ct2 = rows.get(CT2_PEER)
+    vs_ct2 = f"{'vs ' + CT2_PEER:>24}" if ct2 else ""
+    print(f"  {'method':<30}{'ms/sent':>11}{'speedup':>10}{'out len':>9}{vs_ct2}   paper target (GPU, batch 1)")
     for name, r in rows.items():
         note = ""
         key = "NAT+LPD" if name.startswith("NAT+LPD") else "NAT" if name.startswith("NAT") else name
@@ -204,8 +211,11 @@ def print_table(bs: int, rows: dict, a, n_sent: int) -> None:
             tgt = PAPER_TARGETS[key]
             verdict = ("PASS" if r["speedup"] >= tgt else "MISS") if a.device == "cuda" else "n/a on CPU"
             note = f">= {tgt}x  {verdict}"
-        print(f"  {name:<22}{r['ms_per_sentence']:>11.2f}{r['speedup']:>9.2f}x{r['mean_out_len']:>9.1f}   {note}")
-    peer = rows.get("Marian beam-4 (HF)")
+        ratio = f"{ct2['ms_per_sentence'] / r['ms_per_sentence']:>23.2f}x" if ct2 else ""
+        print(f"  {name:<30}{r['ms_per_sentence']:>11.2f}{r['speedup']:>9.2f}x{r['mean_out_len']:>9.1f}{ratio}   {note}")
+    if ct2:
+        print(f"  (vs {CT2_PEER}: its ms / the row's ms; > 1 means the row is faster)")
+    peer = rows.get(MARIAN)
     if peer:
         ratio = peer["ms_per_sentence"] / rows[BASELINE]["ms_per_sentence"]
         print(f"  ours beam-4 vs Marian beam-4: {ratio:.2f}x (Marian ms / our ms; >= 1 means ours is at least as fast)")
@@ -216,8 +226,8 @@ def main(argv=None) -> dict:
     if a.threads:
         torch.set_num_threads(a.threads)
     cfg, at, nat = build_models(a)
-    marian, skip_reason = (None, "--no-peer") if a.no_peer else build_marian(cfg, a)
-    fns = methods(at, nat, marian, a)
+    peers, skipped = build_peers(cfg, a)
+    fns = methods(at, nat, peers, a)
     info = machine_info(a)
     print(f"decode speed: size={a.size} (d={cfg.d_model}, {cfg.enc_layers}+{cfg.dec_layers} layers, "
           f"{cfg.n_heads} heads, ffn {cfg.d_ffn}), vocab={cfg.vocab_size}, actions={cfg.n_actions}, "
@@ -227,8 +237,8 @@ def main(argv=None) -> dict:
     print(f"src_len={a.src_len}+EOS, tgt_len={a.tgt_len}, dT={a.delta_t}, repeats={a.repeats} (median{budget}), "
           f"warmup={a.warmup} calls{'' if a.device == 'cuda' else ' of 1 sentence'}, "
           f"sentences/measurement >= {a.sentences} (rounded up to the batch size)")
-    if skip_reason:
-        print(f"note: MarianMT peer skipped: {skip_reason}")
+    for peer, why in skipped.items():
+        print(f"note: {peer} peer skipped: {why}")
     gen = torch.Generator().manual_seed(a.seed + 1)
     results = {}
     for bs in a.batch_sizes:
@@ -240,8 +250,10 @@ def main(argv=None) -> dict:
                 for name, (ms, length, samples) in time_methods(fns, srcs, a).items()}
         for r in rows.values():
             r["speedup"] = rows[BASELINE]["ms_per_sentence"] / r["ms_per_sentence"]
+            if CT2_PEER in rows:
+                r["vs_ct2_int8_beam4"] = rows[CT2_PEER]["ms_per_sentence"] / r["ms_per_sentence"]
         results[bs] = {"sentences": n_batches * bs, "methods": rows, "wall_s": time.perf_counter() - t0}
-        peer = rows.get("Marian beam-4 (HF)")
+        peer = rows.get(MARIAN)
         if peer:
             results[bs]["ours_beam4_vs_marian_beam4"] = peer["ms_per_sentence"] / rows[BASELINE]["ms_per_sentence"]
         print_table(bs, rows, a, n_batches * bs)
@@ -251,7 +263,7 @@ def main(argv=None) -> dict:
             print("  CUDA graph outputs equal to eager: " + ", ".join(f"{k} {v:.1%}" for k, v in agree.items()))
         sys.stdout.flush()
     report = {"machine": info, "args": {k: v for k, v in vars(a).items() if k != "json"},
-              "paper_targets_gpu_batch1": PAPER_TARGETS, "peer_skipped": skip_reason,
+              "paper_targets_gpu_batch1": PAPER_TARGETS, "peers_skipped": skipped,
               "results": {str(bs): r for bs, r in results.items()}}
     info["loadavg_1m_at_end"] = os.getloadavg()[0]  # others' jobs on shared CPUs distort timings
     print(f"\n1-min load average: {info['loadavg_1m_at_start']:.1f} at start, {info['loadavg_1m_at_end']:.1f} at end "

@@ -2,7 +2,7 @@
 Non-Autoregressive Neural Machine Translation"). No Ray, MLflow or CLI code lives here.
 
 Read in this order: config → layers → imitation (eq 3-9) → at (DAT) → nat (eq 10-11) →
-losses (eq 12-15) → decode (beam, NAT, LPD) → tokenizer, metrics, checkpoint, data.
+losses (eq 12-15) → decode (beam, NAT, LPD) → cpu (int8/bf16 CPU inference) → tokenizer, metrics, checkpoint, data.
 """
 from .at import ATDemonstrator
 from .config import LossConfig, ModelConfig, preset

@@ -72,6 +72,9 @@ class EncoderDecoder(nn.Module):
         self.decoder = ImitationDecoder(cfg, cfg.imitation_modules)
         self.drop = Dropout(cfg.dropout)
         self.register_buffer("positions", sinusoidal_positions(cfg.max_positions, cfg.d_model), persistent=False)
+        # Inference only: a stand-in for the tied projection h·Eᵀ (cpu.py's int8 copy of E);
+        # None: the projection reads the embedding itself.
+        self.output_projection: nn.Module | None = None
 
     def scaled_embeddings(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.embed(tokens) * math.sqrt(self.cfg.d_model)
@@ -88,6 +91,8 @@ class EncoderDecoder(nn.Module):
         return self.encoder(self.embed_tokens(src), src_keep), src_keep
 
     def output_logits(self, h: torch.Tensor) -> torch.Tensor:
+        if self.output_projection is not None:
+            return self.output_projection(h)
         return h @ self.embed.weight.t()  # output projection tied to the joint embedding
 
 
@@ -100,8 +105,12 @@ class ATDemonstrator(EncoderDecoder):
     def decode(self, tgt_in: torch.Tensor, memory, src_keep, cache: Cache | None = None, start: int = 0):
         """Causal decoding of tgt_in (B, T) starting at position `start`. With a cache, tgt_in holds
         only the new tokens and the cache grows in place. Returns (logits (B,T,V), [log π_l])."""
-        h, log_pis = self.decoder(self.embed_tokens(tgt_in, start), memory, src_keep, causal=True, cache=cache)
+        h, log_pis = self.decode_states(tgt_in, memory, src_keep, cache, start)
         return self.output_logits(h), log_pis
+
+    def decode_states(self, tgt_in: torch.Tensor, memory, src_keep, cache: Cache | None = None, start: int = 0):
+        """decode() before the vocabulary projection: (top states (B, T, d), [log π_l])."""
+        return self.decoder(self.embed_tokens(tgt_in, start), memory, src_keep, causal=True, cache=cache)
 
     def forward(self, src: torch.Tensor, tgt_in: torch.Tensor):
         """Teacher forcing: tgt_in = BOS + y. Returns (logits, [log π_l] per decoder layer)."""

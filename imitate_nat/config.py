@@ -12,6 +12,7 @@ from dataclasses import asdict, dataclass, fields
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 COPIES = ("soft", "uniform", "uniform_encoder")   # ModelConfig.copy
 IL_REDUCTIONS = ("mean", "sum")                   # LossConfig.il_reduction
+CPU_MODES = ("auto", "int8", "bf16", "off")       # the CPU inference path (cpu.py)
 
 
 @dataclass

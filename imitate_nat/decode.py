@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from .at import ATDemonstrator
-from .layers import select_cache
+from .layers import padding_mask, select_cache
 from .nat import NATLearner, token_argmax
 
 
@@ -117,12 +117,41 @@ def beam_search(at: ATDemonstrator, src: torch.Tensor, beam_size: int = 4, lengt
     return hyps
 
 
+# Rows of logits projected at a time by the packed projections below: a (ROW_CHUNK, V) block
+# stays in a CPU core's cache while it is reduced, where (N·T, V) logits would go through memory
+# two or three times (V = 32k: 256 rows are 32 MB).
+ROW_CHUNK = 64
+
+
+def _by_chunks(fn, *rows: torch.Tensor) -> torch.Tensor:
+    """fn over ROW_CHUNK rows of each of `rows` at a time, results concatenated."""
+    return torch.cat([fn(*part) for part in zip(*(r.split(ROW_CHUNK) for r in rows))])
+
+
+def target_log_probs(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per row, without building the (…, V) log-probability tensor."""
+    logits = logits.float()
+    return logits.gather(-1, targets.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
+
+
+def packed_logits_apply(model, h: torch.Tensor, keep: torch.Tensor, fn, *per_position: torch.Tensor,
+                        fill=0) -> torch.Tensor:
+    """fn(logits, *per_position values) at the real positions only (keep, (N, T)): the
+    vocabulary projection, the model's largest matmul, skips padding, and runs ROW_CHUNK rows at a
+    time. Padding positions get `fill`. A host sync (the count of real positions): not for
+    CUDA-graph capture, which projects every position instead (`packed=False` callers)."""
+    rows = _by_chunks(lambda x, *v: fn(model.output_logits(x), *v), h[keep], *(p[keep] for p in per_position))
+    out = torch.full(keep.shape, fill, dtype=rows.dtype, device=rows.device)
+    return out.masked_scatter_(keep, rows)
+
+
 @torch.no_grad()
 def at_score(at: ATDemonstrator, memory, src_keep, hyps: torch.Tensor, hyp_lengths: torch.Tensor,
-             length_penalty: float = 1.0) -> torch.Tensor:
+             length_penalty: float = 1.0, packed: bool = True) -> torch.Tensor:
     """Teacher-forced log p(y + EOS | x) / (|y| + 1)^length_penalty for padded hypotheses (N, T).
     Used to rescore LPD candidates; the same normalization as beam_search's final choice.
-    `memory` holds one row per hypothesis, or one per source for N / B consecutive hypotheses."""
+    `memory` holds one row per hypothesis, or one per source for N / B consecutive hypotheses.
+    packed: project only the |y| + 1 real positions of each row (packed_logits_apply)."""
     cfg = at.cfg
     N, T = hyps.shape
     keep = torch.arange(T + 1, device=hyps.device).unsqueeze(0) <= hyp_lengths.unsqueeze(1)  # y + EOS
@@ -131,22 +160,32 @@ def at_score(at: ATDemonstrator, memory, src_keep, hyps: torch.Tensor, hyp_lengt
     tgt_out.scatter_(1, hyp_lengths.unsqueeze(1), cfg.eos_id)
     tgt_out = tgt_out.masked_fill(~keep, cfg.pad_id)
     tgt_in = tgt_in.masked_fill(~keep, cfg.pad_id)
-    logits, _ = at.decode(tgt_in, memory, src_keep)
-    # log_softmax at the target ids only: no (N, T, V) log-probability tensor is built.
-    lp = logits.gather(-1, tgt_out.unsqueeze(-1)).squeeze(-1).float() - logits.float().logsumexp(-1)
-    total = (lp * keep).sum(1)
-    return total / (hyp_lengths + 1).float().pow(length_penalty)
+    h, _ = at.decode_states(tgt_in, memory, src_keep)
+    if packed:
+        lp = packed_logits_apply(at, h, keep, target_log_probs, tgt_out)
+    else:   # every position, padding included (fixed shapes: CUDA graphs)
+        lp = target_log_probs(at.output_logits(h), tgt_out) * keep
+    return lp.sum(1) / (hyp_lengths + 1).float().pow(length_penalty)
+
+
+def nat_tokens(nat: NATLearner, h: torch.Tensor, lengths: torch.Tensor, packed: bool = True) -> torch.Tensor:
+    """The NAT's argmax token at each position of the top states h (N, T, d); PAD past `lengths`.
+    packed: project only the real positions (packed_logits_apply)."""
+    cfg = nat.cfg
+    keep = padding_mask(lengths, h.size(1))
+    if packed:
+        return packed_logits_apply(nat, h, keep, lambda logits: token_argmax(logits, cfg), fill=cfg.pad_id)
+    return token_argmax(nat.output_logits(h), cfg).masked_fill(~keep, cfg.pad_id)
 
 
 @torch.no_grad()
 def nat_decode(nat: NATLearner, src: torch.Tensor, lengths: torch.Tensor | None = None):
     """One parallel pass at the predicted length T̂ (or the given lengths); argmax per position."""
-    cfg = nat.cfg
     enc = nat.encode(src)
     if lengths is None:
         lengths = nat.predict_lengths(enc)
-    logits, _ = nat.decode(enc, lengths)
-    tokens = token_argmax(logits, cfg)
+    h, _ = nat.decode_states(enc, lengths)
+    tokens = nat_tokens(nat, h, lengths)
     return [row[:n] for row, n in zip(tokens.tolist(), lengths.tolist())]
 
 
@@ -163,7 +202,8 @@ def lpd_candidates(nat: NATLearner, at: ATDemonstrator, nat_enc, at_enc, lengths
     """The core of LPD, free of host syncs when `width` is given (CUDA graphs, graphs.py): decode
     the 2ΔT+1 lengths around each T̂ in ONE NAT pass, score them in ONE teacher-forced AT pass.
     nat_enc: the NAT's Encoded; at_enc: the AT's (memory, src_keep) (unused when ΔT = 0).
-    Candidate lengths and `width` are at most longest_candidate().
+    Candidate lengths and `width` are at most longest_candidate(). Without `width` the
+    vocabulary projections skip padding (packed_logits_apply), at the cost of host syncs.
     Returns tokens (B·C, W) padded, candidate lengths (B·C,), AT scores (B, C)."""
     cfg, B, C = nat.cfg, lengths.size(0), 2 * delta_t + 1
     longest = longest_candidate(cfg.max_positions, delta_t)
@@ -173,13 +213,12 @@ def lpd_candidates(nat: NATLearner, at: ATDemonstrator, nat_enc, at_enc, lengths
     cand_len = (lengths.unsqueeze(1) + offsets).clamp(1, longest).view(-1)  # (B*C,)
     # Each source's C candidates are consecutive rows: they share its memory (no per-candidate
     # copies), so encoder keys/values are projected once per source in both passes.
-    logits, _ = nat.decode(nat_enc, cand_len, width=width)
-    tokens = token_argmax(logits, cfg)
-    tokens = tokens.masked_fill(torch.arange(tokens.size(1), device=tokens.device) >= cand_len.unsqueeze(1),
-                                cfg.pad_id)
+    h, _ = nat.decode_states(nat_enc, cand_len, width=width)
+    packed = width is None
+    tokens = nat_tokens(nat, h, cand_len, packed)
     if C == 1:
         return tokens, cand_len, torch.zeros(B, 1, device=tokens.device)
-    return tokens, cand_len, at_score(at, *at_enc, tokens, cand_len, length_penalty).view(B, C)
+    return tokens, cand_len, at_score(at, *at_enc, tokens, cand_len, length_penalty, packed).view(B, C)
 
 
 def pick_best(tokens: torch.Tensor, cand_len: torch.Tensor, scores: torch.Tensor):

@@ -5,8 +5,8 @@ import sys
 
 import click
 
-from .cli_common import (EXIT_USAGE, check_cluster_or_exit, fail, job_argument, load_or_exit, run_source,
-                         set_option, setup_logging)
+from .cli_common import (EXIT_USAGE, check_cluster_or_exit, cpu_fast_option, fail, job_argument, load_or_exit,
+                         run_source, set_option, setup_logging)
 from .cli_studies import STUDY_COMMANDS
 from .run.cluster import init_ray
 from .run.layout import DECODERS, STAGES
@@ -155,15 +155,18 @@ def sweep(job, overrides, num_samples, max_concurrent, fresh, address, no_progre
 @click.option("--delta-t", type=click.IntRange(0, 20), default=None, help="LPD: lengths T̂-ΔT … T̂+ΔT (default: the job's eval.delta_t, 3).")
 @click.option("--beam", type=click.IntRange(1, 64), default=None, help="AT beam size (default: the job's eval.beam_size, 4).")
 @click.option("--batch-tokens", type=click.IntRange(1), default=None, help="(default: the job's eval.batch_tokens, 4096)")
+@cpu_fast_option
 @click.option("--json", "as_json", is_flag=True, help="Print the scores as JSON.")
-def eval_cmd(run_dir, src_path, ref_paths, decoder_names, tokenize, hyp_dir, delta_t, beam, batch_tokens, as_json) -> None:
+def eval_cmd(run_dir, src_path, ref_paths, decoder_names, tokenize, hyp_dir, delta_t, beam, batch_tokens, cpu_fast,
+             as_json) -> None:
     """Score any parallel test set with a finished run's models (AT beam, NAT, NAT+LPD): BLEU, chrF, TER.
 
     RUN_DIR: a run directory, or a registered model (models:/NAME/VERSION, models:/NAME@ALIAS)."""
     from .eval_cmd import EvalSetupError, format_scores, run_eval
 
     try:
-        result = run_eval(run_dir, src_path, ref_paths, decoder_names, tokenize, hyp_dir, delta_t, beam, batch_tokens)
+        result = run_eval(run_dir, src_path, ref_paths, decoder_names, tokenize, hyp_dir, delta_t, beam, batch_tokens,
+                          cpu_fast)
     except EvalSetupError as e:
         fail(e)
     click.echo(format_scores(result, as_json))
@@ -206,10 +209,12 @@ def jobs_copy(name, dest) -> None:
 @click.option("--replicas", type=click.IntRange(1), default=None, help="Replicas (default: serve.replicas).")
 @click.option("--delta-t", type=click.IntRange(0, 20), default=None, help="Default LPD ΔT (default: eval.delta_t).")
 @click.option("--max-batch-size", type=click.IntRange(1), default=None, help="Requests per batch (default: serve.max_batch_size).")
+@cpu_fast_option
 @click.option("--tracking-uri", default=None, help="MLflow store for a run id (default: $MLFLOW_TRACKING_URI, else ./runs/mlflow.db).")
 @click.option("--address", default=None, help="Join an existing Ray cluster. Default: start a local one.")
 @click.option("-v", "--verbose", is_flag=True)
-def serve(source, overrides, host, port, replicas, delta_t, max_batch_size, tracking_uri, address, verbose) -> None:
+def serve(source, overrides, host, port, replicas, delta_t, max_batch_size, cpu_fast, tracking_uri, address,
+          verbose) -> None:
     """Serve a finished run's NAT + LPD over HTTP (Ray Serve) until Ctrl-C.
 
     SOURCE: a run directory, a job YAML (its run directory), an MLflow run id or a registered
@@ -221,7 +226,7 @@ def serve(source, overrides, host, port, replicas, delta_t, max_batch_size, trac
     from .serve.server import run_server
     from .serve.target import ServeSetupError, flag_overrides, resolve_target
 
-    sets = (*overrides, *flag_overrides(host, port, replicas, delta_t, max_batch_size))
+    sets = (*overrides, *flag_overrides(host, port, replicas, delta_t, max_batch_size, cpu_fast))
     spec = load_or_exit(source, sets) if Path(source).is_file() else None
     try:
         target = resolve_target(source, sets, tracking_uri, spec)
@@ -244,6 +249,7 @@ def serve(source, overrides, host, port, replicas, delta_t, max_batch_size, trac
               help="With --run: lpd (NAT + LPD, the default), nat (one pass) or at (the teacher's beam search).")
 @click.option("--delta-t", type=click.IntRange(0, 20), default=None,
               help="LPD ΔT (default: the job's eval.delta_t; with --url the server's).")
+@cpu_fast_option
 @click.option("--buffer-size", type=click.IntRange(1), default=None,
               help=f"Lines read, translated and written at a time (default: 1 from a terminal, else {PIPE_BUFFER_SIZE}).")
 @click.option("--no-progress", is_flag=True, help="No progress bar (shown only when reading a file).")
@@ -252,8 +258,8 @@ def serve(source, overrides, host, port, replicas, delta_t, max_batch_size, trac
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
               help="With --url: seconds per attempt.")
 @click.option("-v", "--verbose", is_flag=True)
-def translate_cmd(texts, run_path, url, input_path, output_path, decoder, delta_t, buffer_size, no_progress,
-                  retries, timeout, verbose) -> None:
+def translate_cmd(texts, run_path, url, input_path, output_path, decoder, delta_t, cpu_fast, buffer_size,
+                  no_progress, retries, timeout, verbose) -> None:
     """Translate TEXTS, or the lines of --input: one output line per input line.
 
     --run RUN_DIR decodes here with a finished run's models and its job's eval settings (beam
@@ -265,7 +271,7 @@ def translate_cmd(texts, run_path, url, input_path, output_path, decoder, delta_
     setup_logging(verbose)
     try:
         run_translate(texts, run_path, url, input_path, output_path, decoder, delta_t, buffer_size,
-                      progress=not no_progress, retries=retries, timeout_s=timeout)
+                      progress=not no_progress, retries=retries, timeout_s=timeout, cpu_fast=cpu_fast)
     except TranslateSetupError as e:
         fail(e)
     except ServeRequestError as e:

@@ -8,6 +8,8 @@ from typing import NoReturn
 
 import click
 
+from imitate_nat.config import CPU_MODES
+
 from .shipped_jobs import job_path
 from .spec.loading import SpecError, load_spec
 from .spec.schema import JobSpec
@@ -68,3 +70,6 @@ def setup_logging(verbose: bool) -> None:
 job_argument = click.argument("job", type=click.Path(dir_okay=False), callback=lambda _ctx, _param, v: job_path(v))
 set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
                           help="Override a spec field, e.g. --set student.lambda2=0.01 (repeatable).")
+cpu_fast_option = click.option("--cpu-fast", type=click.Choice(CPU_MODES), default=None,
+                               help="On a CPU, decode in int8 or bf16 (auto: bf16 on CPUs with AMX, else int8; "
+                                    "off: fp32). Default: the job's eval.cpu_fast, auto. No effect on a GPU.")

@@ -11,6 +11,7 @@ import torch
 from tqdm.auto import tqdm
 
 from imitate_nat.checkpoint import load_model
+from imitate_nat.cpu import for_cpu, resolve_mode
 from imitate_nat.data import read_parallel
 from imitate_nat.metrics import bleu, chrf, ter
 from imitate_nat.tokenizer import Tokenizer
@@ -32,6 +33,17 @@ def decoders(at, nat, beam_size: int, delta_t: int, length_penalty: float = 1.0)
         "lpd": (nat_lpd(nat, at, delta_t=delta_t, length_penalty=length_penalty, cuda_graphs=True),
                 2 * delta_t + 1),
     }
+
+
+def for_device(at, nat, device, cpu_fast: str):
+    """(AT, NAT, CPU mode) to decode with on `device`: on a CPU, copies on the CPU inference path
+    (imitate_nat/cpu.py) in mode `cpu_fast` (eval.cpu_fast; "auto" resolved for this CPU); on a
+    GPU, or with "off", the models themselves and mode None."""
+    mode = resolve_mode(cpu_fast)
+    if not str(device).startswith("cpu") or mode == "off":
+        return at, nat, None
+    log.info("decoding on the CPU path: %s (eval.cpu_fast %s)", mode, cpu_fast)
+    return for_cpu(at, mode), for_cpu(nat, mode), mode
 
 
 def latencies_ms(lines, tok, timed: dict, device, n: int, progress: bool = False) -> dict:
@@ -110,7 +122,8 @@ def read_split(rd: Path, split: str) -> tuple[list[str], list[str]]:
 
 def score_run(rd: Path, spec: JobSpec, split: str, names, device: str) -> dict:
     """{"sentences": n, name: row} for the decoders `names` (of "at", "nat", "lpd", with the
-    job's eval settings) of run `rd` on `split`; rows as translate_and_score."""
+    job's eval settings) of run `rd` on `split`; rows as translate_and_score. The studies'
+    scoring: fp32 always (eval.cpu_fast is not applied), so models compare on one footing."""
     tok, at, nat = load_run_models(rd, device)
     src, ref = read_split(rd, split)
     e = spec.eval

@@ -68,39 +68,42 @@ def resolve_run(run_dir: str, tokenize: str | None):
 
 
 def run_eval(run_dir: str, src_path: str, ref_paths: tuple[str, ...], decoder_names: str, tokenize: str | None,
-             hyp_dir: str | None, delta_t: int | None, beam: int | None, batch_tokens: int | None) -> dict:
+             hyp_dir: str | None, delta_t: int | None, beam: int | None, batch_tokens: int | None,
+             cpu_fast: str | None = None) -> dict:
     """The whole command: every check (EvalSetupError), then decode and score with each decoder
     asked for, writing HYP_DIR/<decoder>.txt (atomically, a line per source line) when given.
-    `delta_t`, `beam`, `batch_tokens`: None takes the job's eval settings.
+    `delta_t`, `beam`, `batch_tokens`, `cpu_fast`: None takes the job's eval settings.
     Returns what --json prints: {"run_dir", "sentences", "references", "beam", "delta_t",
-    "bleu_tokenize", "rows": {decoder: row as decoding.translate_and_score}, "hyp_files"}."""
+    "bleu_tokenize", "device", "cpu_fast" (the CPU path's mode, None if not taken),
+    "rows": {decoder: row as decoding.translate_and_score}, "hyp_files"}."""
     names = parse_decoders(decoder_names)
     src, refs = read_test_set(src_path, ref_paths)
     target, tokenize = resolve_run(run_dir, tokenize)
     e = target.spec.eval
     delta_t, beam = e.delta_t if delta_t is None else delta_t, e.beam_size if beam is None else beam
     batch_tokens = e.batch_tokens if batch_tokens is None else batch_tokens
+    cpu_fast = e.cpu_fast if cpu_fast is None else cpu_fast
     if hyp_dir:
         try:
             Path(hyp_dir).mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise EvalSetupError(f"--hyp-dir: {e}") from None
-    rows, hyps = decode_and_score(target.source, names, src, refs, tokenize, delta_t, beam, batch_tokens,
-                                  e.length_penalty)
+    rows, hyps, where = decode_and_score(target.source, names, src, refs, tokenize, delta_t, beam, batch_tokens,
+                                         e.length_penalty, cpu_fast)
     hyp_files = write_hypotheses(Path(hyp_dir), hyps) if hyp_dir else {}
     return {"run_dir": str(run_dir), "sentences": len(src), "references": len(refs), "beam": beam,
-            "delta_t": delta_t, "bleu_tokenize": tokenize, "rows": rows, "hyp_files": hyp_files}
+            "delta_t": delta_t, "bleu_tokenize": tokenize, **where, "rows": rows, "hyp_files": hyp_files}
 
 
 def decode_and_score(source, names: tuple[str, ...], src, refs, tokenize: str, delta_t: int, beam: int,
-                     batch_tokens: int, length_penalty: float):
-    """(rows, hyps) of the decoders `names` of `source` (serve.target.ModelSource), on a GPU when
-    there is one."""
+                     batch_tokens: int, length_penalty: float, cpu_fast: str = "off"):
+    """(rows, hyps, {"device", "cpu_fast"}) of the decoders `names` of `source`
+    (serve.target.ModelSource), on a GPU when there is one, else on the CPU path `cpu_fast`."""
     import torch
 
     from imitate_nat.checkpoint import CheckpointError
 
-    from .decoding import decoders, score_all
+    from .decoding import decoders, for_device, score_all
     from .serve.target import ServeSetupError, load_models
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -108,8 +111,10 @@ def decode_and_score(source, names: tuple[str, ...], src, refs, tokenize: str, d
         tok, at, nat = load_models(source, device)
     except (OSError, CheckpointError, ServeSetupError) as e:
         raise EvalSetupError(str(e)) from None
+    at, nat, mode = for_device(at, nat, device, cpu_fast)
     chosen = {name: d for name, d in decoders(at, nat, beam, delta_t, length_penalty).items() if name in names}
-    return score_all(chosen, tok, src, refs, batch_tokens, device, at.cfg.max_positions, tokenize)
+    rows, hyps = score_all(chosen, tok, src, refs, batch_tokens, device, at.cfg.max_positions, tokenize)
+    return rows, hyps, {"device": device, "cpu_fast": mode}
 
 
 def write_hypotheses(hyp_dir: Path, hyps: dict[str, list[str]]) -> dict[str, str]:
@@ -125,7 +130,9 @@ def format_scores(result: dict, as_json: bool = False) -> str:
         return json.dumps(result, indent=2)
     rows = result["rows"]
     refs = result["references"]
-    lines = [f"{result['sentences']} sentences, {refs} reference{'s' if refs > 1 else ''}",
+    path = f" (CPU path: {result['cpu_fast']})" if result.get("cpu_fast") else ""
+    lines = [f"{result['sentences']} sentences, {refs} reference{'s' if refs > 1 else ''}, decoded on "
+             f"{result.get('device', 'cpu')}{path}",
              f"{'model':<16}{'BLEU':>8}{'chrF':>8}{'TER':>8}"]
     for name, r in rows.items():
         label = LABELS[name].format(beam=result["beam"], delta_t=result["delta_t"])

@@ -27,7 +27,7 @@ class TranslationModel(PythonModel):
     def load_context(self, context) -> None:
         import torch
 
-        from .decoding import decoders, load_run_models
+        from .decoding import decoders, for_device, load_run_models
 
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         # The artifacts are a run directory's model folders (tokenizer/, teacher/, student/).
@@ -36,6 +36,8 @@ class TranslationModel(PythonModel):
         c = context.model_config
         self.settings = c
         self.max_src_len = at.cfg.max_positions
+        # Models registered before eval.cpu_fast existed have no such setting: its default.
+        at, nat, _ = for_device(at, nat, self.device, c.get("cpu_fast", "auto"))
         self.decode, self.cost = decoders(at, nat, c["beam_size"], c["delta_t"], c["length_penalty"])["lpd"]
 
     # The hint is one MLflow infers no signature from (the logged one is explicit) and stops its

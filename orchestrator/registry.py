@@ -37,7 +37,7 @@ log = logging.getLogger("imitate_orch")
 MODEL_ARTIFACT = "model"        # the pyfunc model's folder in the parent run's artifacts
 MODEL_FILES_DIR = "artifacts"   # inside a pyfunc model: the run-dir layout of MODEL_FILES
 # The eval settings the model decodes with (its model_config), and what `serve`/`eval` take as defaults.
-EVAL_SETTINGS = ("beam_size", "delta_t", "length_penalty", "batch_tokens", "bleu_tokenize")
+EVAL_SETTINGS = ("beam_size", "delta_t", "length_penalty", "batch_tokens", "bleu_tokenize", "cpu_fast")
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:/(?P<version>\d+)|@(?P<alias>[\w-]+))$")
 INPUT_EXAMPLE = ["a happy bird sees the horse", "the dog runs"]
 
@@ -188,6 +188,7 @@ def resolve_model(client, uri: str) -> RegisteredModel:
     its settings and digests (read from its MLmodel file, not downloading the models)."""
     from mlflow.exceptions import MlflowException
     from mlflow.models import Model
+    from mlflow.pyfunc import MODEL_CONFIG
 
     mv = model_version(client, uri)
     with tempfile.TemporaryDirectory() as tmp:
@@ -196,7 +197,8 @@ def resolve_model(client, uri: str) -> RegisteredModel:
         except (MlflowException, OSError) as e:
             raise RegistryError(f"{uri}: the files of version {mv.version} cannot be read: {e}") from None
         meta = Model.load(str(mlmodel))
-    settings = meta.flavors["python_function"].get("model_config") or {}
+    # MLflow files save_model's model_config under the flavor's "config" key (pyfunc.MODEL_CONFIG).
+    settings = meta.flavors["python_function"].get(MODEL_CONFIG) or {}
     return RegisteredModel(mv.name, str(mv.version), mv.run_id, f"models:/{mv.name}/{mv.version}",
                            settings, (meta.metadata or {}).get("sha256", {}))
 

@@ -34,22 +34,26 @@ class TranslateSetupError(Exception):
     """Bad arguments, or a run that cannot be used: the CLI exits 2, nothing was translated."""
 
 
-def check_mode(run: str | None, url: str | None, decoder: str | None, delta_t: int | None) -> str:
+def check_mode(run: str | None, url: str | None, decoder: str | None, delta_t: int | None,
+               cpu_fast: str | None = None) -> str:
     """The decoder to use, once the flags make sense together (else TranslateSetupError)."""
     if (run is None) == (url is None):
         raise TranslateSetupError("give one of --run RUN_DIR (translate here) or --url URL (a running server)")
     if url is not None and decoder not in (None, "lpd"):
         raise TranslateSetupError(f"--decoder {decoder} needs --run: a server decodes with lpd only")
+    if url is not None and cpu_fast is not None:
+        raise TranslateSetupError("--cpu-fast needs --run: a server decodes as its own eval.cpu_fast says")
     decoder = decoder or "lpd"
     if delta_t is not None and decoder != "lpd":
         raise TranslateSetupError(f"--delta-t is a setting of --decoder lpd, not {decoder}")
     return decoder
 
 
-def plan_offline(run: str, decoder: str, delta_t: int | None) -> Callable[[], BatchTranslator]:
+def plan_offline(run: str, decoder: str, delta_t: int | None,
+                 cpu_fast: str | None = None) -> Callable[[], BatchTranslator]:
     """Check that `run` (a run directory or a models:/ URI) is finished and its models belong
     together, and read its job's eval settings, as `serve` does (nothing is loaded yet); returns
-    what loads the translator."""
+    what loads the translator. `delta_t`, `cpu_fast`: None takes the job's."""
     from .run.layout import RunNotReady
     from .serve.target import ServeSetupError, resolve_target
     from .spec.loading import SpecError
@@ -59,6 +63,8 @@ def plan_offline(run: str, decoder: str, delta_t: int | None) -> Callable[[], Ba
     except (RunNotReady, ServeSetupError, SpecError) as e:
         raise TranslateSetupError(str(e)) from None
     settings = target.spec.eval
+    if cpu_fast is not None:
+        settings = settings.model_copy(update={"cpu_fast": cpu_fast})
     return partial(offline_translator, target.source, decoder,
                    settings.delta_t if delta_t is None else delta_t, settings)
 
@@ -66,13 +72,13 @@ def plan_offline(run: str, decoder: str, delta_t: int | None) -> Callable[[], Ba
 def offline_translator(source, decoder: str, delta_t: int, settings) -> BatchTranslator:
     """Load the models of `source` (serve.target.ModelSource) and return its `decoder` (of
     run.layout.DECODERS) as a batch translator; `settings`: the job's EvalSpec (beam size,
-    length penalty, batch tokens)."""
+    length penalty, batch tokens, the CPU path)."""
     import torch
 
     from imitate_nat.checkpoint import CheckpointError
     from imitate_nat.translate import translate
 
-    from .decoding import decoders, truncated_sources
+    from .decoding import decoders, for_device, truncated_sources
     from .serve.target import ServeSetupError, load_models
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -80,10 +86,11 @@ def offline_translator(source, decoder: str, delta_t: int, settings) -> BatchTra
         tok, at, nat = load_models(source, device)
     except (OSError, CheckpointError, ServeSetupError) as e:
         raise TranslateSetupError(str(e)) from None
+    at, nat, mode = for_device(at, nat, device, settings.cpu_fast)
     decode, cost = decoders(at, nat, settings.beam_size, delta_t, settings.length_penalty)[decoder]
     max_src_len = at.cfg.max_positions
-    log.info("translating with %s of %s on %s%s", decoder, source.location(), device,
-             f" (ΔT {delta_t})" if decoder == "lpd" else "")
+    log.info("translating with %s of %s on %s%s%s", decoder, source.location(), device,
+             f" ({mode})" if mode else "", f" (ΔT {delta_t})" if decoder == "lpd" else "")
 
     def translate_batch(lines: list[str]) -> list[str]:
         truncated_sources(tok, lines, max_src_len)  # warns: longer sources are cut to fit
@@ -155,15 +162,16 @@ def translate_stream(lines: Iterable[str], translate_batch: BatchTranslator, out
 
 def run_translate(texts: tuple[str, ...], run: str | None, url: str | None, input_path: str, output_path: str,
                   decoder: str | None, delta_t: int | None, buffer_size: int | None, progress: bool,
-                  retries: int, timeout_s: float) -> int:
+                  retries: int, timeout_s: float, cpu_fast: str | None = None) -> int:
     """The whole command: every check (TranslateSetupError) before models are loaded, then
-    stream. Returns the number of lines translated."""
-    decoder = check_mode(run, url, decoder, delta_t)
+    stream. Returns the number of lines translated. `cpu_fast` (--run only): None takes the job's."""
+    decoder = check_mode(run, url, decoder, delta_t, cpu_fast)
     if texts and input_path != "-":
         raise TranslateSetupError("give TEXTS or --input, not both")
     if "-" not in (input_path, output_path) and Path(input_path).resolve() == Path(output_path).resolve():
         raise TranslateSetupError(f"--output {output_path} is the input: writing it would erase what is to be read")
-    load = plan_offline(run, decoder, delta_t) if run else partial(remote_translator, url, delta_t, retries, timeout_s)
+    load = (plan_offline(run, decoder, delta_t, cpu_fast) if run
+            else partial(remote_translator, url, delta_t, retries, timeout_s))
     with ExitStack() as stack:
         try:
             source = None if texts else stack.enter_context(open_source(input_path))

@@ -4,7 +4,8 @@ rescorer and the tokenizer, translating with Length Parallel Decoding (LPD).
     POST /translate  {"text": "..."} or {"texts": [...]}, optional "delta_t"
                      -> {"translations": [...], "delta_t": k, "model": {"job", "run_id", "source"}}
     GET  /health     -> {"status": "ok", "model": ..., "replica": ..., "limits": ..., "batches": ...,
-                         "decoders": LPD decoders held}
+                         "decoders": LPD decoders held, "device": "cpu" | "cuda",
+                         "cpu_fast": the CPU path's mode (int8, bf16; null: fp32 or a GPU)}
     GET  /docs       OpenAPI docs (/openapi.json)
 
 Requests from all clients are batched with `@serve.batch` (one batch item per request); a
@@ -296,6 +297,7 @@ def build_app(translator: Translator) -> FastAPI:
     async def health():
         return {"status": "ok", "model": translator.model_info, "replica": translator.replica,
                 "limits": translator.limits, "default_delta_t": translator.default_delta_t,
+                "device": translator.device, "cpu_fast": translator.cpu_fast,
                 "batches": translator.batch_stats, "decoders": translator.lpd_decoder.cache_info().currsize}
 
     return app
@@ -312,8 +314,12 @@ class Translator:
         from .target import load_models
 
         gpu = serve_cfg.get("gpus_per_replica", 0) > 0 and torch.cuda.is_available()
+        from ..decoding import for_device
+
         self.device = "cuda" if gpu else "cpu"
-        self.tok, self.at, self.nat = load_models(source, self.device)
+        self.tok, at, nat = load_models(source, self.device)
+        # A registered model from before eval.cpu_fast existed holds no such setting: its default.
+        self.at, self.nat, self.cpu_fast = for_device(at, nat, self.device, eval_cfg.get("cpu_fast", "auto"))
         self.model_info = source.describe()
         self.limits = {k: serve_cfg[k] for k in ("max_texts", "max_chars", "max_delta_t", "max_body_bytes",
                                                  "max_lpd_tokens")}

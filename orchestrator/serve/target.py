@@ -91,10 +91,10 @@ class ServeTarget:
     spec: JobSpec
 
 
-def flag_overrides(host=None, port=None, replicas=None, delta_t=None, max_batch_size=None) -> list[str]:
+def flag_overrides(host=None, port=None, replicas=None, delta_t=None, max_batch_size=None, cpu_fast=None) -> list[str]:
     """CLI flags as `--set` overrides (so they are validated and reported like the spec)."""
     pairs = (("serve.host", host), ("serve.port", port), ("serve.replicas", replicas),
-             ("eval.delta_t", delta_t), ("serve.max_batch_size", max_batch_size))
+             ("eval.delta_t", delta_t), ("serve.max_batch_size", max_batch_size), ("eval.cpu_fast", cpu_fast))
     return [f"{k}={v}" for k, v in pairs if v is not None]
 
 

@@ -22,7 +22,7 @@ from typing import Annotated, Any, Literal, Optional
 
 from pydantic import AfterValidator, Field, field_validator, model_validator
 
-from imitate_nat.config import ModelConfig, preset
+from imitate_nat.config import CPU_MODES, ModelConfig, preset
 from imitate_nat.metrics import check_bleu_tokenize
 
 from .base import FieldError, _Section
@@ -195,6 +195,16 @@ class EvalSpec(_Section):
     # node (decoding on cuda) instead of the driver's CPU-only head. cpus is also its torch threads (≥ 1).
     cpus: float = Field(1, ge=0.0)
     gpus: float = Field(0, ge=0.0)
+    # Decoding on a CPU (evaluate stage, eval, translate --run, serve, the registered model): the
+    # models in int8 or bf16 (imitate_nat/cpu.py); auto: bf16 on CPUs with AMX, else int8; off:
+    # fp32. No effect on a GPU. BLEU on Multi30k within ±0.06 of fp32 (BENCHMARKS.md).
+    cpu_fast: Literal[CPU_MODES] = "auto"
+
+    @field_validator("cpu_fast", mode="before")
+    @classmethod
+    def _yaml_off(cls, v: Any) -> Any:
+        # YAML reads a bare `off` (and `no`, `false`) as false, `on`/`true` as true.
+        return {False: "off", True: "auto"}.get(v, v) if isinstance(v, bool) else v
 
 
 class ServeSpec(_Section):

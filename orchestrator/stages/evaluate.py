@@ -6,7 +6,9 @@ and `eval.gpus` GPUs, so on a cluster they happen on a GPU node rather than on t
 that runs the driver. The task reads the models and the test set from the run dir (shared
 storage, as for distillation) and returns the scores, the translations and where it ran, all
 small; the driver writes the files atomically. The summary names the node and device that
-produced the latency figures, since they mean nothing without them.
+produced the latency figures, since they mean nothing without them, and on a CPU the mode of
+the CPU inference path (eval.cpu_fast: int8 or bf16 copies of the models) that produced both
+the scores and the latencies.
 """
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ from pathlib import Path
 import ray
 import torch
 
-from ..decoding import decoders, latencies_ms, load_run_models, read_split, score_all
+from ..decoding import decoders, for_device, latencies_ms, load_run_models, read_split, score_all
 from ..run.cluster import check_fits_cluster, init_ray
 from ..run.files import atomic_write_json, atomic_write_lines, atomic_write_text
 from ..run.runner import StageContext, StageResult
@@ -37,20 +39,22 @@ def summary_table(rows: dict, spec, where: dict) -> str:
                      f"| {r['speedup']:.2f}× |")
     node = where["node"]
     first = next(iter(rows.values()))
-    return ("\n".join(lines) + f"\n\nLatency measured on {where['device']}, {where['torch_threads']} torch thread(s), "
+    path = f" (CPU path: {where['cpu_fast']}, eval.cpu_fast)" if where.get("cpu_fast") else ""
+    return ("\n".join(lines) + f"\n\nDecoded and timed on {where['device']}{path}, {where['torch_threads']} torch thread(s), "
             f"node {node['hostname']} ({node['ip']}, Ray node {node['id']}).\n\nsacreBLEU: {first['bleu_signature']}\n"
             f"TER: {first['ter_signature']}\n")
 
 
-def where_this_runs(device: str) -> dict:
+def where_this_runs(device: str, cpu_fast: str | None = None) -> dict:
     """The Ray node and device of the calling process: {"node": {id, hostname, ip}, "device"
-    (e.g. "cpu", "cuda:0 (NVIDIA H200)"), "torch_threads"}."""
+    (e.g. "cpu", "cuda:0 (NVIDIA H200)"), "cpu_fast" (the CPU path's mode, None when not
+    taken), "torch_threads"}."""
     if device.startswith("cuda"):
         index = torch.cuda.current_device()
         device = f"cuda:{index} ({torch.cuda.get_device_name(index)})"
     node = {"id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
             "ip": ray.util.get_node_ip_address()}
-    return {"node": node, "device": device, "torch_threads": torch.get_num_threads()}
+    return {"node": node, "device": device, "cpu_fast": cpu_fast, "torch_threads": torch.get_num_threads()}
 
 
 def decode_and_time(rd: Path, e: EvalSpec) -> dict:
@@ -59,13 +63,14 @@ def decode_and_time(rd: Path, e: EvalSpec) -> dict:
     torch.set_num_threads(max(1, int(e.cpus)))
     device = "cuda" if e.gpus > 0 and torch.cuda.is_available() else "cpu"
     tok, at, nat = load_run_models(rd, device)
+    at, nat, cpu_fast = for_device(at, nat, device, e.cpu_fast)
     src, ref = read_split(rd, "test")
     decs = decoders(at, nat, e.beam_size, e.delta_t, e.length_penalty)  # once: on a GPU they hold CUDA graphs
     rows, hyps = score_all(decs, tok, src, ref, e.batch_tokens, device, at.cfg.max_positions, e.bleu_tokenize)
     lat = latencies_ms(src, tok, {name: decoder for name, (decoder, _) in decs.items()}, device, e.latency_sentences)
     for name in decs:
         rows[name]["latency_ms"] = lat[name]
-    return {"rows": rows, "hyps": hyps, "where": where_this_runs(device)}
+    return {"rows": rows, "hyps": hyps, "where": where_this_runs(device, cpu_fast)}
 
 
 def evaluate(ctx: StageContext) -> StageResult:
@@ -78,7 +83,9 @@ def evaluate(ctx: StageContext) -> StageResult:
     task = ray.remote(decode_and_time).options(num_cpus=e.cpus, num_gpus=e.gpus)
     res = ray.get(task.remote(ctx.run_dir, e))
     rows, hyps, where = res["rows"], res["hyps"], res["where"]
-    log.info("evaluate: ran on %s, node %s (%s)", where["device"], where["node"]["hostname"], where["node"]["ip"])
+    log.info("evaluate: ran on %s%s, node %s (%s)", where["device"],
+             f" (CPU path: {where['cpu_fast']})" if where["cpu_fast"] else "", where["node"]["hostname"],
+             where["node"]["ip"])
     for name, lines in hyps.items():
         atomic_write_lines(out / f"test.{name}.txt", lines)
     for r in rows.values():

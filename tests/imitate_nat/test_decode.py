@@ -202,11 +202,34 @@ def test_lpd_sends_all_candidates_through_one_nat_and_one_at_pass():
     at, nat = model_pair(vocab=15, seed=19)
     src = sources(15, n=3, seed=20)
     calls = {"nat": [], "at": []}
-    nat_decode_fn, at_decode_fn = nat.decode, at.decode
-    nat.decode = lambda enc, lengths, **k: calls["nat"].append(len(lengths)) or nat_decode_fn(enc, lengths, **k)
-    at.decode = lambda *a, **k: calls["at"].append(a[0].size(0)) or at_decode_fn(*a, **k)
+    nat_decode_fn, at_decode_fn = nat.decode_states, at.decode_states
+    nat.decode_states = lambda enc, lengths, **k: calls["nat"].append(len(lengths)) or nat_decode_fn(enc, lengths, **k)
+    at.decode_states = lambda *a, **k: calls["at"].append(a[0].size(0)) or at_decode_fn(*a, **k)
     lpd_decode(nat, at, src, delta_t=3)
     assert calls == {"nat": [3 * 7], "at": [3 * 7]}
+
+
+def test_projecting_only_real_positions_in_chunks_equals_projecting_every_position(monkeypatch):
+    """Eager LPD projects only the candidates' real positions, a few rows at a time
+    (packed_logits_apply); a fixed decoder width (CUDA graphs) projects every position: the
+    same tokens and scores."""
+    at, nat = model_pair(vocab=15, seed=25)
+    src = sources(15, n=4, seed=26)
+    lengths = torch.tensor([2, 5, 3, 6])
+    monkeypatch.setattr(decode, "ROW_CHUNK", 4)   # several chunks, the last one short
+    projected = []
+    project = at.output_logits
+    monkeypatch.setattr(at, "output_logits", lambda h: projected.append(h.size(0)) or project(h))
+    with torch.no_grad():
+        enc, at_enc = nat.encode(src), at.encode(src)
+        packed = lpd_candidates(nat, at, enc, at_enc, lengths, 2)
+        real_rows = int((packed[1] + 1).sum())          # y + EOS per candidate
+        assert sum(projected) == real_rows and max(projected) == 4
+        width = int(packed[1].max()) + 3
+        dense = lpd_candidates(nat, at, enc, at_enc, lengths, 2, width=width)
+    assert torch.equal(packed[0], dense[0][:, : packed[0].size(1)]) and dense[0][:, packed[0].size(1):].eq(0).all()
+    assert torch.equal(packed[1], dense[1])
+    assert torch.allclose(packed[2], dense[2], atol=1e-5)
 
 
 def test_negative_delta_t_is_rejected():

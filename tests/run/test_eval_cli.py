@@ -10,6 +10,7 @@ import pytest
 import sacrebleu
 from click.testing import CliRunner
 
+from imitate_nat.cpu import resolve_mode
 from imitate_nat.data import read_lines
 from imitate_nat.translate import translate
 from orchestrator import decoding
@@ -34,8 +35,10 @@ def test_set(micro_run):
 
 
 def in_process(rd, name: str, lines: list[str]) -> list[str]:
-    """What decoder `name` of orchestrator.decoding gives, with eval's defaults (beam 4, ΔT 3)."""
+    """What decoder `name` of orchestrator.decoding gives, with eval's defaults (beam 4, ΔT 3) and
+    the micro job's CPU path (eval.cpu_fast bf16)."""
     tok, at, nat = decoding.load_run_models(rd, "cpu")
+    at, nat, _ = decoding.for_device(at, nat, "cpu", "bf16")
     decoder, cost = decoding.decoders(at, nat, 4, 3)[name]
     return translate(lines, tok, decoder, batch_tokens=4096, max_src_len=at.cfg.max_positions, cost_factor=cost)
 
@@ -53,6 +56,25 @@ def test_only_the_decoders_asked_for_run_and_their_hypotheses_are_written(test_s
         assert text.endswith("\n") and text.count("\n") == len(sources)    # one line per source line
         assert text.split("\n")[:-1] == in_process(rd, name, sources)
         assert {"bleu", "chrf", "ter", "bleu_signature", "chrf_signature", "ter_signature"} <= set(out["rows"][name])
+
+
+@pytest.mark.parametrize("flag", [None, "off", "int8", "auto"])
+def test_cpu_fast_decodes_with_the_cpu_path_asked_for_and_says_which(test_set, tmp_path, flag):
+    """No flag: the job's eval.cpu_fast (the micro job's: bf16); auto: bf16 or int8, as this CPU
+    goes; off: the fp32 models."""
+    rd, src, ref = test_set
+    args = () if flag is None else ("--cpu-fast", flag)
+    out = eval_json(rd, "--src", src, "--ref", ref, "--decoders", "lpd", "--hyp-dir", tmp_path, *args)
+    mode = resolve_mode(flag or "bf16")
+    assert (out["device"], out["cpu_fast"]) == ("cpu", None if mode == "off" else mode)
+    tok, at, nat = decoding.load_run_models(rd, "cpu")
+    at, nat, _ = decoding.for_device(at, nat, "cpu", mode)
+    decoder, cost = decoding.decoders(at, nat, 4, 3)["lpd"]
+    sources = read_lines(src)
+    expected = translate(sources, tok, decoder, batch_tokens=4096, max_src_len=at.cfg.max_positions, cost_factor=cost)
+    assert read_lines(tmp_path / "lpd.txt") == expected
+    table = eval_cli(rd, "--src", src, "--ref", ref, "--decoders", "nat", *args).output
+    assert f"decoded on cpu{f' (CPU path: {mode})' if mode != 'off' else ''}" in table
 
 
 def test_second_reference_tokenizer_and_ter_are_sacrebleus(test_set, tmp_path):
@@ -95,6 +117,7 @@ BAD = [  # (case, arguments after RUN_DIR ({src}, {ref}, {short}, {empty}, {file
     ("unknown tokenizer", ["--ref", "{ref}", "--tokenize", "bogus"],
      "--tokenize: 'bogus' is not a sacreBLEU BLEU tokenizer"),
     ("missing reference", ["--ref", "{file}.missing"], "does not exist"),
+    ("unknown CPU path", ["--ref", "{ref}", "--cpu-fast", "fast"], "'--cpu-fast'"),
 ]
 
 

@@ -35,6 +35,7 @@ def offline_lpd(rd: Path, spec, lines: list[str]) -> list[str]:
     """The evaluate stage's LPD decoding of `lines` with the job's eval settings."""
     tok, at, nat = decoding.load_run_models(rd, "cpu")
     e = spec.eval
+    at, nat, _ = decoding.for_device(at, nat, "cpu", e.cpu_fast)
     decoder, cost = decoding.decoders(at, nat, e.beam_size, e.delta_t, e.length_penalty)["lpd"]
     return translate(lines, tok, decoder, batch_tokens=e.batch_tokens, max_src_len=at.cfg.max_positions,
                      cost_factor=cost)

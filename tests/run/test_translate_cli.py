@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from imitate_nat.data import read_lines
 from imitate_nat.translate import translate
 from orchestrator.cli import main
-from orchestrator.decoding import decoders, load_run_models
+from orchestrator.decoding import decoders, for_device, load_run_models
 
 from helpers import ROOT, free_port
 
@@ -26,6 +26,7 @@ def offline(run_dir, spec, name: str, lines: list[str]) -> list[str]:
     """What the evaluate stage's decoder `name` makes of `lines`, with the job's eval settings."""
     tok, at, nat = load_run_models(run_dir, "cpu")
     e = spec.eval
+    at, nat, _ = for_device(at, nat, "cpu", e.cpu_fast)
     decoder, cost = decoders(at, nat, e.beam_size, e.delta_t, e.length_penalty)[name]
     return translate(lines, tok, decoder, batch_tokens=e.batch_tokens, max_src_len=at.cfg.max_positions,
                      cost_factor=cost)
@@ -101,6 +102,8 @@ def test_bad_input_exits_2_before_models_load(micro_run, tmp_path, monkeypatch):
         (): "one of --run RUN_DIR",
         ("--run", rd, "--decoder", "nat", "--delta-t", "2"): "--delta-t is a setting of --decoder lpd",
         ("--url", "http://127.0.0.1:1", "--decoder", "at"): "needs --run",
+        ("--url", "http://127.0.0.1:1", "--cpu-fast", "int8"): "--cpu-fast needs --run",
+        ("--run", rd, "--cpu-fast", "fast"): "'--cpu-fast'",
         ("--run", rd, "--input", str(tmp_path / "missing.txt")): "does not exist",
         ("--run", rd, "--output", str(tmp_path / "no" / "dir" / "out.txt")): "No such file or directory",
     }

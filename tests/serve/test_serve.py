@@ -20,7 +20,7 @@ from click.testing import CliRunner
 from imitate_nat.data import read_lines
 from imitate_nat.translate import translate
 from orchestrator.cli import main
-from orchestrator.decoding import decoders, load_run_models
+from orchestrator.decoding import decoders, for_device, load_run_models
 from orchestrator.serve.app import MAX_DECODERS
 from orchestrator.serve.client import translate_remote
 from orchestrator.serve.server import start
@@ -52,6 +52,7 @@ def served(micro_run):
     target = resolve_target(str(run_dir), sets)
     tok, at, nat = load_run_models(run_dir, "cpu")
     ev = target.spec.eval
+    at, nat, _ = for_device(at, nat, "cpu", ev.cpu_fast)   # what a CPU replica decodes with
 
     def offline(texts, delta_t=ev.delta_t):
         decoder, cost = decoders(at, nat, ev.beam_size, delta_t, ev.length_penalty)["lpd"]
@@ -90,6 +91,7 @@ def test_health_and_openapi_docs(served):
     health = requests.get(f"{url}/health", timeout=10).json()
     assert health["status"] == "ok" and health["limits"] == {**LIMITS, "max_tokens": offline.max_tokens}
     assert health["replica"].startswith("SERVE_REPLICA::")
+    assert (health["device"], health["cpu_fast"]) == ("cpu", "bf16")   # the micro job's eval.cpu_fast
     docs = requests.get(f"{url}/docs", timeout=10)
     assert docs.status_code == 200 and "swagger" in docs.text.lower()
     spec = requests.get(f"{url}/openapi.json", timeout=10).json()

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from imitate_nat.data import read_lines
 from imitate_nat.translate import translate
 from orchestrator.cli import main
-from orchestrator.decoding import decoders, load_run_models
+from orchestrator.decoding import decoders, for_device, load_run_models
 from orchestrator.serve.client import RetryLog, ServeRequestError, translate_remote
 from orchestrator.serve.server import start
 from orchestrator.serve.target import resolve_target
@@ -25,6 +25,7 @@ from helpers import free_port
 
 def _offline_lpd(run_dir, texts, spec):
     tok, at, nat = load_run_models(run_dir, "cpu")
+    at, nat, _ = for_device(at, nat, "cpu", spec.eval.cpu_fast)
     decoder, cost = decoders(at, nat, spec.eval.beam_size, spec.eval.delta_t, spec.eval.length_penalty)["lpd"]
     return translate(texts, tok, decoder, cost_factor=cost, max_src_len=at.cfg.max_positions)
 

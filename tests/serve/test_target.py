@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from orchestrator.cli import main
 from orchestrator.decoding import load_run_models
 from orchestrator.run.layout import RunNotReady
-from orchestrator.serve.target import ServeSetupError, load_models, resolve_target, stage_runs
+from orchestrator.serve.target import ServeSetupError, flag_overrides, load_models, resolve_target, stage_runs
 from orchestrator.spec.loading import SpecError
 
 from helpers import copy_micro_workdir
@@ -32,6 +32,11 @@ def test_sources_job_yaml_and_errors(micro_run, tmp_path):
         resolve_target(str(run_dir), ["eval.delta_t=8", "serve.max_delta_t=5"])
     with pytest.raises(SpecError, match="serve.prot"):
         resolve_target(str(run_dir), ["serve.prot=1"])
+    # serve --cpu-fast becomes eval.cpu_fast; `off` reads as YAML false and still means off.
+    assert flag_overrides(cpu_fast="off") == ["eval.cpu_fast=off"]
+    assert resolve_target(str(run_dir), flag_overrides(cpu_fast="off")).spec.eval.cpu_fast == "off"
+    with pytest.raises(SpecError, match="eval.cpu_fast"):
+        resolve_target(str(run_dir), ["eval.cpu_fast=fast"])
     (tmp_path / "unfinished" / "tokenizer").mkdir(parents=True)
     with pytest.raises(RunNotReady, match="stage 'tokenizer' is pending"):  # the one "is this run usable" check
         resolve_target(str(tmp_path / "unfinished"))
@@ -41,7 +46,7 @@ def test_sources_job_yaml_and_errors(micro_run, tmp_path):
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         for args in (["serve", str(tmp_path / "unfinished")], ["serve", str(job), "--set", "serve.prot=1"],
-                     ["serve", str(run_dir), "--delta-t", "11"],
+                     ["serve", str(run_dir), "--delta-t", "11"], ["serve", str(run_dir), "--cpu-fast", "fast"],
                      ["serve", str(run_dir), "--port", str(busy.getsockname()[1])]):
             res = CliRunner().invoke(main, args)
             assert res.exit_code == 2, (args, res.output)

@@ -34,6 +34,7 @@ SPEC_ERRORS = [
     ("unknown BLEU tokenizer", ["eval.bleu_tokenize=bogus"],
      ["eval.bleu_tokenize: 'bogus' is not a sacreBLEU BLEU tokenizer; one of"]),
     ("unknown choice", ["student.copy=hard"], ["student.copy"]),
+    ("unknown CPU path", ["eval.cpu_fast=fast"], ["eval.cpu_fast: Input should be 'auto', 'int8', 'bf16' or 'off'"]),
     ("imitation without modules", ["student.imitation_modules=false"],
      ["student.imitation_modules: false leaves nothing to imitate with"]),
     ("unknown L_IL reduction", ["student.il_reduction=batch"], ["student.il_reduction: Input should be"]),

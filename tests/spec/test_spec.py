@@ -296,6 +296,11 @@ def test_stage_hashes_stable_and_sensitive_from_the_changed_section_on():
     d = stage_hashes(spec_from_dict({"name": "x", "eval": {"beam_size": 2}}))
     assert [s for s in a if a[s] != d[s]] == ["evaluate"]
     assert stage_hashes(spec_from_dict({"name": "x", "serve": {"port": 9000}})) == a  # not read by any stage
+    # eval.cpu_fast: at its default (added later) out of the identity; another CPU path reruns evaluate.
+    assert stage_hashes(spec_from_dict({"name": "x", "eval": {"cpu_fast": "auto"}})) == a
+    for mode in ("off", "int8", "bf16"):
+        e = stage_hashes(spec_from_dict({"name": "x", "eval": {"cpu_fast": mode}}))
+        assert [s for s in a if a[s] != e[s]] == ["evaluate"]
 
 
 def test_flat_params_dotted_strings():

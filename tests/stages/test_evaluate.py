@@ -1,6 +1,7 @@
 """The evaluate stage decodes and times in a Ray task (eval.cpus, eval.gpus): the same
-translations and scores as decoding in-process, the node and device that produced the latency
-figures recorded, and a task no node can hold refused naming its field.
+translations and scores as decoding in-process (on the CPU inference path eval.cpu_fast asks
+for, or in fp32), the node, device and CPU path that produced the figures recorded, and a task
+no node can hold refused naming its field.
 
 A prepared micro run (conftest's prepared_run: prepare + tokenizer) with a random-init teacher
 and student is enough: these tests check where and how decoding runs, not translation quality.
@@ -15,8 +16,9 @@ ray = pytest.importorskip("ray")
 
 from imitate_nat import ATDemonstrator, NATLearner  # noqa: E402
 from imitate_nat.checkpoint import save_model  # noqa: E402
+from imitate_nat.cpu import resolve_mode  # noqa: E402
 from imitate_nat.tokenizer import Tokenizer  # noqa: E402
-from orchestrator.decoding import decoders, load_run_models, read_split, score_all  # noqa: E402
+from orchestrator.decoding import decoders, for_device, load_run_models, read_split, score_all  # noqa: E402
 from orchestrator.run.cluster import cluster_capacity  # noqa: E402
 from orchestrator.run.layout import DECODERS, model_path, spm_path  # noqa: E402
 from orchestrator.run.runner import StageContext  # noqa: E402
@@ -46,6 +48,7 @@ def finished_run(prepared_run, tmp_path_factory):
 def _in_process(rd, spec):
     """(rows, hyps) of decoding in this process with the decoding helpers, on 1 thread as the task."""
     tok, at, nat = load_run_models(rd, "cpu")
+    at, nat, _ = for_device(at, nat, "cpu", spec.eval.cpu_fast)
     src, ref = read_split(rd, "test")
     e, threads = spec.eval, torch.get_num_threads()
     torch.set_num_threads(1)
@@ -56,9 +59,11 @@ def _in_process(rd, spec):
         torch.set_num_threads(threads)
 
 
-def test_rows_and_translations_equal_in_process_decoding_and_the_node_is_recorded(ray_local, finished_run):
+@pytest.mark.parametrize("cpu_fast", ["auto", "off"])
+def test_rows_and_translations_equal_in_process_decoding_and_the_node_is_recorded(ray_local, finished_run,
+                                                                                   cpu_fast):
     rd, raw = finished_run
-    spec = spec_from_dict(raw)
+    spec = spec_from_dict({**raw, "eval": {**EVAL, "cpu_fast": cpu_fast}})
     res = evaluate(StageContext(spec, rd, "evaluate", progress=False))
     out = rd / "evaluate"
     summary = json.loads((out / "summary.json").read_text())
@@ -75,9 +80,11 @@ def test_rows_and_translations_equal_in_process_decoding_and_the_node_is_recorde
     # One local node: the task ran on it, on the CPU (eval.gpus 0) with eval.cpus = 1 thread.
     assert summary["node"] == {"id": ray.get_runtime_context().get_node_id(), "hostname": socket.gethostname(),
                                "ip": ray.util.get_node_ip_address()}
-    assert (summary["device"], summary["torch_threads"]) == ("cpu", 1)
+    mode = None if cpu_fast == "off" else resolve_mode(cpu_fast)   # int8 or bf16, as this CPU goes
+    assert (summary["device"], summary["cpu_fast"], summary["torch_threads"]) == ("cpu", mode, 1)
     md = (out / "summary.md").read_text()
-    assert f"Latency measured on cpu, 1 torch thread(s), node {socket.gethostname()}" in md
+    path = f" (CPU path: {mode}, eval.cpu_fast)" if mode else ""
+    assert f"Decoded and timed on cpu{path}, 1 torch thread(s), node {socket.gethostname()}" in md
     assert summary["node"]["id"] in md
     assert "| model | BLEU | chrF | TER |" in md and f"TER: {summary['rows']['at']['ter_signature']}" in md
     assert set(res.outputs) == {"summary.json", "summary.md", *(f"test.{n}.txt" for n in DECODERS)}
