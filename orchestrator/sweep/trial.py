@@ -69,9 +69,15 @@ class TrialSetup:
 
 
 def trial_spec(base: dict, config: dict, workdir: str | Path) -> JobSpec:
-    """The job with the trial's sampled settings, working in `workdir`."""
+    """The job with the trial's sampled settings, working in `workdir`. A sampled model field
+    the job leaves to its size preset stays unset when the sample is the preset's own value
+    (model.n_actions 512 on a base-size job): the stage hashes are then the job's, and the
+    trial can read the stages `run` made (job_or_shared_stage_dirs)."""
     raw = copy.deepcopy(base)
+    preset = spec_from_dict(base, "sweep job").model.to_model_config(vocab_size=1)
     for key, (section, name) in SAMPLED.items():
+        if section == "model" and raw[section][name] is None and config[key] == getattr(preset, name):
+            continue
         raw[section][name] = config[key]
     raw["workdir"] = str(workdir)
     return spec_from_dict(raw, f"sweep trial {config}")

@@ -186,6 +186,14 @@ def test_trials_share_teachers_by_config_and_best_yaml_keeps_their_hashes(tmp_pa
     assert ha["distill"] == hb["distill"] and ha["student"] != hb["student"]   # λ2: student only
     assert hc["tokenizer"] == ha["tokenizer"] and hc["teacher"] != ha["teacher"]  # actions: teacher
     assert (a.workdir, a.teacher.lambda1, a.model.n_actions, a.student.lambda2) == (str(tmp_path / "a"), 1e-3, 16, 1e-2)
+    # the size preset's own action count (tiny: 64) on a job that leaves it unset: the job's hashes
+    job = micro_job_spec(tmp_path, "model.n_actions=null")
+    same = trial_spec(job.model_dump(mode="json"), {"lambda1": job.teacher.lambda1, "n_actions": 64, "lambda2": 1e-2},
+                      tmp_path / "d")
+    assert same.model.n_actions is None and stage_hashes(same)["distill"] == stage_hashes(job)["distill"]
+    other = trial_spec(job.model_dump(mode="json"), {"lambda1": job.teacher.lambda1, "n_actions": 32, "lambda2": 1e-2},
+                       tmp_path / "d")
+    assert other.model.n_actions == 32 and stage_hashes(other)["teacher"] != stage_hashes(job)["teacher"]
     best = best_spec(micro_job_spec(tmp_path), {"lambda1": 1e-3, "n_actions": 16, "lambda2": 1e-2, "best_delta_t": 2})
     assert best.name == "tiny-best" and best.eval.delta_t == 2
     hbest = stage_hashes(best)
