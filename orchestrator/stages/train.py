@@ -130,7 +130,7 @@ def train_model(ctx: StageContext, kind: str, callbacks=()) -> StageResult:
     log.info("%s: %d training pairs in %d batches", ctx.stage, plan["pairs"], plan["batches"])
     result = run_trainer(ctx, kind, callbacks)
     if t.average_last:
-        metrics = write_average_or_best(ctx, worker_config(ctx, kind), result)
+        metrics = write_average_or_best(ctx, c, result)
     else:
         atomic_write_bytes(ctx.out_dir / MODEL, best_intact_model(result, ctx.stage, t.workers))
         meta = read_model_file(ctx.out_dir / MODEL)["meta"]
