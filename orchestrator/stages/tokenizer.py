@@ -35,23 +35,25 @@ SAMPLE = 1000
 TRAINER_THREADS = 8   # SentencePiece's trainer gains little from more
 
 
-@ray.remote(max_retries=1)
+@ray.remote(num_cpus=1, max_retries=1)
 def _train_task(files: list[str], model_path: str, options: dict) -> dict:
-    """train_sentencepiece on whichever node Ray picks; the model file is written (atomically)
-    into the shared run directory. Returns where it ran."""
-    train_sentencepiece(files, model_path, **options)
-    return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+    """train_sentencepiece on whichever node Ray picks, with up to TRAINER_THREADS threads of
+    that node; the model file is written (atomically) into the shared run directory. Returns
+    where it ran."""
+    threads = min(TRAINER_THREADS, os.cpu_count() or 1)
+    train_sentencepiece(files, model_path, **options, num_threads=threads)
+    return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "threads": threads}
 
 
 def train_tokenizer(files: list[Path], model_path: Path, options: dict) -> Tokenizer:
-    """Trains the SentencePiece model in a Ray task of as many CPUs as its trainer threads (up
-    to TRAINER_THREADS, no more than the largest node offers; with no CPU node up yet, an
-    autoscaler starts one) and loads it."""
-    node_cpus = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n["Alive"]), default=0)
-    threads = min(TRAINER_THREADS, node_cpus) if node_cpus else TRAINER_THREADS
-    where = ray.get(_train_task.options(num_cpus=threads).remote(
-        [str(Path(f).resolve()) for f in files], str(Path(model_path).resolve()), {**options, "num_threads": threads}))
-    log.info("tokenizer: trained by a Ray task with %d CPU(s) on node %s (pid %d)", threads, where["node"], where["pid"])
+    """Trains the SentencePiece model in a Ray task and loads it. The task reserves one CPU, so
+    it can always be placed (on a cluster whose nodes are still being launched too: the
+    autoscaler starts one for it), and trains with the threads of the node it lands on; no other
+    work of the job runs meanwhile."""
+    where = ray.get(_train_task.remote([str(Path(f).resolve()) for f in files], str(Path(model_path).resolve()),
+                                       options))
+    log.info("tokenizer: trained by a Ray task (%d threads) on node %s (pid %d)", where["threads"], where["node"],
+             where["pid"])
     return Tokenizer(model_path)
 
 
