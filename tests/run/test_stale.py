@@ -166,3 +166,19 @@ def test_a_shared_stage_dir_is_not_redone_while_another_run_reads_it(fake_job, t
     b.join(5)
     assert events == ["B's student done reading", "A's teacher redone"]
     assert calls.count("teacher") == 2
+
+
+def test_a_run_dir_from_before_a_stage_format_rebuilds_that_stage_and_after(fake_job, monkeypatch):
+    """A run dir made before the tokenizer stage binarized the train set (its format version 1:
+    no .bin/.idx) is never read as if it had them: the tokenizer and every stage after it show
+    stale and are rebuilt, prepare is kept."""
+    spec, _, calls = fake_job
+    current = dict(hashing.STAGE)
+    monkeypatch.setattr(hashing, "STAGE", {**current, "tokenizer": dataclasses.replace(current["tokenizer"], version=1)})
+    pipeline.run_pipeline(spec, "", progress=False)                     # the old run dir
+    monkeypatch.setattr(hashing, "STAGE", current)                      # today's code
+    assert _states(spec) == ["done"] + ["stale"] * (len(STAGES) - 1)
+    calls.clear()
+    pipeline.run_pipeline(spec, "", progress=False)
+    assert calls == list(STAGES[1:])
+    assert _states(spec) == ["done"] * len(STAGES)
