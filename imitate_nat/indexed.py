@@ -286,9 +286,10 @@ def write_batch_plan(src_prefix: str | os.PathLike, tgt_prefix: str | os.PathLik
     keep = filter_lengths(s_len, t_len, max_len)
     keep = keep.astype(np.int32) if len(src) < 2 ** 31 else keep
     batches = plan_batches(pair_lengths(s_len[keep], t_len[keep]), max_tokens)
-    ends = np.cumsum([len(b) for b in batches], dtype=np.int64)
-    tokens = np.array([int(t_len[keep[b]].sum()) + len(b) for b in batches], dtype=np.int64)
     pairs = keep[np.concatenate(batches)] if batches else keep[:0]
+    ends = np.cumsum([len(b) for b in batches], dtype=np.int64)
+    # target tokens + EOS per batch: one reduction over the pairs in plan order
+    tokens = np.add.reduceat(t_len[pairs].astype(np.int64) + 1, np.r_[0, ends[:-1]]) if batches else ends
     with atomic_writer(out_prefix + ".pairs.npy", "wb") as f:
         np.save(f, pairs)
     with atomic_writer(out_prefix + ".batches.npy", "wb") as f:

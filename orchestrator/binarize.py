@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import NamedTuple
 
 import ray
 from tqdm.auto import tqdm
@@ -87,45 +88,54 @@ def binarize(text_path: str | os.PathLike, spm_path: str | os.PathLike, out_pref
     return binarize_files([(text_path, out_prefix)], spm_path, chunk_lines, progress)[0]
 
 
+class _File(NamedTuple):
+    """One file being binarized: its chunk tasks and where their parts go."""
+    text: Path
+    out: Path
+    lines: int
+    parts: list[Path]
+    refs: list
+
+
 def binarize_files(jobs: list[tuple[str | os.PathLike, str | os.PathLike]], spm_path: str | os.PathLike,
                    chunk_lines: int = CHUNK_LINES, progress: bool = False) -> list[int]:
     """binarize() for several (text file, out prefix) pairs at once: the chunk tasks of all
     files are queued together, so the CPUs stay busy across the files (no idle tail between
     them); returns each file's number of sentences."""
     spm_path = str(Path(spm_path).resolve())
-    plans = []
+    files = []
     for text_path, out_prefix in jobs:
-        text_path, out_prefix = Path(text_path).resolve(), Path(out_prefix).resolve()
-        n, ranges = chunk_ranges(text_path, chunk_lines)
-        parts = [out_prefix.with_name(f"{out_prefix.name}.part{k:05d}") for k in range(len(ranges))]
-        refs = [encode_chunk.remote(str(text_path), a, b, spm_path, str(p)) for (a, b), p in zip(ranges, parts)]
-        plans.append((text_path, out_prefix, n, parts, refs))
-    owner = {ref: k for k, plan in enumerate(plans) for ref in plan[4]}
-    counted = [0] * len(plans)
-    names = ", ".join(p[0].name for p in plans)
-    with tqdm(total=sum(p[2] for p in plans), unit="line", desc=f"binarize {names}", disable=not progress) as bar:
+        text, out = Path(text_path).resolve(), Path(out_prefix).resolve()
+        n, ranges = chunk_ranges(text, chunk_lines)
+        parts = [out.with_name(f"{out.name}.part{k:05d}") for k in range(len(ranges))]
+        refs = [encode_chunk.remote(str(text), a, b, spm_path, str(p)) for (a, b), p in zip(ranges, parts)]
+        files.append(_File(text, out, n, parts, refs))
+    owner = {ref: k for k, f in enumerate(files) for ref in f.refs}
+    counted = [0] * len(files)
+    desc = "binarize " + ", ".join(f.text.name for f in files)
+    with tqdm(total=sum(f.lines for f in files), unit="line", desc=desc, disable=not progress) as bar:
         pending = list(owner)
         while pending:
             done, pending = ray.wait(pending, num_returns=1)
             k = ray.get(done[0])
             counted[owner[done[0]]] += k
             bar.update(k)
-    for (text_path, out_prefix, n, parts, _), got in zip(plans, counted):
-        _merge(text_path, out_prefix, n, parts, got, spm_path)
-    return [p[2] for p in plans]
+    for f, got in zip(files, counted):
+        _merge(f, got, spm_path)
+    return [f.lines for f in files]
 
 
-def _merge(text_path: Path, out_prefix: Path, n: int, parts: list[Path], counted: int, spm_path: str) -> None:
-    """The parts of one file, checked and merged in order into out_prefix; the parts removed."""
-    if counted != n:
-        raise RuntimeError(f"binarize {text_path}: the chunks hold {counted} lines, the file {n}")
-    if parts:
-        merge_indexed([str(p) for p in parts], str(out_prefix))
+def _merge(f: _File, counted: int, spm_path: str) -> None:
+    """The parts of one file, checked and merged in order into its out prefix; the parts removed."""
+    if counted != f.lines:
+        raise RuntimeError(f"binarize {f.text}: the chunks hold {counted} lines, the file {f.lines}")
+    if f.parts:
+        merge_indexed([str(p) for p in f.parts], str(f.out))
     else:  # an empty file: an empty dataset
-        with IndexedWriter(out_prefix, Tokenizer(spm_path).vocab_size):
+        with IndexedWriter(f.out, Tokenizer(spm_path).vocab_size):
             pass
-    for p in parts:
+    for p in f.parts:
         for suffix in (".bin", ".idx"):
             Path(f"{p}{suffix}").unlink(missing_ok=True)
-    if len(IndexedDataset(out_prefix)) != n:
-        raise RuntimeError(f"binarize {text_path}: {out_prefix} does not hold {n} sentences")
+    if len(IndexedDataset(f.out)) != f.lines:
+        raise RuntimeError(f"binarize {f.text}: {f.out} does not hold {f.lines} sentences")

@@ -1,7 +1,7 @@
 """tokenizer: one joint SentencePiece model on prepare's train.src + train.tgt -> spm.model
 (trained in a Ray task: its memory, ~4 GB for a 1M-sentence sample at 32k pieces, is a worker
-node's, not the driver's or the head's), then the training corpus binarized with it -> train.src.bin/.idx, train.tgt.bin/.idx (Ray
-tasks encode it in parallel chunks: orchestrator/binarize.py). The training stages read these
+node's, not the driver's or the head's), then the training corpus binarized with it ->
+train.src.bin/.idx, train.tgt.bin/.idx (Ray tasks encode it in parallel chunks: orchestrator/binarize.py). The training stages read these
 memory-mapped; valid and test stay text (they are decoded from text and scored as text).
 
 Metrics: trainer_seconds and binarize_seconds (wall time of each part), vocab_size (actual
@@ -89,12 +89,13 @@ def tokenizer(ctx: StageContext) -> StageResult:
     tok = train_tokenizer(train_files, ctx.out_dir / SPM, dict(
         vocab_size=spec.vocab_size, model_type=spec.model_type, character_coverage=spec.character_coverage,
         max_sentences=spec.max_sentences, seed=ctx.spec.seed))
+    trainer_seconds = time.perf_counter() - started
 
     src = read_lines(ctx.stage_path(prep, "valid.src"))
     tgt = read_lines(ctx.stage_path(prep, "valid.tgt"))
     if not src:
         src, tgt = _train_sample(train_files, ctx.spec.seed)
-    metrics = {"vocab_size": tok.vocab_size, "trainer_seconds": time.perf_counter() - started,
+    metrics = {"vocab_size": tok.vocab_size, "trainer_seconds": trainer_seconds,
                "avg_src_pieces": _avg_pieces(tok, src), "avg_tgt_pieces": _avg_pieces(tok, tgt)}
     log.info("tokenizer: %s vocab %d (asked %d), pieces/sentence src %.1f tgt %.1f", spec.model_type,
              metrics["vocab_size"], spec.vocab_size, metrics["avg_src_pieces"], metrics["avg_tgt_pieces"])

@@ -47,7 +47,7 @@ from ..run.runner import StageContext, StageResult, run_stage
 from ..run.sharing import job_or_shared_stage_dirs, stage_lock
 from ..run.tracking import NestedTracker, RunHandle, Tracker
 from ..spec.loading import spec_from_dict
-from ..spec.schema import JobSpec
+from ..spec.schema import JobSpec, ModelSpec
 
 log = logging.getLogger("imitate_orch")
 
@@ -74,7 +74,7 @@ def trial_spec(base: dict, config: dict, workdir: str | Path) -> JobSpec:
     (model.n_actions 512 on a base-size job): the stage hashes are then the job's, and the
     trial can read the stages `run` made (job_or_shared_stage_dirs)."""
     raw = copy.deepcopy(base)
-    preset = spec_from_dict(base, "sweep job").model.to_model_config(vocab_size=1)
+    preset = ModelSpec.model_validate(base["model"]).to_model_config(vocab_size=1)
     for key, (section, name) in SAMPLED.items():
         if section == "model" and raw[section][name] is None and config[key] == getattr(preset, name):
             continue
