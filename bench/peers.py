@@ -7,6 +7,7 @@ Every peer decodes exactly `tgt_len` tokens and then EOS, as our rows do. Each b
 """
 from __future__ import annotations
 
+import atexit
 import shutil
 import tempfile
 
@@ -89,33 +90,79 @@ def convert_to_ct2(cfg, a, out_dir: str) -> list[str]:
     return tok.tokens
 
 
+def ct2_row(name: str, threads: int | None) -> str:
+    return name if threads is None else f"{name} ({threads} thr)"
+
+
 def build_ct2(cfg, a):
-    """({row name: fn(src) -> mean output length}, None) for CT2_ROWS on a.device with
-    a.threads intra-op threads (CTranslate2's own pool), or (None, reason)."""
+    """({row name: fn(src) -> mean output length}, None) for CT2_ROWS on a.device, or (None,
+    reason). On a CPU each row runs with 1 and with a.threads intra-op threads (CTranslate2's own
+    pool): on a 2-vCPU VM its beam search at batch 1 ran 4.9x slower on 2 threads than on 1
+    (BENCHMARKS.md), so the peer is shown at each and compared at its best.
+    CTranslate2 runs in a child process of its own, which converts the model and decodes what
+    this process sends it: loaded in this process (it bundles its own libgomp), it slowed our
+    PyTorch rows up to 2.3x."""
+    import importlib.util
+
+    for package in ("ctranslate2", "transformers"):   # the converter reads the model with transformers
+        if importlib.util.find_spec(package) is None:
+            return None, f"{package} not installed; `pip install -e .[bench]` to add the CTranslate2 rows"
+    import multiprocessing
+
+    threads = [None] if a.device != "cpu" else sorted({1, a.threads or torch.get_num_threads()})
+    ctx = multiprocessing.get_context("spawn")
+    here, there = ctx.Pipe()
+    child = ctx.Process(target=_ct2_child, args=(there, cfg, a, threads), daemon=True)
+    child.start()
+    status, names = here.recv()
+    if status != "ok":
+        child.join()
+        return None, f"CTranslate2 failed: {names}"
+
+    def decoder(name):
+        def run(src):
+            here.send((name, src.tolist()))
+            return here.recv()
+        return run
+
+    atexit.register(lambda: (here.send(None), child.join(timeout=30)))
+    return {name: decoder(name) for name in names}, None
+
+
+def _ct2_child(conn, cfg, a, threads: list[int | None]) -> None:
+    """The CTranslate2 process: build every row, then decode (row name, token ids) until None."""
     try:
         import ctranslate2
-        import transformers   # the converter reads the model with it
-    except ImportError as e:
-        return None, f"{e.name} not installed; `pip install -e .[bench]` to add the CTranslate2 rows"
-    transformers.utils.logging.disable_progress_bar()   # saving the model
-    model_dir = tempfile.mkdtemp(prefix="ct2-marian-")
-    tokens = convert_to_ct2(cfg, a, model_dir)
-    threads = a.threads or torch.get_num_threads()
-    rows = {}
-    for name, (compute_type, beam) in CT2_ROWS.items():
-        translator = ctranslate2.Translator(model_dir, device=a.device, compute_type=compute_type,
-                                            intra_threads=threads if a.device == "cpu" else 0)
-        rows[name] = _ct2_decoder(translator, tokens, beam, a.tgt_len, cfg.pad_id)
-    return rows, None
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()   # saving the model
+        model_dir = tempfile.mkdtemp(prefix="ct2-marian-")
+        tokens = convert_to_ct2(cfg, a, model_dir)
+        rows = {}
+        for name, (compute_type, beam) in CT2_ROWS.items():
+            for t in threads:
+                translator = ctranslate2.Translator(model_dir, device=a.device, compute_type=compute_type,
+                                                    intra_threads=t or 0)
+                rows[ct2_row(name, t)] = _ct2_decoder(translator, tokens, beam, a.tgt_len, cfg.pad_id)
+    except Exception as e:  # reported to the parent, which skips the peer
+        conn.send(("error", f"{type(e).__name__}: {e}"))
+        return
+    conn.send(("ok", list(rows)))
+    try:
+        while (msg := conn.recv()) is not None:
+            name, src = msg
+            conn.send(rows[name](src))
+    finally:
+        shutil.rmtree(model_dir, ignore_errors=True)
 
 
 def _ct2_decoder(translator, tokens: list[str], beam: int, tgt_len: int, pad_id: int):
     # Our beam search and MarianMT's generate take tgt_len + 1 decoder steps: tgt_len tokens, then
     # EOS. CTranslate2 has no forced EOS; stopped at max_decoding_length it emits no EOS, so it is
     # held to exactly tgt_len + 1 steps whose last token stands for the EOS (not counted below).
-    def run(src):
+    def run(src: list[list[int]]):
         last = len(tokens) - 2   # the CTranslate2 vocabulary's last id (see _IdTokenizer)
-        batch = [[tokens[min(i, last)] for i in row if i != pad_id] for row in src.tolist()]   # EOS kept
+        batch = [[tokens[min(i, last)] for i in row if i != pad_id] for row in src]   # EOS kept
         out = translator.translate_batch(batch, beam_size=beam, max_batch_size=len(batch), length_penalty=1.0,
                                          min_decoding_length=tgt_len + 1, max_decoding_length=tgt_len + 1)
         return sum(len(r.hypotheses[0]) - 1 for r in out) / len(out)

@@ -16,7 +16,10 @@ batch size, then the two targets:
   starts and again after it stops; the mean of the two is used, so that a machine whose speed
   drifts during the run (shared CPUs) shifts both sides alike (target ≤ 20 %). Computed for
   the unbatched deployment (pure Serve and HTTP overhead) and shown for the batched one,
-  which also waits up to batch_wait_timeout_s for a batch to fill.
+  which also waits up to batch_wait_timeout_s for a batch to fill. "Bare" decodes on the CPU
+  path the replica uses (eval.cpu_fast). The unbatched overhead is then split with the
+  replica's Server-Timing header (its decode, its handler) and set beside Serve's floor: the
+  round trip to a deployment that only echoes the text, on the same Serve.
 Also printed: the bare decoding in batches of --max-batch-size (in file order, so of mixed
 lengths), padded to the longest and grouped as a CPU replica does (serve.length_bucket_ratio),
 i.e. the most batching can save inside the model, whatever Serve does.
@@ -98,12 +101,13 @@ def bare_lpd_ms(target, lines: list[str], batch: int) -> tuple[float, float, flo
     import torch
 
     from imitate_nat.translate import translate
-    from orchestrator.decoding import decoders, latencies_ms
+    from orchestrator.decoding import decoders, for_device, latencies_ms
     from orchestrator.serve.target import load_models
 
     torch.set_num_threads(1)
     tok, at, nat = load_models(target.source, "cpu")
     e = target.spec.eval
+    at, nat, _ = for_device(at, nat, "cpu", e.cpu_fast)  # as a CPU replica decodes (eval.cpu_fast)
     decoder, cost = decoders(at, nat, e.beam_size, e.delta_t, e.length_penalty)["lpd"]
     single = latencies_ms(lines, tok, {"lpd": decoder}, "cpu", len(lines))["lpd"]
     per_sentence = {None: [], target.spec.serve.length_bucket_ratio: []}
@@ -125,6 +129,7 @@ async def closed_loop(url: str, lines: list[str], concurrency: int, warmup_s: fl
     t_measure = loop.time() + warmup_s
     t_end = t_measure + duration_s
     latencies, errors = [], 0
+    timings = defaultdict(list)  # the replica's Server-Timing: decode and app ms
 
     async def client(k: int, session) -> None:
         nonlocal errors
@@ -135,12 +140,16 @@ async def closed_loop(url: str, lines: list[str], concurrency: int, warmup_s: fl
                 async with session.post(url, json={"text": lines[i % len(lines)]}) as resp:
                     await resp.read()
                     ok = resp.status == 200
+                    server_timing = resp.headers.get("Server-Timing", "")
             except aiohttp.ClientError:
-                ok = False
+                ok, server_timing = False, ""
             t1 = loop.time()
             if t_measure <= t1 <= t_end:  # answered inside the measured window
                 latencies.append((t1 - t0) * 1000)
                 errors += not ok
+                for part in filter(None, server_timing.split(",")):
+                    name, _, dur = part.strip().partition(";dur=")
+                    timings[name].append(float(dur))
             i += concurrency
 
     connector = aiohttp.TCPConnector(limit=concurrency)
@@ -148,7 +157,36 @@ async def closed_loop(url: str, lines: list[str], concurrency: int, warmup_s: fl
         await asyncio.gather(*(client(k, session) for k in range(concurrency)))
     return {"concurrency": concurrency, "requests": len(latencies), "errors": errors,
             "rps": len(latencies) / duration_s, "p50_ms": percentile(latencies, 0.5),
-            "p99_ms": percentile(latencies, 0.99)}
+            "p99_ms": percentile(latencies, 0.99),
+            **{f"{name}_p50_ms": percentile(v, 0.5) for name, v in timings.items()}}
+
+
+def serve_floor_ms(base: str, lines: list[str], a) -> float:
+    """p50 of one client's requests to a deployment that only echoes the text back (FastAPI
+    ingress, 1 CPU, as the Translator): what Serve's HTTP proxy, the hop to a replica and an
+    ASGI app cost on this machine with no model at all."""
+    from fastapi import FastAPI
+    from pydantic import BaseModel
+    from ray import serve
+
+    api = FastAPI()
+
+    class Text(BaseModel):
+        text: str
+
+    @serve.deployment(ray_actor_options={"num_cpus": 1})
+    @serve.ingress(api)
+    class Echo:
+        @api.post("/")
+        async def echo(self, req: Text) -> dict:
+            return {"translations": [req.text]}
+
+    serve.run(Echo.bind(), name="echo", route_prefix="/echo")
+    try:
+        row = asyncio.run(closed_loop(f"{base}/echo", lines, 1, a.warmup, a.duration))
+    finally:
+        serve.delete("echo")
+    return row["p50_ms"]
 
 
 async def overload(url: str, lines: list[str], rate: float, duration_s: float) -> dict:
@@ -199,7 +237,9 @@ def run_mode(source: str, sets: list[str], tracking_uri, lines, a) -> tuple[str,
         row["mean_batch"] = (after["requests"] - before["requests"]) / batches
         rows.append(row)
         print(f"  concurrency {c:>3}: {row['rps']:8.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
-              f"p99 {row['p99_ms']:7.1f} ms  mean batch {row['mean_batch']:5.2f}  errors {row['errors']}", flush=True)
+              f"p99 {row['p99_ms']:7.1f} ms  mean batch {row['mean_batch']:5.2f}  errors {row['errors']}  "
+              f"(replica p50: app {row.get('app_p50_ms', float('nan')):.1f} ms, decode "
+              f"{row.get('decode_p50_ms', float('nan')):.1f} ms)", flush=True)
     return base, target.spec.serve.model_dump(), rows
 
 
@@ -267,6 +307,10 @@ def main(argv=None) -> int:
             print(f"{name}:", flush=True)
             base, cfg, rows = run_mode(a.source, sets, a.tracking_uri, lines, a)
             results[name] = {"serve": cfg, "rows": rows}
+            if name == "unbatched" and 1 in a.concurrency:
+                results["floor_p50_ms"] = serve_floor_ms(base, lines, a)
+                print(f"Serve's floor (an echo deployment, concurrency 1): p50 {results['floor_p50_ms']:.2f} ms",
+                      flush=True)
             if a.overload and name == "batched":
                 results["overload"] = run_overload(a, base, rows, lines)
                 if a.overload_set:
@@ -299,6 +343,20 @@ def main(argv=None) -> int:
             print(f"Serve overhead at concurrency 1, {m}: p50 {p50:.2f} ms vs bare {bare:.2f} ms = "
                   f"{over:+.0%} ({verdict if m == 'unbatched' else 'includes the batch wait'}; bare = mean of before "
                   f"{bare_before[0]:.2f} and after {bare_after[0]:.2f})")
+        row = next(r for r in results["unbatched"]["rows"] if r["concurrency"] == 1)
+        if "app_p50_ms" in row:
+            # Where the unbatched overhead goes: the replica's decoding against the bare model's,
+            # the handler around it (validation, tokenizing for the limits, @serve.batch), and
+            # everything outside the handler (client, HTTP proxy, hop to the replica), next to
+            # what that last part costs with no model (the echo deployment).
+            split = {"decode_minus_bare_ms": row["decode_p50_ms"] - bare,
+                     "handler_ms": row["app_p50_ms"] - row["decode_p50_ms"],
+                     "outside_handler_ms": row["p50_ms"] - row["app_p50_ms"],
+                     "floor_ms": results["floor_p50_ms"]}
+            summary["overhead_split_unbatched"] = split
+            print("  unbatched, where it goes (p50s): replica's decode − bare {decode_minus_bare_ms:+.2f} ms, "
+                  "handler around the decode {handler_ms:.2f} ms, outside the handler {outside_handler_ms:.2f} ms "
+                  "(an echo deployment's whole round trip: {floor_ms:.2f} ms)".format(**split))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"source": a.source, "machine": platform.platform(), "cpus": os.cpu_count(),

@@ -3,6 +3,7 @@ rescorer and the tokenizer, translating with Length Parallel Decoding (LPD).
 
     POST /translate  {"text": "..."} or {"texts": [...]}, optional "delta_t"
                      -> {"translations": [...], "delta_t": k, "model": {"job", "run_id", "source"}}
+                        header Server-Timing: decode;dur=ms (its batch's decoding), app;dur=ms
     GET  /health     -> {"status": "ok", "model": ..., "replica": ..., "limits": ..., "batches": ...,
                          "decoders": LPD decoders held, "device": "cpu" | "cuda",
                          "cpu_fast": the CPU path's mode (int8, bf16; null: fp32 or a GPU)}
@@ -32,12 +33,13 @@ import asyncio
 import functools
 import json
 import logging
+import time
 import unicodedata
 from collections import defaultdict
 from collections.abc import Callable
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -283,14 +285,21 @@ def build_app(translator: Translator) -> FastAPI:
 
     @app.post("/translate", response_model=TranslateResponse, openapi_extra={"requestBody": schema},
               responses=errors)
-    async def translate(request: Request):
+    async def translate(request: Request, response: Response):
         """Translate one text or a list of texts with NAT + LPD."""
+        t0 = time.perf_counter()
         check_content_type(request.headers.get("content-type"))
         req = parse_request(await request.body())
         texts, delta_t = check_limits(req, translator.limits, translator.default_delta_t, translator.token_counts)
-        translations = await translator.translate_batch((tuple(texts), delta_t))
+        translations, decode_ms = await translator.translate_batch((tuple(texts), delta_t))
         if isinstance(translations, Exception):  # this request's own failure (decode_batch)
             raise translations
+        # Where the time went, for clients and bench/serve_load.py (W3C Server-Timing): the
+        # decoding of the batch this request was in, and this handler from its start to here
+        # (validation, tokenizing for the limits, waiting for and decoding the batch). What a
+        # client measures beyond `app` is Serve's HTTP proxy and the hop to this replica.
+        app_ms = (time.perf_counter() - t0) * 1000
+        response.headers["Server-Timing"] = f"decode;dur={decode_ms:.2f}, app;dur={app_ms:.2f}"
         return {"translations": translations, "delta_t": delta_t, "model": translator.model_info}
 
     @app.get("/health")
@@ -389,9 +398,13 @@ class Translator:
         return out
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)  # reset from the job in __init__
-    async def translate_batch(self, items: list[tuple[tuple[str, ...], int]]) -> list[list[str] | Exception]:
+    async def translate_batch(self, items: list[tuple[tuple[str, ...], int]]) -> list[tuple[list[str] | Exception, float]]:
+        """Each request's decode_batch result, with the batch's decoding milliseconds."""
         # Decoded on the replica's user event loop (Serve runs it in a thread of its own), not
         # in a worker thread: requests arriving meanwhile wait and then form the next batch
         # together. With a worker thread, @serve.batch would seal the next batch from the first
         # arrivals while this one decodes, and batches would stay small (BENCHMARKS.md, Serve).
-        return self.decode_batch(items)
+        t0 = time.perf_counter()
+        out = self.decode_batch(items)
+        ms = (time.perf_counter() - t0) * 1000
+        return [(result, ms) for result in out]

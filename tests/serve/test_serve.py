@@ -81,6 +81,9 @@ def test_translations_equal_offline_lpd(served, sources, micro_run):
     # The model is named: the micro run's MLflow parent run and job.
     assert body["model"]["job"] == micro_run[1].name
     assert body["model"]["run_id"] and len(body["model"]["run_id"]) == 32
+    # Where the time went: the batch's decoding within the handler's time.
+    timing = dict(part.strip().split(";dur=") for part in r.headers["Server-Timing"].split(","))
+    assert 0 < float(timing["decode"]) <= float(timing["app"]), timing
     for delta_t in (0, 1, LIMITS["max_delta_t"]):
         r = requests.post(f"{url}/translate", json={"text": texts[0], "delta_t": delta_t}, timeout=60)
         assert r.json() == {**body, "translations": offline(texts[:1], delta_t), "delta_t": delta_t}
