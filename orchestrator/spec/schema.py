@@ -130,6 +130,8 @@ class TeacherSpec(TrainSpec):
     lambda1: float = Field(0.001, ge=0.0)            # eq 14: action-distribution regularizer
 
 
+COPY_NAMES = {"soft": "SoftCopy", "uniform": "UniformCopy", "uniform_encoder": "UniformCopy of encoder states"}
+
 # `copy` is the name the brief and the YAML use; it shadows the deprecated BaseModel.copy(),
 # which nothing here calls, so the warning pydantic emits for it is silenced.
 with warnings.catch_warnings():
@@ -147,6 +149,16 @@ with warnings.catch_warnings():
         length_weight: float = Field(0.1, ge=0.0)
         targets: Literal["distilled", "raw"] = "distilled"
         init_from_teacher: bool = True
+
+        def label(self) -> str:
+            """'imitate-NAT' for the paper's student, else what differs (e.g. an ablation variant)."""
+            extras = ([COPY_NAMES[self.copy]] if self.copy != "soft" else []) + \
+                (["raw targets"] if self.targets == "raw" else [])
+            if self.imitation:
+                name = "imitate-NAT"
+            else:
+                name = "NAT with imitation modules, no L_IL" if self.imitation_modules else "NAT without imitation"
+            return f"{name} ({', '.join(extras)})" if extras else name
 
         @model_validator(mode="after")
         def _imitation_needs_modules(self) -> "StudentSpec":

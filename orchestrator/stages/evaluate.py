@@ -31,8 +31,9 @@ log = logging.getLogger("imitate_orch")
 def summary_table(rows: dict, spec, where: dict) -> str:
     """Table 1's layout: BLEU, chrF, TER, batch-1 latency and speedup of each decoder, then where
     the latencies were measured and the sacreBLEU signatures of BLEU and TER."""
-    labels = {"at": f"AT demonstrator (beam {spec.eval.beam_size})", "nat": "imitate-NAT",
-              "lpd": f"imitate-NAT + LPD (ΔT = {spec.eval.delta_t})"}
+    student = spec.student.label()
+    labels = {"at": f"AT demonstrator (beam {spec.eval.beam_size})", "nat": student,
+              "lpd": f"{student} + LPD (ΔT = {spec.eval.delta_t})"}
     lines = ["| model | BLEU | chrF | TER | ms/sentence (batch 1) | speedup |", "|---|---:|---:|---:|---:|---:|"]
     for name, r in rows.items():
         lines.append(f"| {labels[name]} | {r['bleu']:.2f} | {r['chrf']:.2f} | {r['ter']:.2f} | {r['latency_ms']:.1f} "

@@ -56,7 +56,7 @@ from ..run.runner import stage_states
 from ..run.sharing import shared_stage_dirs
 from ..run.tracking import NestedTracker, make_tracker
 from ..spec.loading import spec_from_dict
-from ..spec.schema import JobSpec
+from ..spec.schema import COPY_NAMES, JobSpec
 
 log = logging.getLogger("imitate_orch")
 
@@ -92,7 +92,6 @@ VARIANTS = (
 ROWS = tuple((v.name, False) for v in VARIANTS[:6]) + (("distilled-soft-imitation", True),
                                                        ("distilled-soft-modules", False))
 NO_IMITATION = "distilled-soft"  # Table 1's "NAT without imitation"
-COPY_NAMES = {"soft": "SoftCopy", "uniform": "UniformCopy", "uniform_encoder": "UniformCopy of encoder states"}
 
 
 def ablation_dir(spec: JobSpec) -> Path:

@@ -30,7 +30,7 @@ from ..run.manifest import read_manifest
 from ..run.tracking import RunHandle, resolve_tracking_uri
 from ..spec.schema import JobSpec
 from . import plots
-from .ablate import COPY_NAMES, LAMBDA1_ZERO, NO_IMITATION, table2_markdown
+from .ablate import LAMBDA1_ZERO, NO_IMITATION, table2_markdown
 from .measures import JobRun, delta_t_sweep, find_job_run, teacher_action_usage, training_curves
 
 
@@ -45,17 +45,6 @@ def default_tracking_uri(rd: Path) -> str:
     return resolve_tracking_uri(None, workdir)
 
 
-def student_label(spec: JobSpec) -> str:
-    """'imitate-NAT' for the paper's student, else what differs (an ablation variant's run)."""
-    s = spec.student
-    extras = ([COPY_NAMES[s.copy]] if s.copy != "soft" else []) + (["raw targets"] if s.targets == "raw" else [])
-    if s.imitation:
-        name = "imitate-NAT"
-    else:
-        name = "NAT with imitation modules, no L_IL" if s.imitation_modules else "NAT without imitation"
-    return f"{name} ({', '.join(extras)})" if extras else name
-
-
 def results_section(rd: Path, spec: JobSpec, ablation: dict | None) -> list[str]:
     summary = json.loads((rd / "evaluate" / "summary.json").read_text())
     rows = summary["rows"]
@@ -67,7 +56,7 @@ def results_section(rd: Path, spec: JobSpec, ablation: dict | None) -> list[str]
         table.append((f"NAT without imitation (ablation row 3){kept}",
                       {"bleu": v["test"]["nat"], "chrf": v["test_chrf"]["nat"], "latency_ms": v["latency_ms"]["nat"],
                        "speedup": v["speedup"]["nat"]}))  # vs the AT timed beside it, in its own evaluate stage
-    nat = student_label(spec)
+    nat = spec.student.label()
     table += [(nat, rows["nat"]), (f"{nat} (+LPD, ΔT = {e.delta_t})", rows["lpd"])]
     lines = ["## Results on test (Table 1)", "",
              f"{summary['test_sentences']} test sentences, decoded on {summary['device']}; latency is the median "
@@ -119,7 +108,7 @@ def curves_section(rd: Path, out: Path, uri: str) -> list[str]:
 def delta_t_section(rd: Path, out: Path, spec: JobSpec, split: str, max_delta_t: int, device: str,
                     progress: bool) -> list[str]:
     s = delta_t_sweep(rd, spec, split, max_delta_t, device, out / "delta_t.json", progress)
-    at, nat, label = s["at"], s["nat"], student_label(spec)
+    at, nat, label = s["at"], s["nat"], spec.student.label()
     plots.line_plot(out / "bleu_vs_delta_t.png", {f"{label} + LPD": (s["delta_t"], s["bleu"])},
                     f"BLEU vs ΔT ({split})", "ΔT", "BLEU", markers=True,
                     hlines={f"AT beam {spec.eval.beam_size}": at["bleu"], f"{label} (one pass)": nat["bleu"]})

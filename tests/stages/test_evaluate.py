@@ -113,3 +113,20 @@ def test_eval_gpus_decodes_on_cuda(ray_local, finished_run, tmp_path):
     summary = json.loads((gpu_rd / "evaluate" / "summary.json").read_text())
     assert summary["device"] == f"cuda:0 ({torch.cuda.get_device_name(0)})"
     assert all(summary["rows"][n]["latency_ms"] > 0 for n in DECODERS)
+
+
+@pytest.mark.parametrize("student, label", [
+    ({}, "imitate-NAT"),
+    ({"imitation": False}, "NAT with imitation modules, no L_IL"),
+    ({"imitation": False, "imitation_modules": False, "copy": "uniform"}, "NAT without imitation (UniformCopy)"),
+])
+def test_summary_names_the_student_it_evaluated(student, label):
+    """An ablation variant's summary does not call its student imitate-NAT."""
+    from orchestrator.stages.evaluate import summary_table
+
+    spec = spec_from_dict({"name": "t", "data": {"source": "synthetic"}, "student": student})
+    row = {"bleu": 1.0, "chrf": 2.0, "ter": 3.0, "latency_ms": 4.0, "speedup": 1.0, "bleu_signature": "b",
+           "ter_signature": "t"}
+    where = {"device": "cpu", "torch_threads": 1, "node": {"hostname": "h", "ip": "i", "id": "n"}}
+    table = summary_table({"at": row, "nat": row, "lpd": row}, spec, where)
+    assert f"| {label} | 1.00 |" in table and f"| {label} + LPD (ΔT = 3) |" in table
