@@ -97,7 +97,7 @@ def ct2_row(name: str, threads: int | None) -> str:
 def build_ct2(cfg, a):
     """({row name: fn(src) -> mean output length}, None) for CT2_ROWS on a.device, or (None,
     reason). On a CPU each row runs with 1 and with a.threads intra-op threads (CTranslate2's own
-    pool): on a 2-vCPU VM its beam search at batch 1 ran 4.9x slower on 2 threads than on 1
+    pool): on a 2-vCPU VM its beam search at batch 1 ran 5-31x slower on 2 threads than on 1
     (BENCHMARKS.md), so the peer is shown at each and compared at its best.
     CTranslate2 runs in a child process of its own, which converts the model and decodes what
     this process sends it: loaded in this process (it bundles its own libgomp), it slowed our
@@ -114,7 +114,10 @@ def build_ct2(cfg, a):
     here, there = ctx.Pipe()
     child = ctx.Process(target=_ct2_child, args=(there, cfg, a, threads), daemon=True)
     child.start()
-    status, names = here.recv()
+    try:
+        status, names = here.recv()
+    except EOFError:   # it died before it could say why
+        status, names = "error", f"its process exited with code {child.join() or child.exitcode}"
     if status != "ok":
         child.join()
         return None, f"CTranslate2 failed: {names}"
@@ -131,12 +134,12 @@ def build_ct2(cfg, a):
 
 def _ct2_child(conn, cfg, a, threads: list[int | None]) -> None:
     """The CTranslate2 process: build every row, then decode (row name, token ids) until None."""
+    model_dir = tempfile.mkdtemp(prefix="ct2-marian-")
     try:
         import ctranslate2
         import transformers
 
         transformers.utils.logging.disable_progress_bar()   # saving the model
-        model_dir = tempfile.mkdtemp(prefix="ct2-marian-")
         tokens = convert_to_ct2(cfg, a, model_dir)
         rows = {}
         for name, (compute_type, beam) in CT2_ROWS.items():
@@ -145,6 +148,7 @@ def _ct2_child(conn, cfg, a, threads: list[int | None]) -> None:
                                                     intra_threads=t or 0)
                 rows[ct2_row(name, t)] = _ct2_decoder(translator, tokens, beam, a.tgt_len, cfg.pad_id)
     except Exception as e:  # reported to the parent, which skips the peer
+        shutil.rmtree(model_dir, ignore_errors=True)
         conn.send(("error", f"{type(e).__name__}: {e}"))
         return
     conn.send(("ok", list(rows)))
