@@ -50,7 +50,7 @@ import sys
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from orchestrator.serve.server import start  # noqa: E402
+from orchestrator.serve.server import enable_direct_ingress, replica_urls, start  # noqa: E402
 from orchestrator.serve.target import resolve_target  # noqa: E402
 
 TARGET_BATCHING = {"cpu": 1.0, "cuda": 3.0}   # × requests/s at the highest concurrency
@@ -70,6 +70,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--overload-set", action="append", default=[], metavar="KEY=VALUE",
                    help="also the overload scenario on the batched deployment with these serve settings "
                         "(repeatable), e.g. serve.max_ongoing_requests=2")
+    p.add_argument("--direct-port", type=int, default=None, metavar="PORT",
+                   help="also at concurrency 1 straight to the replica (serve.direct_port: Serve's direct ingress)")
     p.add_argument("--tracking-uri", default=None)
     p.add_argument("--json", metavar="PATH", help="also write all figures as JSON")
     a = p.parse_args(argv)
@@ -240,6 +242,13 @@ def run_mode(source: str, sets: list[str], tracking_uri, lines, a) -> tuple[str,
               f"p99 {row['p99_ms']:7.1f} ms  mean batch {row['mean_batch']:5.2f}  errors {row['errors']}  "
               f"(replica p50: app {row.get('app_p50_ms', float('nan')):.1f} ms, decode "
               f"{row.get('decode_p50_ms', float('nan')):.1f} ms)", flush=True)
+    if a.direct_port is not None:   # the same replica, on its own port: no Serve proxy
+        replica = replica_urls("127.0.0.1", target.spec.serve.port)[0]
+        row = asyncio.run(closed_loop(f"{replica}/translate", lines, 1, a.warmup, a.duration))
+        rows.append({**row, "via": "direct"})
+        print(f"  concurrency   1, straight to the replica: {row['rps']:8.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
+              f"p99 {row['p99_ms']:7.1f} ms  errors {row['errors']}  (replica p50: app "
+              f"{row.get('app_p50_ms', float('nan')):.1f} ms)", flush=True)
     return base, target.spec.serve.model_dump(), rows
 
 
@@ -298,6 +307,7 @@ def main(argv=None) -> int:
     bare_before = measure_bare("before Serve")
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    enable_direct_ingress(a.direct_port, joining=False)   # before Ray starts: its processes read it
     ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False)
     port = f"serve.port={free_port()}"  # one port: Serve's HTTP options are fixed once it runs
     modes = {"batched": [port, f"serve.max_batch_size={a.max_batch_size}"], "unbatched": [port, "serve.max_batch_size=1"]}
@@ -328,7 +338,7 @@ def main(argv=None) -> int:
     target_ratio = TARGET_BATCHING[device]
 
     top = max(a.concurrency)
-    rps = {m: next(r["rps"] for r in results[m]["rows"] if r["concurrency"] == top) for m in modes}
+    rps = {m: next(r["rps"] for r in results[m]["rows"] if r["concurrency"] == top and "via" not in r) for m in modes}
     ratio = rps["batched"] / rps["unbatched"]
     summary = {"batching_ratio": ratio, "at_concurrency": top, "device": device, "bare_lpd_ms": bare,
                "bare_lpd_padded_ms": bare_padded, "bare_lpd_grouped_ms": bare_grouped,
@@ -337,13 +347,13 @@ def main(argv=None) -> int:
           f"{'met' if ratio >= target_ratio else 'NOT met'})")
     if 1 in a.concurrency:
         for m in modes:
-            p50 = next(r["p50_ms"] for r in results[m]["rows"] if r["concurrency"] == 1)
+            p50 = next(r["p50_ms"] for r in results[m]["rows"] if r["concurrency"] == 1 and "via" not in r)
             summary[f"overhead_{m}"] = over = (p50 - bare) / bare
             verdict = f"target ≤ {TARGET_OVERHEAD:.0%}: {'met' if over <= TARGET_OVERHEAD else 'NOT met'}"
             print(f"Serve overhead at concurrency 1, {m}: p50 {p50:.2f} ms vs bare {bare:.2f} ms = "
                   f"{over:+.0%} ({verdict if m == 'unbatched' else 'includes the batch wait'}; bare = mean of before "
                   f"{bare_before[0]:.2f} and after {bare_after[0]:.2f})")
-        row = next(r for r in results["unbatched"]["rows"] if r["concurrency"] == 1)
+        row = next(r for r in results["unbatched"]["rows"] if r["concurrency"] == 1 and "via" not in r)
         if "app_p50_ms" in row:
             # Where the unbatched overhead goes: the replica's decoding against the bare model's,
             # the handler around it (validation, tokenizing for the limits, @serve.batch), and
@@ -357,6 +367,15 @@ def main(argv=None) -> int:
             print("  unbatched, where it goes (p50s): replica's decode − bare {decode_minus_bare_ms:+.2f} ms, "
                   "handler around the decode {handler_ms:.2f} ms, outside the handler {outside_handler_ms:.2f} ms "
                   "(an echo deployment's whole round trip: {floor_ms:.2f} ms)".format(**split))
+        for m in modes:
+            direct = next((r for r in results[m]["rows"] if r.get("via") == "direct"), None)
+            if direct:
+                summary[f"overhead_{m}_direct"] = over = (direct["p50_ms"] - bare) / bare
+                print(f"Serve overhead at concurrency 1, {m}, straight to the replica (serve.direct_port): p50 "
+                      f"{direct['p50_ms']:.2f} ms vs bare {bare:.2f} ms = {over:+.0%}"
+                      + (f" (target ≤ {TARGET_OVERHEAD:.0%}: {'met' if over <= TARGET_OVERHEAD else 'NOT met'}); "
+                         f"outside the handler {direct['p50_ms'] - direct['app_p50_ms']:.2f} ms"
+                         if m == "unbatched" else ""))
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"source": a.source, "machine": platform.platform(), "cpus": os.cpu_count(),

@@ -3,6 +3,7 @@ Ctrl-C."""
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import socket
 import time
@@ -38,6 +39,43 @@ def check_port_free(host: str, port: int) -> None:
             sock.bind((host, port))
         except OSError as e:
             raise ServeSetupError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+
+
+DIRECT_INGRESS = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
+# Replicas take the lowest free port from serve.direct_port on; a replaced replica's port is
+# held back for a while, so its successor takes the next one: room for that.
+DIRECT_PORT_SPAN = 100
+
+
+def enable_direct_ingress(direct_port: int | None, joining: bool) -> None:
+    """Ray Serve's direct ingress (serve.direct_port) for the Ray cluster this process starts:
+    Serve's processes read it from their environment when they start."""
+    if direct_port is None:
+        return
+    if joining and os.environ.get(DIRECT_INGRESS) != "1":
+        raise ServeSetupError(f"serve.direct_port: a Ray cluster this command joins must have been started "
+                              f"with {DIRECT_INGRESS}=1 and RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT={direct_port} "
+                              f"in its environment (set them here too); or leave out --address and ray.address")
+    os.environ[DIRECT_INGRESS] = "1"
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(direct_port)
+    os.environ["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(min(65536, direct_port + DIRECT_PORT_SPAN))
+    # A stopping replica keeps answering this long (Ray's default 30 s), for a load balancer in
+    # front of the replicas to notice; with none, Ctrl-C would wait for nothing.
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
+
+
+def replica_urls(host: str, proxy_port: int) -> list[str]:
+    """Base URLs of the replicas answering HTTP themselves (serve.direct_port), from Serve's
+    controller; empty without direct ingress (then its targets are the proxies)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    from .app import APP_NAME
+
+    groups = ray.get(_get_global_client()._controller.get_target_groups.remote(APP_NAME))
+    host = f"[{host}]" if ":" in host else host
+    return sorted(f"http://{host}:{t.port}" for g in groups if str(g.protocol.value) == "HTTP"
+                  and g.app_name == APP_NAME for t in g.targets if t.port != proxy_port)
 
 
 def start(target: ServeTarget) -> str:
@@ -83,6 +121,10 @@ def run_server(target: ServeTarget, address: str | None = None) -> int:
     s = target.spec.serve
     try:
         check_port_free(s.host, s.port)
+        if s.direct_port is not None:
+            for port in range(s.direct_port, s.direct_port + s.replicas):
+                check_port_free(s.host, port)
+        enable_direct_ingress(s.direct_port, joining=bool(address or target.spec.ray.address))
     except ServeSetupError as e:
         log.error("%s", e)
         return 2
@@ -98,6 +140,12 @@ def run_server(target: ServeTarget, address: str | None = None) -> int:
         log.info("serving job '%s' (run %s) from %s with %d replica(s)", src.job, src.run_id, src.location(),
                  s.replicas)
         print(f"{url}/translate  (docs: {url}/docs, health: {url}/health); Ctrl-C stops", flush=True)
+        if s.direct_port is not None:
+            direct = replica_urls(s.host, s.port)
+            if not direct:
+                raise RuntimeError("serve.direct_port is set but no replica answers HTTP itself: was the "
+                                   f"cluster started with {DIRECT_INGRESS}=1?")
+            print("direct to the replicas (no Serve proxy): " + ", ".join(f"{u}/translate" for u in direct), flush=True)
         while True:
             time.sleep(3600)
     except KeyboardInterrupt:

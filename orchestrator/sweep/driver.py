@@ -41,7 +41,7 @@ from ray import tune
 
 from ..run.files import atomic_write_json, atomic_write_text
 from ..run.tracking import make_tracker
-from ..spec.loading import dump_spec
+from ..spec.loading import dump_spec, spec_from_dict
 from ..spec.schema import JobSpec
 from .results import (FINAL_METRICS, RESULT_KEYS, best_trial, collect_rows, make_plots, results_table, seed_best_run,
                       sweep_dir, write_best_job)
@@ -116,19 +116,23 @@ class SweepError(Exception):
 
 
 def check_same_job(sd: Path, spec: JobSpec, fresh: bool) -> None:
-    """A rerun resumes the sweep in `sd` only with the spec it was started with (`ray` aside):
-    Tune restores its own search space, sample count and scheduler. --fresh starts over
-    (the shared stage dirs are content-addressed and stay)."""
+    """A rerun resumes the sweep in `sd` only with the spec it was started with (`ray` and
+    `serve` aside, which train and score nothing): Tune restores its own search space, sample
+    count and scheduler. A setting the record lacks, at its default, is no change: a newer
+    version added it, and the sweep ran as its default has it. --fresh starts over (the shared
+    stage dirs are content-addressed and stay)."""
     record = sd / "sweep_job.json"
-    now = {k: v for k, v in spec.flat_params().items() if not k.startswith("ray.")}
+    now = {k: v for k, v in spec.flat_params().items() if not k.startswith(("ray.", "serve."))}
     if fresh:
         for name in ("tune", "trials", "plots"):
             shutil.rmtree(sd / name, ignore_errors=True)
         for name in ("mlflow_run_id", "results.md", "results.json", "best.yaml", record.name):
             (sd / name).unlink(missing_ok=True)
     elif record.is_file() and (sd / "tune").exists():  # a Tune experiment to restore
-        before = json.loads(record.read_text())
-        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k))
+        before = {k: v for k, v in json.loads(record.read_text()).items() if not k.startswith(("ray.", "serve."))}
+        defaults = spec_from_dict({"name": spec.name, "data": {"source": "synthetic"}}).flat_params()
+        changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k)
+                         and not (k not in before and now.get(k) == defaults.get(k)))
         if changed:
             raise SweepError(f"{sd} holds a sweep of another job spec (changed: {', '.join(changed)}). "
                              f"Rerun with the same job and settings to resume it, or pass --fresh to start over.")

@@ -131,3 +131,55 @@ def test_cli_serve_translate_and_ctrl_c(micro_run, ray_local):
     with pytest.raises(requests.ConnectionError):
         requests.get(f"{url}/health", timeout=5)
     assert serve.status().applications == {}
+
+
+def test_cli_serve_direct_to_the_replica(micro_run, tmp_path):
+    """serve.direct_port: the command starts a Ray cluster of its own with Serve's direct
+    ingress, and the replica answers on that port itself (the proxy's port too), with the
+    same translations and the same JSON errors; Ctrl-C stops both."""
+    import os
+
+    run_dir, spec = micro_run
+    port, direct = free_port(), free_port()
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}   # its own cluster, beside this session's
+    log = tmp_path / "serve.log"
+    with open(log, "w") as out:   # a file, not a pipe: Ray's logs could fill a pipe nobody reads
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "serve", str(run_dir), "--port", str(port),
+                                 "--set", f"serve.direct_port={direct}", "--set", "ray.num_cpus=2"],
+                                stdout=out, stderr=subprocess.STDOUT, text=True, env=env)
+    try:
+        def up():   # the command says where to go once every replica is up
+            if proc.poll() is not None:
+                raise AssertionError(f"serve exited {proc.returncode}: {log.read_text()[-3000:]}")
+            return f"direct to the replicas (no Serve proxy): http://127.0.0.1:{direct}/translate" in log.read_text()
+
+        _wait_for(up, 180, "imitate-orch serve to print the replica's URL")
+        texts = read_lines(run_dir / "prepare" / "test.src")[:2]
+        expected = _offline_lpd(run_dir, texts, spec)
+        for base in (f"http://127.0.0.1:{direct}", f"http://127.0.0.1:{port}"):
+            r = requests.post(f"{base}/translate", json={"texts": texts}, timeout=60)
+            assert r.status_code == 200 and r.json()["translations"] == expected, (base, r.text)
+            assert "decode;dur=" in r.headers["Server-Timing"]
+        bad = requests.post(f"http://127.0.0.1:{direct}/translate", data=b"{", timeout=30,
+                            headers={"Content-Type": "application/json"})
+        assert bad.status_code == 400 and "malformed JSON" in bad.json()["error"]
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    for p in (port, direct):
+        with pytest.raises(requests.ConnectionError):
+            requests.get(f"http://127.0.0.1:{p}/health", timeout=5)
+
+
+def test_direct_port_refused_when_joining_a_cluster_started_without_it(monkeypatch):
+    from orchestrator.serve.server import DIRECT_INGRESS, enable_direct_ingress
+    from orchestrator.serve.target import ServeSetupError
+
+    monkeypatch.delenv(DIRECT_INGRESS, raising=False)
+    with pytest.raises(ServeSetupError, match="must have been started with RAY_SERVE_ENABLE_DIRECT_INGRESS=1"):
+        enable_direct_ingress(9001, joining=True)
+    enable_direct_ingress(None, joining=True)   # off: nothing to check
+    assert DIRECT_INGRESS not in __import__("os").environ

@@ -136,7 +136,7 @@ def test_wrong_type_names_the_field(section, key, value):
     ("model", "dropout", 1.5), ("teacher", "label_smoothing", 1.0), ("teacher", "lambda1", -1),
     ("data", "max_tokens", 0), ("sweep", "lambda2", [0.1, 0.01]), ("sweep", "n_actions", [0]),
     ("serve", "max_delta_t", 21), ("serve", "max_lpd_tokens", 0), ("serve", "max_queued_requests", 0),
-    ("serve", "body_timeout_s", 0),
+    ("serve", "body_timeout_s", 0), ("serve", "direct_port", 0), ("serve", "direct_port", 8000),
 ])
 def test_out_of_range_values(section, key, value):
     with pytest.raises(SpecError) as e:

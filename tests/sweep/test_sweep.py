@@ -213,6 +213,24 @@ def test_a_sweep_dir_resumes_only_the_spec_it_was_started_with(tmp_path):
     assert not (sd / "tune").exists()
 
 
+def test_a_sweep_recorded_before_a_setting_existed_resumes(tmp_path):
+    """A newer version's setting, absent from the record and left at its default, changes
+    nothing; set to something else, it does. Serving settings never count."""
+    import json
+
+    sd = tmp_path / "tiny-sweep"
+    sd.mkdir()
+    check_same_job(sd, micro_job_spec(tmp_path), fresh=False)
+    (sd / "tune").mkdir()
+    record = json.loads((sd / "sweep_job.json").read_text())
+    del record["student.il_reduction"]   # as written before the setting existed
+    (sd / "sweep_job.json").write_text(json.dumps(record))
+    check_same_job(sd, micro_job_spec(tmp_path, "serve.direct_port=9001"), fresh=False)
+    (sd / "sweep_job.json").write_text(json.dumps(record))
+    with pytest.raises(SweepError, match=r"changed: student\.il_reduction"):
+        check_same_job(sd, micro_job_spec(tmp_path, "student.il_reduction=sum"), fresh=False)
+
+
 @pytest.mark.parametrize("key, value", [("metric", "valid_loss"), ("lambda1", [1e-3, float("inf")]),
                                         ("delta_t", [0, 21]), ("reduction_factor", 1)])
 def test_bad_sweep_settings_name_their_field(key, value):
