@@ -255,12 +255,13 @@ def main(argv=None) -> dict:
         t0 = time.perf_counter()
         rows = {name: {"ms_per_sentence": ms, "mean_out_len": length, "samples_ms": samples}
                 for name, (ms, length, samples) in time_methods(fns, srcs, a).items()}
+        ref = ct2_reference(rows)
         for r in rows.values():
             r["speedup"] = rows[BASELINE]["ms_per_sentence"] / r["ms_per_sentence"]
-            if ct2_reference(rows):
-                r["vs_ct2_int8_beam4"] = rows[ct2_reference(rows)]["ms_per_sentence"] / r["ms_per_sentence"]
+            if ref:
+                r["vs_ct2_int8_beam4"] = rows[ref]["ms_per_sentence"] / r["ms_per_sentence"]
         results[bs] = {"sentences": n_batches * bs, "methods": rows, "wall_s": time.perf_counter() - t0,
-                       "ct2_reference": ct2_reference(rows)}
+                       "ct2_reference": ref}
         peer = rows.get(MARIAN)
         if peer:
             results[bs]["ours_beam4_vs_marian_beam4"] = peer["ms_per_sentence"] / rows[BASELINE]["ms_per_sentence"]

@@ -117,7 +117,8 @@ def build_ct2(cfg, a):
     try:
         status, names = here.recv()
     except EOFError:   # it died before it could say why
-        status, names = "error", f"its process exited with code {child.join() or child.exitcode}"
+        child.join()
+        status, names = "error", f"its process exited with code {child.exitcode}"
     if status != "ok":
         child.join()
         return None, f"CTranslate2 failed: {names}"

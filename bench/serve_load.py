@@ -226,7 +226,9 @@ def batch_stats(base: str) -> dict:
     return requests.get(f"{base}/health", timeout=30).json()["batches"]
 
 
-def run_mode(source: str, sets: list[str], tracking_uri, lines, a) -> tuple[str, dict, list[dict]]:
+def run_mode(source: str, sets: list[str], tracking_uri, lines, a) -> tuple[str, dict, list[dict], dict | None]:
+    """Closed-loop rows through Serve's proxy at each concurrency, and with --direct-port the
+    concurrency-1 row straight to the replica (else None)."""
     target = resolve_target(source, sets, tracking_uri)
     base = start(target)
     url = f"{base}/translate"
@@ -242,14 +244,14 @@ def run_mode(source: str, sets: list[str], tracking_uri, lines, a) -> tuple[str,
               f"p99 {row['p99_ms']:7.1f} ms  mean batch {row['mean_batch']:5.2f}  errors {row['errors']}  "
               f"(replica p50: app {row.get('app_p50_ms', float('nan')):.1f} ms, decode "
               f"{row.get('decode_p50_ms', float('nan')):.1f} ms)", flush=True)
+    direct = None
     if a.direct_port is not None:   # the same replica, on its own port: no Serve proxy
         replica = replica_urls("127.0.0.1", target.spec.serve.port)[0]
-        row = asyncio.run(closed_loop(f"{replica}/translate", lines, 1, a.warmup, a.duration))
-        rows.append({**row, "via": "direct"})
-        print(f"  concurrency   1, straight to the replica: {row['rps']:8.1f} req/s  p50 {row['p50_ms']:7.1f} ms  "
-              f"p99 {row['p99_ms']:7.1f} ms  errors {row['errors']}  (replica p50: app "
-              f"{row.get('app_p50_ms', float('nan')):.1f} ms)", flush=True)
-    return base, target.spec.serve.model_dump(), rows
+        direct = asyncio.run(closed_loop(f"{replica}/translate", lines, 1, a.warmup, a.duration))
+        print(f"  concurrency   1, straight to the replica: {direct['rps']:8.1f} req/s  p50 {direct['p50_ms']:7.1f} ms  "
+              f"p99 {direct['p99_ms']:7.1f} ms  errors {direct['errors']}  (replica p50: app "
+              f"{direct.get('app_p50_ms', float('nan')):.1f} ms)", flush=True)
+    return base, target.spec.serve.model_dump(), rows, direct
 
 
 def run_overload(a, base: str, rows: list[dict], lines: list[str]) -> dict:
@@ -315,8 +317,8 @@ def main(argv=None) -> int:
     try:
         for name, sets in modes.items():
             print(f"{name}:", flush=True)
-            base, cfg, rows = run_mode(a.source, sets, a.tracking_uri, lines, a)
-            results[name] = {"serve": cfg, "rows": rows}
+            base, cfg, rows, direct = run_mode(a.source, sets, a.tracking_uri, lines, a)
+            results[name] = {"serve": cfg, "rows": rows, "direct_c1": direct}
             if name == "unbatched" and 1 in a.concurrency:
                 results["floor_p50_ms"] = serve_floor_ms(base, lines, a)
                 print(f"Serve's floor (an echo deployment, concurrency 1): p50 {results['floor_p50_ms']:.2f} ms",
@@ -338,7 +340,7 @@ def main(argv=None) -> int:
     target_ratio = TARGET_BATCHING[device]
 
     top = max(a.concurrency)
-    rps = {m: next(r["rps"] for r in results[m]["rows"] if r["concurrency"] == top and "via" not in r) for m in modes}
+    rps = {m: next(r["rps"] for r in results[m]["rows"] if r["concurrency"] == top) for m in modes}
     ratio = rps["batched"] / rps["unbatched"]
     summary = {"batching_ratio": ratio, "at_concurrency": top, "device": device, "bare_lpd_ms": bare,
                "bare_lpd_padded_ms": bare_padded, "bare_lpd_grouped_ms": bare_grouped,
@@ -347,13 +349,13 @@ def main(argv=None) -> int:
           f"{'met' if ratio >= target_ratio else 'NOT met'})")
     if 1 in a.concurrency:
         for m in modes:
-            p50 = next(r["p50_ms"] for r in results[m]["rows"] if r["concurrency"] == 1 and "via" not in r)
+            p50 = next(r["p50_ms"] for r in results[m]["rows"] if r["concurrency"] == 1)
             summary[f"overhead_{m}"] = over = (p50 - bare) / bare
             verdict = f"target ≤ {TARGET_OVERHEAD:.0%}: {'met' if over <= TARGET_OVERHEAD else 'NOT met'}"
             print(f"Serve overhead at concurrency 1, {m}: p50 {p50:.2f} ms vs bare {bare:.2f} ms = "
                   f"{over:+.0%} ({verdict if m == 'unbatched' else 'includes the batch wait'}; bare = mean of before "
                   f"{bare_before[0]:.2f} and after {bare_after[0]:.2f})")
-        row = next(r for r in results["unbatched"]["rows"] if r["concurrency"] == 1 and "via" not in r)
+        row = next(r for r in results["unbatched"]["rows"] if r["concurrency"] == 1)
         if "app_p50_ms" in row:
             # Where the unbatched overhead goes: the replica's decoding against the bare model's,
             # the handler around it (validation, tokenizing for the limits, @serve.batch), and
@@ -368,7 +370,7 @@ def main(argv=None) -> int:
                   "handler around the decode {handler_ms:.2f} ms, outside the handler {outside_handler_ms:.2f} ms "
                   "(an echo deployment's whole round trip: {floor_ms:.2f} ms)".format(**split))
         for m in modes:
-            direct = next((r for r in results[m]["rows"] if r.get("via") == "direct"), None)
+            direct = results[m]["direct_c1"]
             if direct:
                 summary[f"overhead_{m}_direct"] = over = (direct["p50_ms"] - bare) / bare
                 print(f"Serve overhead at concurrency 1, {m}, straight to the replica (serve.direct_port): p50 "

@@ -1,8 +1,9 @@
 """tokenizer: one joint SentencePiece model on prepare's train.src + train.tgt -> spm.model
 (trained in a Ray task: its memory, ~4 GB for a 1M-sentence sample at 32k pieces, is a worker
 node's, not the driver's or the head's), then the training corpus binarized with it ->
-train.src.bin/.idx, train.tgt.bin/.idx (Ray tasks encode it in parallel chunks: orchestrator/binarize.py). The training stages read these
-memory-mapped; valid and test stay text (they are decoded from text and scored as text).
+train.src.bin/.idx, train.tgt.bin/.idx (Ray tasks encode it in parallel chunks:
+orchestrator/binarize.py). The training stages read these memory-mapped; valid and test stay
+text (they are decoded from text and scored as text).
 
 Metrics: trainer_seconds and binarize_seconds (wall time of each part), vocab_size (actual
 pieces; the spec's value is an upper bound on tiny corpora) and

@@ -121,15 +121,18 @@ def check_same_job(sd: Path, spec: JobSpec, fresh: bool) -> None:
     count and scheduler. A setting the record lacks, at its default, is no change: a newer
     version added it, and the sweep ran as its default has it. --fresh starts over (the shared
     stage dirs are content-addressed and stay)."""
+    def compared(params: dict) -> dict:
+        return {k: v for k, v in params.items() if not k.startswith(("ray.", "serve."))}
+
     record = sd / "sweep_job.json"
-    now = {k: v for k, v in spec.flat_params().items() if not k.startswith(("ray.", "serve."))}
+    now = compared(spec.flat_params())
     if fresh:
         for name in ("tune", "trials", "plots"):
             shutil.rmtree(sd / name, ignore_errors=True)
         for name in ("mlflow_run_id", "results.md", "results.json", "best.yaml", record.name):
             (sd / name).unlink(missing_ok=True)
     elif record.is_file() and (sd / "tune").exists():  # a Tune experiment to restore
-        before = {k: v for k, v in json.loads(record.read_text()).items() if not k.startswith(("ray.", "serve."))}
+        before = compared(json.loads(record.read_text()))
         defaults = spec_from_dict({"name": spec.name, "data": {"source": "synthetic"}}).flat_params()
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k)
                          and not (k not in before and now.get(k) == defaults.get(k)))
