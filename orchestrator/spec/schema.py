@@ -292,7 +292,7 @@ class SweepSpec(_Section):
     mode: Literal["max", "min"] = "max"
     # ASHA early stopping over student training, on the student's valid BLEU reported at every
     # eval/checkpoint interval (its "rounds"); stop the worst 1 - 1/reduction_factor at each rung.
-    grace_period: int = Field(1, gt=0)               # rounds every trial gets before it can be stopped
+    grace_period: int = Field(1, gt=0)               # valid reports every trial makes before it can be stopped
     reduction_factor: int = Field(2, ge=2)
 
     @field_validator("lambda1", "lambda2")

@@ -9,7 +9,8 @@ trained student is decoded at each ΔT of `sweep.delta_t` instead of being retra
 (trial.py runs one trial).
 
 ASHA stops trials early on the student's valid BLEU (one NAT pass over up to 500 valid
-sentences), which the training loop reports at every eval/checkpoint interval; the trials are
+sentences), which the training loop reports at every eval/checkpoint interval, comparing trials
+at equal training steps (asha_scheduler); the trials are
 ranked by `sweep.metric` on the whole valid set once a student is trained (default
 `valid_bleu_lpd`: NAT+LPD at its best ΔT). A trial that fails is recorded as failed (Tune
 error, MLflow run FAILED with the error) and the sweep goes on.
@@ -48,6 +49,7 @@ from .results import (FINAL_METRICS, RESULT_KEYS, best_trial, collect_rows, make
 from .trial import TRIAL_RESOURCES, TrialSetup, trial
 
 log = logging.getLogger("imitate_orch")
+SCHEDULER_RECORD = "scheduler.json"   # in the sweep dir: written by a version whose ASHA counts steps
 
 
 def search_space(spec: JobSpec) -> dict:
@@ -62,13 +64,27 @@ def search_space(spec: JobSpec) -> dict:
             "lambda2": sampled(sw.lambda2, sw.lambda2_values)}
 
 
-def student_rounds(spec: JobSpec) -> int:
-    """How many valid reports a student's training makes (stages/train_worker.py reports at
-    every eval_every and checkpoint_every step and at the last): ASHA's time axis."""
+def student_report_steps(spec: JobSpec) -> list[int]:
+    """The steps at which a student's training reports its valid BLEU (stages/train_worker.py
+    reports at every eval_every and checkpoint_every step and at the last), in order."""
     s = spec.student
     steps = {s.max_steps} | set(range(s.eval_every, s.max_steps + 1, s.eval_every)) \
         | set(range(s.checkpoint_every, s.max_steps + 1, s.checkpoint_every))
-    return len(steps)
+    return sorted(steps)
+
+
+def asha_scheduler(spec: JobSpec):
+    """ASHA on the students' valid BLEU, its time axis the training step: a trial resumed after
+    an interruption reports its steps again as they are, where Tune's own training_iteration
+    would start over at 1 and set a resumed trial's late scores against other trials' first
+    ones. A trial may be stopped once it has made `sweep.grace_period` reports."""
+    from ray.tune.schedulers import ASHAScheduler
+
+    steps, sw = student_report_steps(spec), spec.sweep
+    # stop_last_trials=False: a trial at max_steps still makes its final report (the valid scores).
+    return ASHAScheduler(time_attr="step", metric="valid_bleu", mode="max", max_t=spec.student.max_steps,
+                         grace_period=steps[min(sw.grace_period, len(steps)) - 1],
+                         reduction_factor=sw.reduction_factor, stop_last_trials=False)
 
 
 def trial_dirname(trial) -> str:
@@ -119,19 +135,26 @@ def check_same_job(sd: Path, spec: JobSpec, fresh: bool) -> None:
     """A rerun resumes the sweep in `sd` only with the spec it was started with (`ray` and
     `serve` aside, which train and score nothing): Tune restores its own search space, sample
     count and scheduler. A setting the record lacks, at its default, is no change: a newer
-    version added it, and the sweep ran as its default has it. --fresh starts over (the shared
+    version added it, and the sweep ran as its default has it. A sweep whose scheduler predates
+    the step-based ASHA (no SCHEDULER_RECORD) is not resumed. --fresh starts over (the shared
     stage dirs are content-addressed and stay)."""
     def compared(params: dict) -> dict:
         return {k: v for k, v in params.items() if not k.startswith(("ray.", "serve."))}
 
-    record = sd / "sweep_job.json"
+    record, scheduler = sd / "sweep_job.json", sd / SCHEDULER_RECORD
     now = compared(spec.flat_params())
     if fresh:
         for name in ("tune", "trials", "plots"):
             shutil.rmtree(sd / name, ignore_errors=True)
-        for name in ("mlflow_run_id", "results.md", "results.json", "best.yaml", record.name):
+        for name in ("mlflow_run_id", "results.md", "results.json", "best.yaml", record.name, scheduler.name):
             (sd / name).unlink(missing_ok=True)
-    elif record.is_file() and (sd / "tune").exists():  # a Tune experiment to restore
+    if (sd / "tune").exists() and not scheduler.is_file():
+        # Tune restores the scheduler it pickled: that of the imitate-orch that started the sweep.
+        raise SweepError(f"{sd} holds a sweep started by an earlier imitate-orch, whose early stopping "
+                         "(ASHA) counted a resumed trial's reports from 1 again and so could stop other "
+                         "trials against its later, better scores. Pass --fresh to start it over (its "
+                         "teachers and distilled data are shared by content and stay).")
+    if record.is_file() and (sd / "tune").exists():  # a Tune experiment to restore
         before = compared(json.loads(record.read_text()))
         defaults = spec_from_dict({"name": spec.name, "data": {"source": "synthetic"}}).flat_params()
         changed = sorted(k for k in set(before) | set(now) if before.get(k) != now.get(k)
@@ -140,6 +163,7 @@ def check_same_job(sd: Path, spec: JobSpec, fresh: bool) -> None:
             raise SweepError(f"{sd} holds a sweep of another job spec (changed: {', '.join(changed)}). "
                              f"Rerun with the same job and settings to resume it, or pass --fresh to start over.")
     atomic_write_json(record, now)
+    atomic_write_json(scheduler, {"asha_time_attr": "step"})
 
 
 def run_sweep(spec: JobSpec, job_yaml: str, fresh: bool = False, progress: bool = True, echo=print) -> dict:
@@ -202,7 +226,6 @@ def publish(rows: list[dict], spec: JobSpec, sd: Path, parent, echo) -> tuple[di
 
 def fit(spec: JobSpec, sd: Path, setup: TrialSetup, progress: bool):
     """Tuner.fit() of a new sweep, or of the one in `sd` restored (Tuner.restore)."""
-    from ray.tune.schedulers import ASHAScheduler
     from ray.tune.search import BasicVariantGenerator
 
     trainable = tune.with_resources(tune.with_parameters(trial, setup=setup), TRIAL_RESOURCES)
@@ -212,9 +235,7 @@ def fit(spec: JobSpec, sd: Path, setup: TrialSetup, progress: bool):
         tuner = tune.Tuner.restore(str(path), trainable, resume_unfinished=True, restart_errored=True)
         return tuner.fit()
     sw = spec.sweep
-    rounds = student_rounds(spec) + 1  # + the final report with the valid scores
-    scheduler = ASHAScheduler(metric="valid_bleu", mode="max", max_t=rounds, grace_period=min(sw.grace_period, rounds),
-                              reduction_factor=sw.reduction_factor)
+    scheduler = asha_scheduler(spec)
     closer = TrialRunCloser(setup.tracker, setup.sweep_run_id)
     tuner = tune.Tuner(
         trainable, param_space=search_space(spec),

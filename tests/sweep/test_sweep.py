@@ -15,7 +15,8 @@ from mlflow import MlflowClient
 from orchestrator.run.manifest import read_manifest
 from orchestrator.run.sharing import shared_stage_dirs
 from orchestrator.spec.loading import SpecError, load_spec, spec_from_dict
-from orchestrator.sweep.driver import SweepError, TrialRunCloser, check_same_job, search_space, student_rounds
+from orchestrator.sweep.driver import (SweepError, TrialRunCloser, asha_scheduler, check_same_job, search_space,
+                                      student_report_steps)
 from orchestrator.sweep.results import best_spec, root_error
 from orchestrator.sweep.trial import trial_spec
 
@@ -148,11 +149,49 @@ def test_sweep_shares_teachers_records_failures_writes_best_yaml_and_resumes(tmp
 
 # ------------------------------------------------------------------------ no Ray needed --
 
-def test_student_rounds_count_every_valid_report_of_the_training_loop(tmp_path):
+def test_student_report_steps_are_every_valid_report_of_the_training_loop(tmp_path):
     spec = micro_job_spec(tmp_path)  # 30 steps, eval and checkpoint every 15
-    assert student_rounds(spec) == 2
+    assert student_report_steps(spec) == [15, 30]
     spec = micro_job_spec(tmp_path, "student.max_steps=100", "student.eval_every=30", "student.checkpoint_every=40")
-    assert student_rounds(spec) == len({30, 60, 90, 40, 80, 100})
+    assert student_report_steps(spec) == [30, 40, 60, 80, 90, 100]
+    asha = asha_scheduler(micro_job_spec(tmp_path, "student.max_steps=100", "student.eval_every=30",
+                                         "student.checkpoint_every=40", "sweep.grace_period=2"))
+    assert (asha._time_attr, asha._max_t, asha._brackets[0]._rungs[-1][0]) == ("step", 100, 40)  # 2nd report
+
+
+def test_asha_compares_trials_at_equal_steps_a_resumed_one_included(tmp_path):
+    """A resumed trial's first report after an interruption is a late step (Tune's own
+    training_iteration would call it 1): another trial's early score is not set against it."""
+    from ray.tune.schedulers import TrialScheduler
+
+    spec = micro_job_spec(tmp_path, "student.max_steps=2100", "student.eval_every=350", "student.checkpoint_every=350")
+
+    def second_trial_at_step_350(first_trial_reports):
+        asha = asha_scheduler(spec)
+        a, b = SimpleNamespace(trial_id="a"), SimpleNamespace(trial_id="b")
+        asha.on_trial_add(None, a)
+        asha.on_trial_add(None, b)
+        for step, bleu in first_trial_reports:
+            asha.on_trial_result(None, a, {"step": step, "valid_bleu": bleu})
+        return asha.on_trial_result(None, b, {"step": 350, "valid_bleu": 18.4})
+
+    assert second_trial_at_step_350([(1750, 25.6)]) == TrialScheduler.CONTINUE  # a resumed at step 1750
+    assert second_trial_at_step_350([(350, 20.0), (700, 23.0)]) == TrialScheduler.STOP  # worse at step 350
+    assert second_trial_at_step_350([(350, 18.0)]) == TrialScheduler.CONTINUE
+    asha = asha_scheduler(spec)   # the last training report does not end the trial: its valid scores follow
+    asha.on_trial_add(None, SimpleNamespace(trial_id="a"))
+    assert asha.on_trial_result(None, SimpleNamespace(trial_id="a"), {"step": 2100, "valid_bleu": 26.0}) == \
+        TrialScheduler.CONTINUE
+
+
+def test_a_sweep_started_before_the_step_based_asha_is_not_resumed(tmp_path):
+    sd = tmp_path / "tiny-sweep"
+    (sd / "tune").mkdir(parents=True)   # a Tune experiment, without the scheduler record
+    with pytest.raises(SweepError, match="earlier imitate-orch.*--fresh"):
+        check_same_job(sd, micro_job_spec(tmp_path), fresh=False)
+    check_same_job(sd, micro_job_spec(tmp_path), fresh=True)
+    (sd / "tune").mkdir()
+    check_same_job(sd, micro_job_spec(tmp_path), fresh=False)   # started by this version: resumes
 
 
 def test_search_space_samples_log_ranges_and_fixes_degenerate_ones(tmp_path):
