@@ -291,7 +291,7 @@ class SweepSpec(_Section):
     metric: Literal["valid_bleu_lpd", "valid_bleu_nat"] = "valid_bleu_lpd"
     mode: Literal["max", "min"] = "max"
     # ASHA early stopping over student training, on the student's valid BLEU reported at every
-    # eval/checkpoint interval (its "rounds"); stop the worst 1 - 1/reduction_factor at each rung.
+    # eval/checkpoint interval, trials compared at equal steps; stop the worst 1 - 1/reduction_factor at each rung.
     grace_period: int = Field(1, gt=0)               # valid reports every trial makes before it can be stopped
     reduction_factor: int = Field(2, ge=2)
 
