@@ -20,9 +20,9 @@ from pathlib import Path
 from typing import IO, Iterable, Iterator
 
 from ..spec.schema import JobSpec
-from .hashing import stage_hashes
+from .hashing import consumed_digests, stage_hashes, upstream_changed
 from .layout import STAGES, run_dir
-from .manifest import read_manifest
+from .manifest import is_complete, read_manifest
 
 log = logging.getLogger("imitate_orch")
 
@@ -40,13 +40,23 @@ def job_or_shared_stage_dirs(spec: JobSpec, job: JobSpec, root: Path,
     holds the very same stage, finished (its manifest has this spec's hash for it): a sweep
     after `run` trains no teacher again. From the first stage that is not there so, the
     content-addressed dir under `root`; nothing is ever written into the job's run dir."""
-    hashes, shared = stage_hashes(spec), shared_stage_dirs(spec, root, stages)
     dirs, reuse = {}, True
-    for stage in shared:
-        manifest = read_manifest(run_dir(job) / stage)
-        reuse = reuse and manifest is not None and manifest.status == "done" and manifest.input_hash == hashes[stage]
-        dirs[stage] = run_dir(job) / stage if reuse else shared[stage]
+    for stage, shared in shared_stage_dirs(spec, root, stages).items():
+        own = finished_job_stage(spec, job, stage) if reuse else None
+        reuse = own is not None
+        dirs[stage] = own or shared
     return dirs
+
+
+def finished_job_stage(spec: JobSpec, job: JobSpec, stage: str) -> Path | None:
+    """The job's own <run>/<stage> when `run` finished that very stage there and it would be
+    reused as it is (its manifest has `spec`'s hash for it, its outputs are intact, the job's
+    earlier stages are still what it read), else None: a linked stage that runner.run_stage
+    found stale would be redone through the link, inside the job's run dir."""
+    rd = run_dir(job)
+    reusable = is_complete(rd / stage, stage_hashes(spec)[stage]) and \
+        not upstream_changed(read_manifest(rd / stage), consumed_digests(rd, stage))
+    return rd / stage if reusable else None
 
 
 def link_stage(run: Path, stage: str, target: Path) -> None:

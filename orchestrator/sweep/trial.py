@@ -11,7 +11,10 @@ student.lambda2), working in `<sweep>/trials/<trial id>/<job>/`:
    lock and reuse it. Nothing is written into the job's run dir.
 2. student: the pipeline's student stage (manifest, MLflow run, Ray Train checkpoints and
    resume), trained with a `TuneReportCallback`, so the valid BLEU that the training loop reports
-   at every eval/checkpoint interval reaches Tune and ASHA can stop the trial early.
+   at every eval/checkpoint interval reaches Tune and ASHA can stop the trial early. A trial
+   with the job's own settings, whose student `run` has finished, links that student instead of
+   training it again, and its valid BLEU curve (from the job's MLflow run) is replayed to Tune
+   step by step, so ASHA sets the other trials against it as if it had trained here.
 3. valid evaluation: the student (with its teacher for rescoring) decodes the whole valid set
    with NAT+LPD at every ΔT of `sweep.delta_t`, plus the one-pass NAT and the AT beam; BLEU and
    batch-1 latency per ΔT become the trial's final Tune result and MLflow metrics.
@@ -44,7 +47,7 @@ from ..pipeline import run_pipeline
 from ..run.files import atomic_write_text
 from ..run.layout import run_dir
 from ..run.runner import StageContext, StageResult, run_stage
-from ..run.sharing import job_or_shared_stage_dirs, stage_lock
+from ..run.sharing import finished_job_stage, job_or_shared_stage_dirs, link_stage, stage_lock
 from ..run.tracking import NestedTracker, RunHandle, Tracker
 from ..spec.loading import spec_from_dict
 from ..spec.schema import JobSpec, ModelSpec
@@ -54,6 +57,7 @@ log = logging.getLogger("imitate_orch")
 # Tune refuses an all-zero bundle; a trial reserves this much memory and no CPU (see above).
 TRIAL_RESOURCES = {"memory": 64 * 1024 ** 2}
 TRAIN_START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+REPLAYED = "replayed_valid_bleu"   # trial_body → trial: the job's student's [[step, valid BLEU], ...]
 SAMPLED = {"lambda1": ("teacher", "lambda1"), "n_actions": ("model", "n_actions"), "lambda2": ("student", "lambda2")}
 
 
@@ -96,7 +100,10 @@ def trial(config: dict, setup: TrialSetup) -> None:
     trial_id = tune.get_context().get_trial_id()
     report = TuneReportCallback()  # made here: it needs this Tune session; Train reports through it
     body = ray.remote(num_cpus=0)(trial_body).options(scheduling_strategy="DEFAULT", max_retries=0)
-    tune.report(ray.get(body.remote(config, setup, trial_id, report)))
+    result = ray.get(body.remote(config, setup, trial_id, report))
+    for step, bleu in result.pop(REPLAYED, []):  # the job's own student: its curve, as training reports it
+        tune.report({"step": step, "valid_bleu": bleu})
+    tune.report(result)
 
 
 def trial_body(config: dict, setup: TrialSetup, trial_id: str, report_callback) -> dict:
@@ -118,13 +125,35 @@ def trial_body(config: dict, setup: TrialSetup, trial_id: str, report_callback) 
             atomic_write_text(id_file, run.run_id)
         tracker = NestedTracker(setup.tracker, run.run_id, adopt=True) if setup.tracker.enabled else setup.tracker
         job = spec_from_dict(setup.base, setup.job_yaml)
-        run_pipeline(spec, setup.job_yaml, until="distill", progress=False, tracker=tracker,
-                     linked=job_or_shared_stage_dirs(spec, job, Path(setup.sweep_dir) / "shared"))
+        linked = job_or_shared_stage_dirs(spec, job, Path(setup.sweep_dir) / "shared")
+        run_pipeline(spec, setup.job_yaml, until="distill", progress=False, tracker=tracker, linked=linked)
+        replayed = []
+        own = finished_job_stage(spec, job, "student") \
+            if all(d == run_dir(job) / stage for stage, d in linked.items()) else None
+        if own is not None:  # the job's own settings, and `run` has trained this very student
+            link_stage(rd, "student", own)
+            replayed = job_student_curve(own.parent, setup.tracker, tracker)
         with stage_lock(rd / "student", "student"):
             student = run_stage(spec, "student", lambda ctx: tuned_student(ctx, report_callback), tracker=tracker,
                                 progress=False)
         scores = scored_on_valid(rd, spec, setup.delta_t, run)
-    return {**scores, "valid_bleu": student["best_valid_bleu"]}
+    return {**scores, "valid_bleu": student["best_valid_bleu"], REPLAYED: replayed}
+
+
+def job_student_curve(job_rd: Path, experiment: Tracker, tracker: Tracker) -> list[list[float]]:
+    """[[step, valid BLEU], ...] of the student that `run` trained in `job_rd` (the job's MLflow
+    run; copied onto the trial's run for the UI); [] when it is not in the store (then ASHA has
+    only this trial's final result)."""
+    from ..studies.measures import training_curves
+
+    if not experiment.enabled:
+        return []
+    curve = training_curves(job_rd, experiment.tracking_uri).get("student", {})
+    log.info("student   the job's own, trained by `run` in %s: linked, %s", job_rd,
+             "its valid BLEU curve replayed to ASHA" if curve.get("valid/bleu") else "no valid BLEU curve in MLflow")
+    if isinstance(tracker, NestedTracker):
+        tracker.copy_metric_history(curve.get("run_id"), "valid/bleu")
+    return curve.get("valid/bleu", [])
 
 
 def tuned_student(ctx: StageContext, report_callback) -> StageResult:

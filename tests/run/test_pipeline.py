@@ -234,6 +234,44 @@ def test_a_sweep_trial_reads_the_stages_run_made_and_shares_the_rest(tmp_path):
     assert dirs["teacher"] == shared["teacher"]                                    # and nothing after it
 
 
+def test_a_sweep_trial_reads_the_job_student_only_as_run_would_reuse_it(tmp_path):
+    """finished_job_stage: the job's <run>/student for a trial with the job's own settings while
+    `run` would reuse it as it is; None when the settings differ, it is unfinished, an output
+    changed, or an earlier stage's output changed since it ran (run_stage would redo it, and a
+    trial would redo it through its link, inside the job's run dir)."""
+    from orchestrator.run.files import sha256_path
+    from orchestrator.run.hashing import consumed_digests, stage_hashes
+    from orchestrator.run.layout import STAGES, run_dir
+    from orchestrator.run.manifest import Manifest, write_manifest
+    from orchestrator.run.sharing import finished_job_stage
+
+    from helpers import micro_job_spec
+
+    job = micro_job_spec(tmp_path / "runs")
+    rd, hashes = run_dir(job), stage_hashes(job)
+
+    def made(stage, status="done", outputs=None):
+        (rd / stage).mkdir(parents=True, exist_ok=True)
+        write_manifest(rd / stage, Manifest(stage, hashes[stage], status=status, outputs=outputs or {},
+                                            consumed=consumed_digests(rd, stage)))
+
+    for stage in STAGES[:STAGES.index("student")]:
+        made(stage)
+    model = rd / "student" / "model.pt"
+    model.parent.mkdir(parents=True)
+    model.write_bytes(b"weights")
+    made("student", outputs={"model": {"path": "model.pt", "sha256": sha256_path(model)}})
+    assert finished_job_stage(job, job, "student") == rd / "student"
+    assert finished_job_stage(micro_job_spec(tmp_path / "t", "student.lambda2=0.05"), job, "student") is None
+    model.write_bytes(b"other weights")                                             # an output changed
+    assert finished_job_stage(job, job, "student") is None
+    model.write_bytes(b"weights")
+    made("distill", outputs={"corpus": {"path": "x", "sha256": "0" * 64}})          # redone since
+    assert finished_job_stage(job, job, "student") is None
+    made("student", status="running")
+    assert finished_job_stage(job, job, "student") is None
+
+
 def test_stage_lock_makes_a_second_runner_wait(tmp_path):
     import threading
     import time

@@ -147,6 +147,42 @@ def test_sweep_shares_teachers_records_failures_writes_best_yaml_and_resumes(tmp
     assert r.returncode == 2 and "changed: student.lambda2" in r.stderr
 
 
+@pytest.mark.slow
+def test_a_sweep_after_run_links_the_job_student_and_replays_its_curve_to_tune(micro_run, tmp_path):
+    """The trial with the job's own settings trains nothing: `run` has made its student, which
+    is linked, decoded on the valid set, and its valid BLEU curve reaches Tune (and so ASHA)
+    step by step, and the trial's MLflow run, as if it had trained there."""
+    from helpers import copy_micro_workdir
+
+    rd, spec = copy_micro_workdir(micro_run, tmp_path / "runs")
+    wd, started = rd.parent, read_manifest(rd / "student").started
+    sets = [f"workdir={wd}", *MICRO_JOB_SETS, "ray.num_cpus=2", "ray.object_store_memory=150000000",
+            "sweep.delta_t=[0, 1]", f"sweep.lambda1=[{spec.teacher.lambda1}, {spec.teacher.lambda1}]",
+            f"sweep.n_actions=[{spec.model.n_actions}]", f"sweep.lambda2_values=[{spec.student.lambda2}]"]
+    r = cli("sweep", "jobs/tiny.yaml", *[a for s in sets for a in ("--set", s)], "--num-samples", "1",
+            "--no-progress")
+    assert r.returncode == 0, r.stderr[-4000:]
+    [row] = json.loads((wd / "tiny-sweep" / "results.json").read_text())["rows"]
+    assert row["status"] == "done" and {"valid_bleu_lpd_dt0", "valid_bleu_lpd_dt1"} <= set(row)
+    for stage in ("teacher", "distill", "student"):
+        assert (Path(row["run_dir"]) / stage).resolve() == (rd / stage).resolve()
+    assert read_manifest(rd / "student").started == started                       # not trained again
+    client, children = runs_by_parent(wd)
+    [job_student] = [
+        r for runs in children.values() for r in runs
+        if r.data.tags.get("stage") == "student" and r.data.params.get("reused") == "False"]
+    curve = [(m.step, m.value) for m in sorted(client.get_metric_history(job_student.info.run_id, "valid/bleu"),
+                                               key=lambda m: m.step)]
+    assert [step for step, _ in curve] == [15, 30]
+    [trial_run] = [r for runs in children.values() for r in runs if r.data.tags.get("trial_id") == row["trial_id"]]
+    assert [(m.step, m.value) for m in sorted(client.get_metric_history(trial_run.info.run_id, "valid/bleu"),
+                                              key=lambda m: m.step)] == curve
+    [result_json] = (wd / "tiny-sweep" / "tune").rglob(f"{row['trial_id']}/result.json")
+    reported = [json.loads(line) for line in result_json.read_text().splitlines()]
+    assert [(x["step"], x["valid_bleu"]) for x in reported if "step" in x] == curve  # what ASHA saw, in order
+    assert reported[-1]["valid_bleu_lpd"] == pytest.approx(row["valid_bleu_lpd"])
+
+
 # ------------------------------------------------------------------------ no Ray needed --
 
 def test_student_report_steps_are_every_valid_report_of_the_training_loop(tmp_path):
