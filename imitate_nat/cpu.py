@@ -35,6 +35,14 @@ def has_bf16_matrix_units() -> bool:
     return bool(probe and probe())
 
 
+def has_native_bf16() -> bool:
+    """True on CPUs that compute bf16 products natively (AVX512-BF16 or AMX tiles), where bf16
+    autocast speeds training up (1.6x on an AVX512-BF16 EPYC); on an AVX2-only CPU torch
+    emulates them and a bf16 training step is ~30x slower than fp32 (BENCHMARKS.md)."""
+    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
+    return any(bool(probe and probe()) for probe in probes)
+
+
 def resolve_mode(mode: str) -> str:
     """"auto" -> "bf16" or "int8" for this CPU (has_bf16_matrix_units); other modes as given."""
     if mode not in CPU_MODES:

@@ -100,7 +100,9 @@ class TrainSpec(_Section):
     # multi-node autoscaler in tests/run/test_autoscaling.py); on real GPUs nccl is much faster.
     backend: Literal["auto", "nccl", "gloo"] = "auto"
     zero_stage: Literal[0, 1, 2, 3] = 2              # DeepSpeed only
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    # auto: bf16 where the worker's device computes it natively (a CUDA GPU with bf16; a CPU with
+    # AVX512-BF16 or AMX), else fp32: on an AVX2-only CPU bf16 autocast is ~30x slower than fp32.
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "fp32"
     max_failures: int = Field(0, ge=-1)              # Ray FailureConfig; -1: retry forever
     storage_path: Optional[str] = None               # local path or s3://...; None: the run dir
     # Checkpoint averaging (fairseq's average_checkpoints.py). 0: off (model.pt: the best checkpoint

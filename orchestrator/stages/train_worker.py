@@ -38,6 +38,7 @@ import torch.distributed as dist
 
 from imitate_nat import ATDemonstrator, LossConfig, ModelConfig, NATLearner
 from imitate_nat.checkpoint import load_model, save_model
+from imitate_nat.cpu import has_native_bf16
 from imitate_nat.data import read_lines
 from imitate_nat.indexed import BatchPlan, IndexedDataset, collate, shuffled
 from imitate_nat.losses import at_loss, nat_loss, unwrap
@@ -105,13 +106,28 @@ def batch_stream(data: TrainData, seed: int, start_step: int, rank: int, world: 
         epoch, first = epoch + 1, 0
 
 
-def deepspeed_config(t: TrainSpec) -> dict:
+def worker_precision(precision: str, device: torch.device) -> str:
+    """The precision a worker trains in: `auto` resolved for its device (bf16 where bf16 products
+    are native: a CUDA GPU that supports them, a CPU with AVX512-BF16 or AMX; else fp32), any
+    other setting as given, with a warning where bf16 is emulated (an AVX2-only CPU: a step
+    ~30x slower than fp32, BENCHMARKS.md)."""
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else has_native_bf16()
+    if precision == "auto":
+        return "bf16" if native else "fp32"
+    if precision == "bf16" and not native:
+        log.warning("precision bf16 on a %s without native bf16 products (%s): torch emulates them and a training "
+                    "step runs many times slower than in fp32; set precision: auto or fp32", device.type,
+                    "no AVX512-BF16 or AMX" if device.type == "cpu" else "no bf16 support")
+    return precision
+
+
+def deepspeed_config(t: TrainSpec, precision: str) -> dict:
     cfg = {"train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": t.update_freq,
            "gradient_clipping": t.clip_norm, "steps_per_print": 10 ** 9, "wall_clock_breakdown": False,
            "zero_optimization": {"stage": t.zero_stage}, "zero_allow_untested_optimizer": True}
-    if t.precision == "bf16":
+    if precision == "bf16":
         cfg["bf16"] = {"enabled": True}
-    elif t.precision == "fp16":
+    elif precision == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": 12}
     return cfg
 
@@ -172,6 +188,7 @@ class Trainee:
     optimizer: torch.optim.Optimizer
     teacher: torch.nn.Module | None
     use_ds: bool
+    precision: str              # what this worker trains in (worker_precision: auto resolved)
     autocast_bf16: bool
 
 
@@ -194,15 +211,15 @@ def setup(c: WorkerConfig, device) -> Trainee:
         if not c.losses.imitation:
             teacher = None
     optimizer = make_optimizer(model.parameters(), t.lr, t.weight_decay)
-    use_ds = t.strategy == "deepspeed"
+    use_ds, precision = t.strategy == "deepspeed", worker_precision(t.precision, device)
     if use_ds:
         import deepspeed
         model, optimizer, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
-                                                      config=deepspeed_config(t), dist_init_required=False)
+                                                      config=deepspeed_config(t, precision), dist_init_required=False)
     else:
         model = ray.train.torch.prepare_model(model, move_to_device=device)
     # ddp + bf16: autocast the forward (and loss); weights, gradients and Adam stay fp32.
-    return Trainee(model, optimizer, teacher, use_ds, autocast_bf16=not use_ds and t.precision == "bf16")
+    return Trainee(model, optimizer, teacher, use_ds, precision, autocast_bf16=not use_ds and precision == "bf16")
 
 
 def train_step(tr: Trainee, c: WorkerConfig, micro: list, weights: list[float], lr: float, device):
@@ -295,7 +312,7 @@ def train_loop(config: dict) -> None:
     run_handle = c.tracker.handle(c.run_id) if c.tracker else None
     if run_handle:  # where this rank runs: node id and pid (observability, fault tests)
         run_handle.set_tag(f"worker.{rank}", json.dumps({"node": ray.get_runtime_context().get_node_id(),
-                                                          "pid": os.getpid()}))
+                                                          "pid": os.getpid(), "precision": tr.precision}))
     tracker = run_handle if rank == 0 else None
     name = "teacher" if c.kind == "at" else "student"
     bar = tqdm(total=t.max_steps, desc=name, position=0) if rank == 0 and c.progress else None

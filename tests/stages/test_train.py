@@ -1,6 +1,7 @@
 """Teacher/student training through Ray Train on a real local Ray runtime: DeepSpeed ZeRO-2
 with two workers (gloo, CPU), resume from a reported checkpoint, and data-parallel
 equivalence (two workers ≡ one worker accumulating their two batches: update_freq)."""
+import json
 import shutil
 
 import pytest
@@ -99,14 +100,18 @@ def test_two_workers_follow_one_worker_accumulating_two_micro_batches_and_bf16_a
     """batch_tokens is per worker: 2 workers (update_freq 1) take the same 2 batches a step as 1
     worker accumulating 2 micro-batches (update_freq 2), weighted by their tokens, so they make
     the same updates (dropout off; c of eq 7 is updated per worker: tiny drift only)."""
-    curves = {}
-    for workers, update_freq, precision in ((1, 2, "fp32"), (2, 1, "fp32"), (1, 2, "bf16")):
+    from imitate_nat.cpu import has_native_bf16
+
+    curves, trained_in = {}, {}
+    for workers, update_freq, precision in ((1, 2, "fp32"), (2, 1, "fp32"), (1, 2, "bf16"), (1, 2, "auto")):
         run_dir, raw = copy_run(prepared_run, tmp_path / f"w{workers}{precision}")
         raw["model"] = {**raw["model"], "dropout": 0.0}
         raw["teacher"] = micro_train(max_steps=12, workers=workers, update_freq=update_freq, strategy="ddp",
                                      eval_every=12, checkpoint_every=12, precision=precision, batch_tokens=512)
         _, run_id = run_stage(teacher, run_dir, raw, "teacher", tracker)
         curves[workers, precision] = [v for _, v in history(tracker, run_id, "train/loss")]
+        tags = MlflowClient(tracker.tracking_uri).get_run(run_id).data.tags
+        trained_in[workers, precision] = json.loads(tags["worker.0"])["precision"]
         tokens = [v for _, v in history(tracker, run_id, "train/tokens")]
         curves[workers, "tokens"] = tokens
     one, two, bf16 = curves[1, "fp32"], curves[2, "fp32"], curves[1, "bf16"]
@@ -122,6 +127,34 @@ def test_two_workers_follow_one_worker_accumulating_two_micro_batches_and_bf16_a
         assert b == pytest.approx(a, rel=3e-2), (one, bf16)
     model, _ = load_model(tmp_path / "w1bf16" / "run" / "teacher" / "model.pt")
     assert {p.dtype for p in model.parameters()} == {torch.float32}
+    # auto is resolved by the worker for its device: bf16 only where the CPU computes it natively
+    # (AVX512-BF16 or AMX; emulated elsewhere, ~30x slower than fp32), and it trains as that one.
+    native = has_native_bf16()
+    assert trained_in == {(1, "fp32"): "fp32", (2, "fp32"): "fp32", (1, "bf16"): "bf16",
+                          (1, "auto"): "bf16" if native else "fp32"}
+    assert curves[1, "auto"] == (bf16 if native else one)
+
+
+def test_auto_precision_is_bf16_only_where_native_and_emulated_bf16_warns(monkeypatch):
+    """worker_precision, no Ray: auto → bf16 where the device computes bf16 products natively,
+    fp32 elsewhere; bf16 asked for on a CPU that emulates it is kept, with a warning that names
+    the way out; DeepSpeed's config follows the resolved precision."""
+    from orchestrator.spec.schema import TrainSpec
+    from orchestrator.stages import train_worker
+
+    warned, cpu = [], torch.device("cpu")
+    monkeypatch.setattr(train_worker.log, "warning", lambda msg, *args: warned.append(msg % args))
+    monkeypatch.setattr(train_worker, "has_native_bf16", lambda: False)
+    assert train_worker.worker_precision("auto", cpu) == "fp32" and not warned
+    assert train_worker.worker_precision("fp32", cpu) == "fp32" and not warned
+    assert train_worker.worker_precision("bf16", cpu) == "bf16"
+    assert len(warned) == 1 and "no AVX512-BF16 or AMX" in warned[0] and "precision: auto or fp32" in warned[0]
+    monkeypatch.setattr(train_worker, "has_native_bf16", lambda: True)
+    assert train_worker.worker_precision("auto", cpu) == "bf16" and train_worker.worker_precision("bf16", cpu) == "bf16"
+    assert len(warned) == 1
+    ds = TrainSpec(strategy="deepspeed", precision="auto")
+    assert "bf16" not in train_worker.deepspeed_config(ds, "fp32")
+    assert train_worker.deepspeed_config(ds, "bf16")["bf16"] == {"enabled": True}
 
 
 def test_student_trains_from_teacher_with_imitation(ray_local, prepared_run, tmp_path, tracker):
