@@ -28,19 +28,23 @@ from .at import EncoderDecoder
 from .config import CPU_MODES
 
 
+def _cpu_has(feature: str) -> bool:
+    """torch's probe torch.cpu._is_<feature>_supported(); False where this torch lacks it."""
+    probe = getattr(torch.cpu, f"_is_{feature}_supported", None)
+    return bool(probe and probe())
+
+
 def has_bf16_matrix_units() -> bool:
     """True on CPUs with AMX tiles (Intel Sapphire Rapids and later), where bf16 products are
     native; elsewhere torch emulates them and bf16 is slower than fp32."""
-    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
-    return bool(probe and probe())
+    return _cpu_has("amx_tile")
 
 
 def has_native_bf16() -> bool:
     """True on CPUs that compute bf16 products natively (AVX512-BF16 or AMX tiles), where bf16
     autocast speeds training up (1.6x on an AVX512-BF16 EPYC); on an AVX2-only CPU torch
     emulates them and a bf16 training step is ~30x slower than fp32 (BENCHMARKS.md)."""
-    probes = (getattr(torch.cpu, "_is_avx512_bf16_supported", None), getattr(torch.cpu, "_is_amx_tile_supported", None))
-    return any(bool(probe and probe()) for probe in probes)
+    return _cpu_has("avx512_bf16") or has_bf16_matrix_units()
 
 
 def resolve_mode(mode: str) -> str:

@@ -202,13 +202,13 @@ def _iso_ms(stamp: str) -> int:
     return int(dt.datetime.fromisoformat(stamp).timestamp() * 1000)
 
 
-def training_curves(rd: Path, uri: str, metrics=("train/loss", "valid/bleu")) -> dict:
-    """{stage: {"run_id": ..., metric: [[step, value], ...]}} for teacher and student, from the
+def training_curves(rd: Path, uri: str, metrics=("train/loss", "valid/bleu"), stages=("teacher", "student")) -> dict:
+    """{stage: {"run_id": ..., metric: [[step, value], ...]}} for the training `stages`, from the
     MLflow run that trained the stage dir's current model (start time inside the manifest's
     started..finished window; with several, the one whose job's run dir holds the stage)."""
     client = store_client(uri)
     out = {}
-    for stage in ("teacher", "student") if client else ():
+    for stage in stages if client else ():
         m = read_manifest(rd / stage)
         lo, hi = _iso_ms(m.started), _iso_ms(m.finished) + 2000  # manifest times are whole seconds
         runs = client.search_runs(

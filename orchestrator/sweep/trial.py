@@ -132,7 +132,7 @@ def trial_body(config: dict, setup: TrialSetup, trial_id: str, report_callback) 
             if all(d == run_dir(job) / stage for stage, d in linked.items()) else None
         if own is not None:  # the job's own settings, and `run` has trained this very student
             link_stage(rd, "student", own)
-            replayed = job_student_curve(own.parent, setup.tracker, tracker)
+            replayed = job_student_curve(own.parent, setup.tracker, run)
         with stage_lock(rd / "student", "student"):
             student = run_stage(spec, "student", lambda ctx: tuned_student(ctx, report_callback), tracker=tracker,
                                 progress=False)
@@ -140,20 +140,21 @@ def trial_body(config: dict, setup: TrialSetup, trial_id: str, report_callback) 
     return {**scores, "valid_bleu": student["best_valid_bleu"], REPLAYED: replayed}
 
 
-def job_student_curve(job_rd: Path, experiment: Tracker, tracker: Tracker) -> list[list[float]]:
+def job_student_curve(job_rd: Path, experiment: Tracker, run: RunHandle) -> list[list[float]]:
     """[[step, valid BLEU], ...] of the student that `run` trained in `job_rd` (the job's MLflow
-    run; copied onto the trial's run for the UI); [] when it is not in the store (then ASHA has
-    only this trial's final result)."""
+    run; logged on the trial's run too, for the UI); [] when it is not in the store (then ASHA
+    has only this trial's final result)."""
     from ..studies.measures import training_curves
 
     if not experiment.enabled:
         return []
-    curve = training_curves(job_rd, experiment.tracking_uri).get("student", {})
+    curves = training_curves(job_rd, experiment.tracking_uri, metrics=("valid/bleu",), stages=("student",))
+    curve = curves.get("student", {}).get("valid/bleu", [])
     log.info("student   the job's own, trained by `run` in %s: linked, %s", job_rd,
-             "its valid BLEU curve replayed to ASHA" if curve.get("valid/bleu") else "no valid BLEU curve in MLflow")
-    if isinstance(tracker, NestedTracker):
-        tracker.copy_metric_history(curve.get("run_id"), "valid/bleu")
-    return curve.get("valid/bleu", [])
+             "its valid BLEU curve replayed to ASHA" if curve else "no valid BLEU curve in MLflow")
+    for step, bleu in curve:
+        run.log_metrics({"valid/bleu": bleu}, step=step)
+    return curve
 
 
 def tuned_student(ctx: StageContext, report_callback) -> StageResult:
