@@ -17,7 +17,7 @@ python3 -c "import torch, ray, deepspeed; print('torch', torch.__version__, 'ray
 step() { echo; echo "=== $1 ($(date +%T))"; }
 
 step "CUDA graph decoding tests"
-timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_graphs.py tests/test_decode.py 2>&1 | tail -5 | tee "$OUT/graph_tests.txt"
+timeout 120 python3 -m pytest -q -p no:cacheprovider tests/imitate_nat/test_graphs.py tests/imitate_nat/test_decode.py 2>&1 | tail -5 | tee "$OUT/graph_tests.txt"
 step "decode speed, base size, fp32"
 timeout 120 python3 bench/decode_speed.py --device cuda --dtype fp32 --repeats 3 --sentences 32 --json "$OUT/decode_fp32.json"
 step "decode speed, base size, bf16"

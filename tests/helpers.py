@@ -22,6 +22,8 @@ MICRO_JOB_SETS = ["data.synthetic.train_size=600", "data.synthetic.valid_size=60
                   "model.n_actions=16", "teacher.max_steps=30", "student.max_steps=30", "teacher.eval_every=15",
                   "student.eval_every=15", "teacher.checkpoint_every=15", "student.checkpoint_every=15",
                   "distill.shards=4", "teacher.log_every=5", "eval.latency_sentences=3",
+                  # A CLI run starting its own local Ray: no dashboard (~9 processes, 14 CPU-s).
+                  "ray.include_dashboard=false",
                   # The CPU path in bf16, not auto: where auto means int8 a translation can change a
                   # little with its batch, and tests compare translations decoded in different
                   # batches (a server's against offline, line by line against a whole file).

@@ -172,7 +172,6 @@ def free_port_block(n: int = 5) -> int:
     raise RuntimeError("no free block of ports")
 
 
-@pytest.mark.slow
 def test_two_node_cluster_runs_workers_and_actors_on_both_nodes(tmp_path):
     workdir = tmp_path / "runs"
     ray_temp = tempfile.mkdtemp(prefix="imo2n-", dir="/tmp")   # short: Ray's socket paths live under it

@@ -1,5 +1,5 @@
 """`imitate-orch eval` through the CLI on a finished micro run: only the decoders asked for
-run, --hyp-dir holds their translations (what orchestrator.decoding gives in-process), several
+run, on the run's own test set it scores as the evaluate stage did, --hyp-dir holds their translations (what orchestrator.decoding gives in-process), several
 --ref are scored as several references, --tokenize changes BLEU, TER is sacreBLEU's, and bad
 input exits 2 naming the problem before any model loads."""
 from __future__ import annotations
@@ -41,6 +41,16 @@ def in_process(rd, name: str, lines: list[str]) -> list[str]:
     at, nat, _ = decoding.for_device(at, nat, "cpu", "bf16")
     decoder, cost = decoding.decoders(at, nat, 4, 3)[name]
     return translate(lines, tok, decoder, batch_tokens=4096, max_src_len=at.cfg.max_positions, cost_factor=cost)
+
+
+def test_eval_on_the_run_s_own_test_set_reproduces_the_evaluate_stage_s_scores(test_set):
+    rd, src, ref = test_set
+    scores = eval_json(rd, "--src", src, "--ref", ref)["rows"]
+    summary = json.loads((rd / "evaluate" / "summary.json").read_text())["rows"]
+    assert set(scores) == set(summary) == {"at", "nat", "lpd"}
+    for name in summary:
+        assert scores[name]["bleu"] == pytest.approx(summary[name]["bleu"]), name
+        assert scores[name]["chrf"] == pytest.approx(summary[name]["chrf"]), name
 
 
 @pytest.mark.parametrize("asked, rows", [("nat", ["nat"]), ("lpd, nat", ["nat", "lpd"])])

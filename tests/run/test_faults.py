@@ -42,7 +42,6 @@ from orchestrator.stages.train import teacher
 
 from helpers import MICRO_JOB_SETS, micro_train
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 COMPARED = ("teacher/model.pt", f"distill/{DISTILLED}", "student/model.pt", "evaluate/test.at.txt",
             "evaluate/test.nat.txt", "evaluate/test.lpd.txt")
@@ -306,6 +305,7 @@ def test_sigkilled_driver_resumes_and_matches_an_uninterrupted_run(interrupted_r
         assert (run / name).read_bytes() == (ref / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_damaged_artifacts_are_detected_and_redone(interrupted_run):
     """Runs after the test above, on the same finished run dir."""
     run = interrupted_run[0]

@@ -16,7 +16,6 @@ from orchestrator.run.layout import STAGE_TABLE, STAGES
 
 from helpers import MICRO_JOB_SETS, fake_stages
 
-pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [*MICRO_JOB_SETS, "ray.num_cpus=2", "ray.object_store_memory=150000000"]
 
@@ -41,6 +40,7 @@ def runs_of(workdir):
     return client, client.search_runs([exp.experiment_id], max_results=200)
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_end_to_end_then_resume_and_force(tmp_path):
     """First run as in the README: the default relative workdir, ./runs where the user stands.
     Ray Train workers run elsewhere, so every path handed to them must still point into the

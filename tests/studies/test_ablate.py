@@ -60,22 +60,14 @@ def test_stage_links_share_the_job_dirs_unless_they_hold_another_hash(tmp_path):
     assert stage_links(no_reg, base) == {"prepare": job / "prepare", "tokenizer": job / "tokenizer"}
 
 
-@pytest.mark.slow
-def test_ablate_after_run_trains_no_second_teacher_and_fills_table_2(micro_run, tmp_path):
-    """`run` then `ablate`: all variants link to the job's teacher and distillation, row 6 reuses
-    the job's student, the 5 other students are trained, no teacher. Then `report` on the job's
-    run includes the ablation. (The λ1 = 0 teacher option is not trained here, to keep the
-    test short: its spec and links are tested above, the report's lookup in test_report.)"""
-    from mlflow import MlflowClient
-
+def ablate_one_variant_in_a_sitting(micro_run, tmp_path):
+    """`run` then `ablate --only distilled-soft --seeds 2` on a copy of the micro run: the table
+    says which rows are not run yet, and `report` takes the partial table. Two student seeds:
+    the job's, and the job's + 1 in a run dir of its own; the row is their mean.
+    Returns (run dir, spec, ablation dir, `--set` args)."""
     rd, spec = copy_micro_workdir(micro_run, tmp_path / "runs")
-    teacher_started = read_manifest(rd / "teacher").started
     sets = [a for s in [f"workdir={tmp_path / 'runs'}", *MICRO_JOB_SETS] for a in ("--set", s)]
     out = ablation_dir(spec)
-
-    # In sittings: `--only` trains that variant; the table says which rows are not run yet,
-    # and `report` takes the partial table.
-    # With two student seeds: the job's, and the job's + 1 in a run dir of its own; the row is their mean.
     r = CliRunner().invoke(main, ["ablate", "jobs/tiny.yaml", *sets, "--only", "distilled-soft", "--seeds", "2",
                                   "--no-progress"])
     assert r.exit_code == 0, r.output + repr(r.exception)
@@ -92,7 +84,26 @@ def test_ablate_after_run_trains_no_second_teacher_and_fills_table_2(micro_run, 
     r = CliRunner().invoke(main, ["report", str(rd), "--max-delta-t", "0", "--no-progress", "--out", str(tmp_path / "p")])
     assert r.exit_code == 0, r.output + repr(r.exception)
     assert "| 3 | distilled-soft |" in (tmp_path / "p" / "report.md").read_text()
+    for stage in ("prepare", "tokenizer", "teacher", "distill"):   # the job's, linked
+        assert (out / "distilled-soft" / stage).resolve() == (rd / stage).resolve()
+    return rd, spec, out, sets
 
+
+def test_ablate_one_variant_after_run_in_a_sitting_with_two_seeds(micro_run, tmp_path):
+    ablate_one_variant_in_a_sitting(micro_run, tmp_path)
+
+
+@pytest.mark.slow
+def test_ablate_after_run_trains_no_second_teacher_and_fills_table_2(micro_run, tmp_path):
+    """`run`, one `ablate --only` sitting, then the rest: all variants link to the job's
+    teacher and distillation, row 6 reuses the job's student, the 5 other students are trained,
+    no teacher. Then `report` on the job's run includes the ablation. (The λ1 = 0 teacher
+    option is not trained here, to keep the test short: its spec and links are tested above,
+    the report's lookup in test_report.)"""
+    from mlflow import MlflowClient
+
+    teacher_started = read_manifest(micro_run[0] / "teacher").started
+    rd, spec, out, sets = ablate_one_variant_in_a_sitting(micro_run, tmp_path)
     r = CliRunner().invoke(main, ["ablate", "jobs/tiny.yaml", *sets, "--no-progress"])
     assert r.exit_code == 0, r.output + repr(r.exception)
     result = json.loads((out / "ablation.json").read_text())

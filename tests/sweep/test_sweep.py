@@ -147,7 +147,6 @@ def test_sweep_shares_teachers_records_failures_writes_best_yaml_and_resumes(tmp
     assert r.returncode == 2 and "changed: student.lambda2" in r.stderr
 
 
-@pytest.mark.slow
 def test_a_sweep_after_run_links_the_job_student_and_replays_its_curve_to_tune(micro_run, tmp_path):
     """The trial with the job's own settings trains nothing: `run` has made its student, which
     is linked, decoded on the valid set, and its valid BLEU curve reaches Tune (and so ASHA)
