@@ -83,7 +83,16 @@ class RunHandle:
         from mlflow.entities import Metric
 
         ts = _now_ms()
-        items = [Metric(k, float(v), ts, step or 0) for k, v in metrics.items()]
+        self._log_metric_items([Metric(k, float(v), ts, step or 0) for k, v in metrics.items()])
+
+    def log_history(self, key: str, points: list) -> None:
+        """A whole curve of one metric, [[step, value], ...], in as few calls as MLflow allows."""
+        from mlflow.entities import Metric
+
+        ts = _now_ms()
+        self._log_metric_items([Metric(key, float(v), ts, int(step)) for step, v in points])
+
+    def _log_metric_items(self, items: list) -> None:
         for i in range(0, len(items), METRICS_PER_BATCH):
             self._client.log_batch(self.run_id, metrics=items[i : i + METRICS_PER_BATCH],
                                    synchronous=True)
@@ -127,6 +136,7 @@ class NullRunHandle(RunHandle):
         self.run_id = None  # type: ignore[assignment]
 
     def log_metrics(self, metrics, step=None): pass
+    def log_history(self, key, points): pass
     def log_params(self, params): pass
     def log_artifact(self, path, artifact_path=None): pass
     def log_text(self, text, artifact_file): pass
@@ -335,8 +345,8 @@ class NestedTracker(Tracker):
         """Log another run's metric history (e.g. the student stage's valid BLEU) on the outer
         run too, where the MLflow UI compares it across trials."""
         if from_run_id:
-            for m in self._client.get_metric_history(from_run_id, key):
-                self.handle(self.outer_run_id).log_metrics({key: m.value}, step=m.step)
+            history = self._client.get_metric_history(from_run_id, key)
+            self.handle(self.outer_run_id).log_history(key, [(m.step, m.value) for m in history])
 
 
 def make_tracker(spec: JobSpec) -> Tracker:

@@ -152,8 +152,7 @@ def job_student_curve(job_rd: Path, experiment: Tracker, run: RunHandle) -> list
     curve = curves.get("student", {}).get("valid/bleu", [])
     log.info("student   the job's own, trained by `run` in %s: linked, %s", job_rd,
              "its valid BLEU curve replayed to ASHA" if curve else "no valid BLEU curve in MLflow")
-    for step, bleu in curve:
-        run.log_metrics({"valid/bleu": bleu}, step=step)
+    run.log_history("valid/bleu", curve)
     return curve
 
 

@@ -1,7 +1,8 @@
-"""`imitate-orch eval` through the CLI on a finished micro run: only the decoders asked for
-run, on the run's own test set it scores as the evaluate stage did, --hyp-dir holds their translations (what orchestrator.decoding gives in-process), several
---ref are scored as several references, --tokenize changes BLEU, TER is sacreBLEU's, and bad
-input exits 2 naming the problem before any model loads."""
+"""`imitate-orch eval` through the CLI on a finished micro run: on the run's own test set it
+scores as the evaluate stage did, only the decoders asked for run, --hyp-dir holds their
+translations (what orchestrator.decoding gives in-process), several --ref are scored as several
+references, --tokenize changes BLEU, TER is sacreBLEU's, and bad input exits 2 naming the
+problem before any model loads."""
 from __future__ import annotations
 
 import json

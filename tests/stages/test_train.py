@@ -104,7 +104,8 @@ def test_two_workers_follow_one_worker_accumulating_two_micro_batches_and_bf16_a
     from imitate_nat.cpu import has_native_bf16
 
     native = has_native_bf16()
-    asked = {"fp32": "fp32" if native else "auto", "bf16": "auto" if native else "bf16"}   # resolved: asked
+    # the precision each one-worker run asks for, by the precision it must train in
+    asked = {"fp32": "fp32" if native else "auto", "bf16": "auto" if native else "bf16"}
     curves, trained_in = {}, {}
     for workers, update_freq, precision in ((1, 2, asked["fp32"]), (2, 1, "fp32"), (1, 2, asked["bf16"])):
         run_dir, raw = copy_run(prepared_run, tmp_path / f"w{workers}{precision}")
