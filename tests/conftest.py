@@ -14,8 +14,6 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
 # Ray Train's controller polls its workers every 2 s, so each of the suite's many micro training
 # runs waited up to 2 s to start and again to end; polling faster changes no result.
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
-# DeepSpeed JIT-compiles a CPU comm op on first use; keep it across test runs.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
 
 @pytest.fixture(scope="session")
 def ray_local():

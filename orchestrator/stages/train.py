@@ -14,7 +14,6 @@ average of the last checkpoints if the job asks for it (train_average.py).
 from __future__ import annotations
 
 import logging
-import os
 import secrets
 
 from imitate_nat.checkpoint import read_model_file
@@ -118,7 +117,6 @@ def train_model(ctx: StageContext, kind: str, callbacks=()) -> StageResult:
     """Train the AT ("at") or NAT ("nat") of this stage; its best checkpoint (or the average of
     its last ones) becomes model.pt."""
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
-    os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.expanduser("~/.cache/torch_extensions"))
     t = ctx.spec.teacher if kind == "at" else ctx.spec.student
     per_update = t.batch_tokens * t.workers * t.update_freq
     log.info("%s: up to %d tokens per update (batch_tokens %d per worker × %d worker(s) × update_freq %d; "

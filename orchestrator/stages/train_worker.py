@@ -214,6 +214,11 @@ def setup(c: WorkerConfig, device) -> Trainee:
     use_ds, precision = t.strategy == "deepspeed", worker_precision(t.precision, device)
     if use_ds:
         import deepspeed
+        if device.type == "cpu":
+            # DeepSpeed JIT-compiles its shared-memory all-reduce (~1 min of gcc per machine and
+            # venv) on a CPU; only its inference all-reduce uses it, training's collectives are
+            # gloo's. DeepSpeed keeps this dict for such edits (deepspeed/ops/__init__.py).
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         model, optimizer, _, _ = deepspeed.initialize(model=model.to(device), optimizer=optimizer,
                                                       config=deepspeed_config(t, precision), dist_init_required=False)
     else:

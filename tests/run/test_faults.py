@@ -5,9 +5,9 @@ checked for nothing lost and nothing duplicated:
   merged output is byte-identical to a fault-free run (one line per input line, in order);
 - a Ray Train worker killed mid-epoch: training resumes from the last reported checkpoint (the
   step counter goes on from there, not from 0) and ends with the fault-free run's weights;
-- a damaged Ray Train checkpoint is never loaded: the newest intact one is (and the run ends
-  with the fault-free run's weights), or, every checkpoint damaged, the run fails naming the
-  damaged files;
+- a damaged Ray Train checkpoint is never loaded: the newest intact one is, and the run, asked
+  for more steps, trains on with exactly the fault-free run's losses and ends with its weights;
+  or, every checkpoint damaged, the run fails naming the damaged files;
 - the `imitate-orch run` driver SIGKILLed mid-distillation, then the same command again: finished
   stages and shards are reused, and every output equals an uninterrupted run's;
 - damaged artifacts of finished stages (a bit-flipped model file, a truncated merge, a
@@ -132,8 +132,18 @@ def train_teacher(run_dir, raw, tracker, during=None):
         return h.run_id
 
 
+def losses(tracker, run_id) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in MlflowClient(tracker.tracking_uri).get_metric_history(run_id, "train/loss"))
+
+
 def loss_steps(tracker, run_id) -> list[int]:
-    return [m.step for m in MlflowClient(tracker.tracking_uri).get_metric_history(run_id, "train/loss")]
+    return [step for step, _ in losses(tracker, run_id)]
+
+
+def fault_train(**kw) -> dict:
+    """The teacher of the training fault tests: two DDP workers (dropout on), so a resume must
+    restore every rank's RNG state, not only rank 0's."""
+    return micro_train(workers=2, strategy="ddp", **kw)
 
 
 def checkpoints(run_dir) -> list[Path]:
@@ -158,14 +168,17 @@ def tracker(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def fault_free_weights(ray_local, prepared_run, tmp_path_factory):
-    """The teacher of the training fault tests, 40 steps without a fault: the weights they must
-    end with (resuming restores weights, Adam, RNG states and the data position exactly)."""
+def fault_free(ray_local, prepared_run, tmp_path_factory):
+    """The teacher of the training fault tests, 40 steps without a fault: the losses and the
+    weights they must end with (resuming restores weights, Adam, every rank's RNG state and the
+    data position exactly). Returns ({step: loss}, weights)."""
     tmp = tmp_path_factory.mktemp("fault-free")
     run_dir, raw = copy_run(prepared_run, tmp)
-    raw["teacher"] = micro_train(max_steps=40)
-    train_teacher(run_dir, raw, Tracker(f"sqlite:///{tmp / 'mlflow.db'}", "faults", tmp / "artifacts"))
-    return weights(run_dir)
+    assert raw["model"].get("dropout", 0.1) > 0
+    raw["teacher"] = fault_train(max_steps=40)
+    tracker = Tracker(f"sqlite:///{tmp / 'mlflow.db'}", "faults", tmp / "artifacts")
+    run_id = train_teacher(run_dir, raw, tracker)
+    return dict(losses(tracker, run_id)), weights(run_dir)
 
 
 def weights(run_dir) -> dict:
@@ -182,9 +195,9 @@ def assert_same_weights(a: dict, b: dict) -> None:
 
 
 def test_train_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_local, prepared_run, tmp_path, tracker,
-                                                                    fault_free_weights):
+                                                                    fault_free):
     run_dir, raw = copy_run(prepared_run, tmp_path)
-    raw["teacher"] = micro_train(max_steps=40, max_failures=1)       # checkpoint every 10 steps
+    raw["teacher"] = fault_train(max_steps=40, max_failures=1)       # checkpoint every 10 steps
     kill = {}
 
     def kill_worker_past_a_checkpoint(run_id):
@@ -210,20 +223,24 @@ def test_train_worker_killed_mid_epoch_resumes_from_last_checkpoint(ray_local, p
     assert again == list(range(resumed_from + 1, again[-1] + 1)) and again[-1] >= kill["step"]
     new = json.loads(MlflowClient(tracker.tracking_uri).get_run(run_id).data.tags["worker.0"])
     assert new["pid"] != kill["pid"]
-    assert_same_weights(weights(run_dir), fault_free_weights)
+    assert_same_weights(weights(run_dir), fault_free[1])
 
 
-def test_damaged_train_checkpoint_is_never_loaded(ray_local, prepared_run, tmp_path, tracker, fault_free_weights):
+def test_damaged_train_checkpoint_is_never_loaded(ray_local, prepared_run, tmp_path, tracker, fault_free):
+    """Also what a raised max_steps does: the stage asked for 40 steps after 20 trains on from
+    its newest intact checkpoint with exactly the losses of the run trained for 40 at once."""
     run_dir, raw = copy_run(prepared_run, tmp_path)
-    raw["teacher"] = micro_train(max_steps=20)              # checkpoints at steps 10 and 20
+    raw["teacher"] = fault_train(max_steps=20)              # checkpoints at steps 10 and 20
     train_teacher(run_dir, raw, tracker)
     _step10, step20 = checkpoints(run_dir)
     flip_byte(step20 / "trainer_state.pt")                  # the latest: what a restore would load
 
     raw["teacher"]["max_steps"] = 40
     run_id = train_teacher(run_dir, raw, tracker)
-    assert sorted(loss_steps(tracker, run_id)) == list(range(11, 41))  # resumed from 10, the newest intact one
-    assert_same_weights(weights(run_dir), fault_free_weights)
+    resumed = losses(tracker, run_id)
+    assert [step for step, _ in resumed] == list(range(11, 41))  # resumed from 10, the newest intact one
+    assert resumed == [(step, fault_free[0][step]) for step in range(11, 41)]   # bit for bit
+    assert_same_weights(weights(run_dir), fault_free[1])
 
     # Every checkpoint damaged, through a real run: the worker loads nothing and trains nothing,
     # and the error names the damaged files.

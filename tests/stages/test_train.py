@@ -1,6 +1,8 @@
 """Teacher/student training through Ray Train on a real local Ray runtime: DeepSpeed ZeRO-2
 with two workers (gloo, CPU), resume from a reported checkpoint, and data-parallel
-equivalence (two workers ≡ one worker accumulating their two batches: update_freq)."""
+equivalence (two workers ≡ one worker accumulating their two batches: update_freq). That a
+raised max_steps trains on with exactly the losses of a run trained there at once (two
+workers, dropout on) is tested with a damaged checkpoint in tests/run/test_faults.py."""
 import json
 import shutil
 
@@ -45,6 +47,13 @@ def copy_run(prepared_run, tmp_path):
 
 
 def test_deepspeed_zero2_two_workers_trains_checkpoints_and_resumes(ray_local, prepared_run, tmp_path, tracker):
+    """...and on the CPU without JIT-compiling DeepSpeed's shared-memory all-reduce op (a minute
+    of gcc per new node, for an op only inference uses)."""
+    import os
+    import time
+    from pathlib import Path
+
+    started = time.time()
     run_dir, raw = copy_run(prepared_run, tmp_path)
     raw["teacher"] = micro_train(max_steps=10, workers=2, strategy="deepspeed", zero_stage=2)
     result, run_id = run_stage(teacher, run_dir, raw, "teacher", tracker)
@@ -61,23 +70,8 @@ def test_deepspeed_zero2_two_workers_trains_checkpoints_and_resumes(ray_local, p
     _, run_id2 = run_stage(teacher, run_dir, raw, "teacher", tracker)
     assert [s for s, _ in history(tracker, run_id2, "train/loss")] == list(range(11, 21))
     assert load_model(run_dir / "teacher" / "model.pt")[1]["step"] in (10, 20)
-
-
-def test_training_on_to_a_raised_max_steps_equals_training_there_at_once(ray_local, prepared_run, tmp_path, tracker):
-    """Two workers, dropout on: 8 steps, then the same stage asked for 16, trains steps 9-16
-    with exactly the losses of a run trained for 16 steps at once (the checkpoint restores the
-    weights, Adam's state and every rank's RNG; data order and learning rate follow the step)."""
-    losses = {}
-    for name, plan in (("at once", (16,)), ("in two goes", (8, 16))):
-        run_dir, raw = copy_run(prepared_run, tmp_path / name.replace(" ", "_"))
-        assert raw["model"].get("dropout", 0.1) > 0
-        losses[name] = []
-        for steps in plan:
-            raw["teacher"] = micro_train(max_steps=steps, workers=2, strategy="ddp", eval_every=8, checkpoint_every=8)
-            _, run_id = run_stage(teacher, run_dir, raw, "teacher", tracker)
-            losses[name] += history(tracker, run_id, "train/loss")
-    assert [s for s, _ in losses["in two goes"]] == list(range(1, 17))
-    assert losses["in two goes"] == losses["at once"]   # bit for bit
+    extensions = Path(os.environ.get("TORCH_EXTENSIONS_DIR", Path.home() / ".cache" / "torch_extensions"))
+    assert [p for p in extensions.rglob("deepspeed_shm_comm*.so") if p.stat().st_mtime >= started] == []
 
 
 def test_a_run_ended_by_early_stopping_does_not_train_on_when_max_steps_rises(ray_local, prepared_run, tmp_path,
