@@ -40,23 +40,26 @@ def run(job, overrides, address, force, until, no_progress, verbose) -> None:
     setup_logging(verbose)
     from contextlib import ExitStack
 
-    from .pipeline import run_pipeline
+    from .pipeline import nothing_to_run, run_pipeline
     from .run.layout import run_dir
     from .run.runner import StageFailed
     from .run.sharing import RunLocked, run_lock
 
-    init_ray(spec, address)
-    probe = check_cluster_or_exit(spec)
+    probe = None
+    if not nothing_to_run(spec, force, until):   # else no Ray cluster is started or joined
+        init_ray(spec, address)
+        probe = check_cluster_or_exit(spec)
     held = ExitStack()
     try:   # after the cluster checks, which leave no file behind when they refuse the job
         held.enter_context(run_lock(run_dir(spec)))
     except RunLocked as e:
-        probe.close()
+        if probe:
+            probe.close()
         fail(e)
     with held:
         try:
             run_pipeline(spec, job, force=force, until=until, progress=not no_progress,
-                         before_stage=probe.check_new_nodes)
+                         before_stage=probe.check_new_nodes if probe else None)
         except SpecError as e:   # a node the autoscaler added does not see the work dir
             fail(f"the job cannot go on on this Ray cluster (finished stages are kept)\n{e}")
         except StageFailed as e:
@@ -66,7 +69,8 @@ def run(job, overrides, address, force, until, no_progress, verbose) -> None:
                 raise
             sys.exit(1)
         finally:
-            probe.close()
+            if probe:
+                probe.close()
     summary = run_dir(spec) / "evaluate" / "summary.md"
     if summary.is_file():
         click.echo(f"\n{spec.name}: test set results\n\n{summary.read_text()}")

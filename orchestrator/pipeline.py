@@ -18,17 +18,20 @@ trials and ablation variants train a shared teacher once.
 """
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Callable
 
 from .registry import register_run_models
 from .run.layout import STAGES, run_dir
 from .run.manifest import read_manifest
-from .run.runner import StageContext, StageResult, run_stage
+from .run.runner import StageContext, StageResult, run_stage, stage_states
 from .run.sharing import link_stage, stage_lock
 from .run.tracking import Tracker, make_tracker
 from .spec.loading import dump_spec
 from .spec.schema import JobSpec
+
+log = logging.getLogger("imitate_orch")
 
 
 def stage_functions() -> dict[str, Callable[[StageContext], StageResult]]:
@@ -41,6 +44,19 @@ def stage_functions() -> dict[str, Callable[[StageContext], StageResult]]:
     from .stages.train import student, teacher
     return {"prepare": prepare, "tokenizer": tokenizer, "teacher": teacher, "distill": distill,
             "student": student, "evaluate": evaluate}
+
+
+def nothing_to_run(spec: JobSpec, force: str | None = None, until: str | None = None) -> bool:
+    """Whether `run_pipeline` would reuse every stage up to `until` (none forced): a rerun of a
+    finished job, which needs no Ray cluster. A stage found otherwise after all (its files
+    changed meanwhile) starts the job's Ray itself, as every stage that uses Ray does."""
+    if force:
+        return False
+    last = STAGES.index(until) if until else len(STAGES) - 1
+    if all(s.state == "done" for s in stage_states(spec)[: last + 1]):
+        log.info("every stage is done: reusing them without a Ray cluster")
+        return True
+    return False
 
 
 def run_pipeline(spec: JobSpec, job_yaml: str, force: str | None = None, until: str | None = None,

@@ -21,6 +21,7 @@ from imitate_nat.config import LossConfig
 from imitate_nat.indexed import write_batch_plan
 from imitate_nat.tokenizer import Tokenizer
 
+from ..run.cluster import init_ray
 from ..run.files import atomic_write_bytes, atomic_write_text, sha256_json
 from ..run.hashing import consumed_digests, extend_key
 from ..run.layout import DISTILLED, MODEL, PLAN, bin_prefix, model_path, split_path, spm_path
@@ -116,6 +117,7 @@ def run_trainer(ctx: StageContext, kind: str, callbacks=()):
 def train_model(ctx: StageContext, kind: str, callbacks=()) -> StageResult:
     """Train the AT ("at") or NAT ("nat") of this stage; its best checkpoint (or the average of
     its last ones) becomes model.pt."""
+    init_ray(ctx.spec)   # a no-op under `run` or a sweep, which started (or joined) the cluster
     ctx.out_dir.mkdir(parents=True, exist_ok=True)
     t = ctx.spec.teacher if kind == "at" else ctx.spec.student
     per_update = t.batch_tokens * t.workers * t.update_freq

@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from orchestrator.run.layout import STAGE_TABLE, STAGES
 
-from helpers import MICRO_JOB_SETS, fake_stages
+from helpers import MICRO_JOB_SETS, copy_micro_workdir, fake_stages, free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [*MICRO_JOB_SETS, "ray.num_cpus=2", "ray.object_store_memory=150000000"]
@@ -114,6 +114,30 @@ def test_tiny_pipeline_end_to_end_then_resume_and_force(tmp_path):
     client, runs = runs_of(wd)
     newest = max((x for x in runs if x.data.tags.get("stage") == "student"), key=lambda x: x.info.start_time)
     assert [m.step for m in client.get_metric_history(newest.info.run_id, "valid/bleu")] == [45]  # not 15, 30
+
+
+def test_a_rerun_of_a_finished_job_reuses_every_stage_without_a_ray_cluster(micro_run, tmp_path):
+    """Every stage done: `run` neither starts a local Ray nor joins one (its --address here is a
+    port nothing listens on: any attempt to connect would fail the run) and prints the results.
+    A forced, an extended or an unfinished stage needs the cluster."""
+    from orchestrator.pipeline import nothing_to_run
+
+    from helpers import micro_job_spec
+
+    rd, spec = copy_micro_workdir(micro_run, tmp_path / "runs")
+    wd = tmp_path / "runs"
+    r = cli("run", "jobs/tiny.yaml", *sets(wd), "--address", f"127.0.0.1:{free_port()}", "--no-progress",
+            workdir=wd)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert r.stderr.count("done (reused)") == len(STAGES) and "every stage is done" in r.stderr
+    assert "tiny: test set results" in r.stdout and " + LPD (ΔT = " in r.stdout
+    assert "Ray" not in r.stderr.replace("without a Ray cluster", "")
+    assert nothing_to_run(spec) and nothing_to_run(spec, until="teacher")
+    assert not nothing_to_run(spec, force="evaluate")
+    assert not nothing_to_run(micro_job_spec(wd, "student.max_steps=45"))        # extend the student
+    assert nothing_to_run(micro_job_spec(wd, "student.max_steps=45"), until="distill")
+    (rd / "evaluate" / "manifest.json").unlink()
+    assert not nothing_to_run(spec) and nothing_to_run(spec, until="student")
 
 
 def test_a_failing_stage_exits_nonzero_and_marks_its_run_failed(tmp_path):
