@@ -53,6 +53,9 @@ def nothing_to_run(spec: JobSpec, force: str | None = None, until: str | None = 
     if force:
         return False
     last = STAGES.index(until) if until else len(STAGES) - 1
+    manifests = [read_manifest(run_dir(spec) / stage) for stage in STAGES[: last + 1]]
+    if any(m is None or m.status != "done" for m in manifests):   # decided without hashing any output
+        return False
     if all(s.state == "done" for s in stage_states(spec)[: last + 1]):
         log.info("every stage is done: reusing them without a Ray cluster")
         return True
