@@ -14,7 +14,7 @@ from mlflow import MlflowClient
 
 from orchestrator.run.layout import STAGE_TABLE, STAGES
 
-from helpers import MICRO_JOB_SETS, copy_micro_workdir, fake_stages, free_port
+from helpers import MICRO_JOB_SETS, copy_micro_workdir, fake_stages, free_port, micro_job_spec
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = [*MICRO_JOB_SETS, "ray.num_cpus=2", "ray.object_store_memory=150000000"]
@@ -122,8 +122,6 @@ def test_a_rerun_of_a_finished_job_reuses_every_stage_without_a_ray_cluster(micr
     A forced, an extended or an unfinished stage needs the cluster."""
     from orchestrator.pipeline import nothing_to_run
 
-    from helpers import micro_job_spec
-
     rd, spec = copy_micro_workdir(micro_run, tmp_path / "runs")
     wd = tmp_path / "runs"
     r = cli("run", "jobs/tiny.yaml", *sets(wd), "--address", f"127.0.0.1:{free_port()}", "--no-progress",
@@ -202,8 +200,6 @@ def test_runs_share_linked_stages_and_train_one_teacher(ray_local, tmp_path):
     from orchestrator.run.manifest import read_manifest
     from orchestrator.run.sharing import shared_stage_dirs
 
-    from helpers import micro_job_spec
-
     root = tmp_path / "shared"
     a = micro_job_spec(tmp_path / "a")
     b = micro_job_spec(tmp_path / "b", "student.lambda2=0.05")
@@ -229,8 +225,6 @@ def test_a_sweep_trial_reads_the_stages_run_made_and_shares_the_rest(tmp_path):
     from orchestrator.run.layout import run_dir
     from orchestrator.run.manifest import Manifest, write_manifest
     from orchestrator.run.sharing import job_or_shared_stage_dirs, shared_stage_dirs
-
-    from helpers import micro_job_spec
 
     job, root = micro_job_spec(tmp_path / "runs"), tmp_path / "runs" / "tiny-sweep" / "shared"
     trial = micro_job_spec(tmp_path / "trial", "student.lambda2=0.05")        # same data, same teacher
@@ -268,8 +262,6 @@ def test_a_sweep_trial_reads_the_job_student_only_as_run_would_reuse_it(tmp_path
     from orchestrator.run.layout import STAGES, run_dir
     from orchestrator.run.manifest import Manifest, write_manifest
     from orchestrator.run.sharing import finished_job_stage
-
-    from helpers import micro_job_spec
 
     job = micro_job_spec(tmp_path / "runs")
     rd, hashes = run_dir(job), stage_hashes(job)
