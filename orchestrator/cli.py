@@ -6,7 +6,7 @@ import sys
 import click
 
 from .cli_common import (EXIT_USAGE, check_cluster_or_exit, cpu_fast_option, fail, job_argument, load_or_exit,
-                         run_source, set_option, setup_logging)
+                         run_source, set_option, setup_logging, show_progress)
 from .cli_studies import STUDY_COMMANDS
 from .run.cluster import init_ray
 from .run.layout import DECODERS, STAGES
@@ -29,7 +29,7 @@ def main() -> None:
               "Default: start a local one.")
 @click.option("--force", type=click.Choice(STAGES), default=None, help="Rerun this stage and all after it.")
 @click.option("--until", type=click.Choice(STAGES), default=None, help="Stop after this stage.")
-@click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
+@click.option("--no-progress", is_flag=True, help="No progress bars (drawn only on a terminal anyway).")
 @click.option("-v", "--verbose", is_flag=True)
 def run(job, overrides, address, force, until, no_progress, verbose) -> None:
     """Run the pipeline of JOB: prepare → tokenizer → teacher → distill → student → evaluate.
@@ -58,7 +58,7 @@ def run(job, overrides, address, force, until, no_progress, verbose) -> None:
         fail(e)
     with held:
         try:
-            run_pipeline(spec, job, force=force, until=until, progress=not no_progress,
+            run_pipeline(spec, job, force=force, until=until, progress=show_progress(no_progress),
                          before_stage=probe.check_new_nodes if probe else None)
         except SpecError as e:   # a node the autoscaler added does not see the work dir
             fail(f"the job cannot go on on this Ray cluster (finished stages are kept)\n{e}")
@@ -113,7 +113,7 @@ def status(job, overrides) -> None:
 @click.option("--fresh", is_flag=True, help="Start over instead of resuming <workdir>/<job>-sweep "
               "(teachers already trained there are kept and reused).")
 @click.option("--address", default=None, help="Join an existing Ray cluster (e.g. auto). Default: start a local one.")
-@click.option("--no-progress", is_flag=True, help="No Tune status tables (logs only).")
+@click.option("--no-progress", is_flag=True, help="No Tune status tables (drawn only on a terminal anyway).")
 @click.option("-v", "--verbose", is_flag=True)
 def sweep(job, overrides, num_samples, max_concurrent, fresh, address, no_progress, verbose) -> None:
     """Tune λ1, λ2 and the action count of JOB with Ray Tune (ASHA), ΔT on every trained student.
@@ -135,7 +135,7 @@ def sweep(job, overrides, num_samples, max_concurrent, fresh, address, no_progre
     init_ray(spec, address)
     check_cluster_or_exit(spec).close()  # trials use the job's teacher, distill and student resources
     try:
-        out = run_sweep(spec, job, progress=not no_progress, echo=click.echo)
+        out = run_sweep(spec, job, progress=show_progress(no_progress), echo=click.echo)
     except KeyboardInterrupt:
         click.echo(f"interrupted: rerun the same command to resume the sweep in {sweep_dir(spec)}", err=True)
         sys.exit(130)
@@ -256,7 +256,7 @@ def serve(source, overrides, host, port, replicas, delta_t, max_batch_size, cpu_
 @cpu_fast_option
 @click.option("--buffer-size", type=click.IntRange(1), default=None,
               help=f"Lines read, translated and written at a time (default: 1 from a terminal, else {PIPE_BUFFER_SIZE}).")
-@click.option("--no-progress", is_flag=True, help="No progress bar (shown only when reading a file).")
+@click.option("--no-progress", is_flag=True, help="No progress bar (drawn only when reading a file, on a terminal).")
 @click.option("--retries", type=click.IntRange(0), default=5, show_default=True,
               help="With --url: retries on connection errors, 429 and 5xx (exponential backoff).")
 @click.option("--timeout", type=click.FloatRange(0, min_open=True), default=60.0, show_default=True,
@@ -275,7 +275,7 @@ def translate_cmd(texts, run_path, url, input_path, output_path, decoder, delta_
     setup_logging(verbose)
     try:
         run_translate(texts, run_path, url, input_path, output_path, decoder, delta_t, buffer_size,
-                      progress=not no_progress, retries=retries, timeout_s=timeout, cpu_fast=cpu_fast)
+                      progress=show_progress(no_progress), retries=retries, timeout_s=timeout, cpu_fast=cpu_fast)
     except TranslateSetupError as e:
         fail(e)
     except ServeRequestError as e:

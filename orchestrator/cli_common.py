@@ -17,6 +17,12 @@ from .spec.schema import JobSpec
 EXIT_USAGE = 2   # bad input (spec, arguments, files, an unfinished run): nothing was started
 
 
+def show_progress(no_progress: bool) -> bool:
+    """Progress bars (and Tune's status tables) unless --no-progress, and only on a terminal:
+    written to a log file, every redraw of a bar would be another line."""
+    return not no_progress and sys.stderr.isatty()
+
+
 def fail(message) -> NoReturn:
     """Refuse bad input: the message on stderr, exit 2."""
     click.echo(f"error: {message}", err=True)

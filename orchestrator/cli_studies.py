@@ -6,7 +6,8 @@ import sys
 
 import click
 
-from .cli_common import check_cluster_or_exit, fail, job_argument, load_or_exit, set_option, setup_logging
+from .cli_common import (check_cluster_or_exit, fail, job_argument, load_or_exit, set_option, setup_logging,
+                         show_progress)
 from .run.cluster import init_ray
 from .studies.ablate import VARIANTS
 
@@ -23,7 +24,7 @@ from .studies.ablate import VARIANTS
               help="Train each variant's student with this many seeds (the job's seed, +1, ...): the table gives "
                    "mean ± std and paired bootstrap p-values between rows.")
 @click.option("--address", default=None, help="Join an existing Ray cluster. Default: start a local one.")
-@click.option("--no-progress", is_flag=True, help="No progress bars (logs only).")
+@click.option("--no-progress", is_flag=True, help="No progress bars (drawn only on a terminal anyway).")
 @click.option("-v", "--verbose", is_flag=True)
 def ablate(job, overrides, lambda1_zero_teacher, only, seeds, address, no_progress, verbose) -> None:
     """Run the paper's ablation (Table 2) of JOB: raw vs distilled targets, UniformCopy vs
@@ -40,7 +41,7 @@ def ablate(job, overrides, lambda1_zero_teacher, only, seeds, address, no_progre
     init_ray(spec, address)
     check_cluster_or_exit(spec).close()
     try:
-        result = run_ablation(spec, job, lambda1_zero_teacher=lambda1_zero_teacher, progress=not no_progress,
+        result = run_ablation(spec, job, lambda1_zero_teacher=lambda1_zero_teacher, progress=show_progress(no_progress),
                               echo=lambda m: click.echo(m, err=True), only=only, seeds=seeds)
     except StageFailed as e:
         click.echo(f"\nerror: {e}\n  Finished stages and variants are kept: rerun the same command to resume.", err=True)
@@ -65,7 +66,7 @@ def ablate(job, overrides, lambda1_zero_teacher, only, seeds, address, no_progre
 @click.option("--out", type=click.Path(file_okay=False), default=None, help="Output dir (default: RUN_DIR/report).")
 @click.option("--tracking-uri", default=None,
               help="MLflow store (default: the job's, else $MLFLOW_TRACKING_URI, else <workdir>/mlflow.db).")
-@click.option("--no-progress", is_flag=True, help="No progress bars.")
+@click.option("--no-progress", is_flag=True, help="No progress bars (drawn only on a terminal anyway).")
 def report(run_dir, job, overrides, compare_teacher, max_delta_t, split, out, tracking_uri, no_progress) -> None:
     """Write RUN_DIR/report/report.md with PNG plots (also logged to MLflow): results (Table 1),
     ablation (Table 2), training curves, BLEU and latency vs ΔT, action usage (Figure 4)."""
@@ -77,7 +78,7 @@ def report(run_dir, job, overrides, compare_teacher, max_delta_t, split, out, tr
     spec = load_or_exit(job, overrides) if job else None
     try:
         path = write_report(run_dir, out, spec, tracking_uri, compare_teacher, max_delta_t, split,
-                            progress=not no_progress, echo=lambda m: click.echo(m, err=True))
+                            progress=show_progress(no_progress), echo=lambda m: click.echo(m, err=True))
     except (RunNotReady, ValueError, OSError) as e:
         fail(e)
     click.echo(f"report: {path}")

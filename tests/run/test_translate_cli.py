@@ -82,6 +82,46 @@ def test_streams_line_by_line_through_a_pipe(micro_run, sources, tmp_path):
         log_file.close()
 
 
+def stderr_of(cmd, terminal: bool) -> str:
+    """The command's stderr, written to a pseudo-terminal or to a pipe."""
+    import fcntl
+    import os
+    import pty
+    import struct
+    import termios
+
+    if not terminal:
+        return subprocess.run(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                              timeout=300).stderr
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))   # a new pty is 0 columns wide
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=slave)
+    os.close(slave)
+    out = b""
+    try:
+        while chunk := os.read(master, 65536):
+            out += chunk
+    except OSError:   # EIO: the child closed the terminal
+        pass
+    finally:
+        os.close(master)
+        proc.wait(timeout=300)
+    return out.decode(errors="replace")
+
+
+def test_the_progress_bar_is_drawn_on_a_terminal_never_into_a_log(micro_run, sources, tmp_path):
+    """A file translated with stderr on a terminal draws a bar; with stderr a pipe or a log
+    file, where every redraw would be another line, it does not; --no-progress draws none."""
+    run_dir, _ = micro_run
+    src = tmp_path / "in.txt"
+    src.write_text("\n".join(sources) + "\n")
+    cmd = [*CLI, "translate", "--run", str(run_dir), "--input", str(src), "--output", str(tmp_path / "out.txt"),
+           "--decoder", "nat"]
+    assert "translate: 100%" in stderr_of(cmd, terminal=True)
+    assert "translate:" not in stderr_of(cmd, terminal=False)
+    assert "translate:" not in stderr_of([*cmd, "--no-progress"], terminal=True)
+
+
 def test_bad_input_exits_2_before_models_load(micro_run, tmp_path, monkeypatch):
     import orchestrator.decoding
 
