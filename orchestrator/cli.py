@@ -1,6 +1,7 @@
 """The `imitate-orch` command line. Also runnable as `python -m orchestrator.cli`."""
 from __future__ import annotations
 
+import logging
 import sys
 
 import click
@@ -46,7 +47,9 @@ def run(job, overrides, address, force, until, no_progress, verbose) -> None:
     from .run.sharing import RunLocked, run_lock
 
     probe = None
-    if not nothing_to_run(spec, force, until):   # else no Ray cluster is started or joined
+    if nothing_to_run(spec, force, until):
+        logging.getLogger("imitate_orch").info("every stage is done: reusing them without a Ray cluster")
+    else:
         init_ray(spec, address)
         probe = check_cluster_or_exit(spec)
     held = ExitStack()

@@ -18,7 +18,6 @@ trials and ablation variants train a shared teacher once.
 """
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Callable
 
@@ -30,8 +29,6 @@ from .run.sharing import link_stage, stage_lock
 from .run.tracking import Tracker, make_tracker
 from .spec.loading import dump_spec
 from .spec.schema import JobSpec
-
-log = logging.getLogger("imitate_orch")
 
 
 def stage_functions() -> dict[str, Callable[[StageContext], StageResult]]:
@@ -47,19 +44,16 @@ def stage_functions() -> dict[str, Callable[[StageContext], StageResult]]:
 
 
 def nothing_to_run(spec: JobSpec, force: str | None = None, until: str | None = None) -> bool:
-    """Whether `run_pipeline` would reuse every stage up to `until` (none forced): a rerun of a
-    finished job, which needs no Ray cluster. A stage found otherwise after all (its files
-    changed meanwhile) starts the job's Ray itself, as every stage that uses Ray does."""
+    """Whether `run_pipeline` would reuse every stage up to `until` (none forced): a finished
+    job (or ablation variant), whose rerun needs no Ray cluster. A stage found otherwise after
+    all (its files changed meanwhile) starts the job's Ray itself, as every stage using Ray does."""
     if force:
         return False
     last = STAGES.index(until) if until else len(STAGES) - 1
     manifests = [read_manifest(run_dir(spec) / stage) for stage in STAGES[: last + 1]]
     if any(m is None or m.status != "done" for m in manifests):   # decided without hashing any output
         return False
-    if all(s.state == "done" for s in stage_states(spec)[: last + 1]):
-        log.info("every stage is done: reusing them without a Ray cluster")
-        return True
-    return False
+    return all(s.state == "done" for s in stage_states(spec)[: last + 1])
 
 
 def run_pipeline(spec: JobSpec, job_yaml: str, force: str | None = None, until: str | None = None,

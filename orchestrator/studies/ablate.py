@@ -47,12 +47,11 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..pipeline import run_pipeline
+from ..pipeline import nothing_to_run, run_pipeline
 from ..run.files import atomic_write_json, atomic_write_text
 from ..run.hashing import stage_hashes
 from ..run.layout import STAGES, model_path, run_dir
 from ..run.manifest import read_manifest
-from ..run.runner import stage_states
 from ..run.sharing import shared_stage_dirs
 from ..run.tracking import NestedTracker, make_tracker
 from ..spec.loading import spec_from_dict
@@ -243,10 +242,6 @@ def table2_markdown(result: dict) -> str:
             + ("\n" + comparisons_markdown(result["comparisons"]) if result.get("comparisons") else ""))
 
 
-def variant_done(spec: JobSpec) -> bool:
-    return all(s.state == "done" for s in stage_states(spec))
-
-
 def write_results(out: Path, base: JobSpec, variants: dict, extra: dict) -> dict:
     """ablation.json and ablation.md from the variants finished so far, rewritten after each."""
     from .seeds import comparisons
@@ -281,7 +276,7 @@ def run_ablation(base: JobSpec, job_yaml: str, lambda1_zero_teacher: bool = Fals
         for i, v in enumerate(VARIANTS, 1):
             specs = seed_specs(base, v, seeds)
             if only and v.name not in only:
-                done = [s for s in specs if variant_done(s)]   # finished by an earlier ablate: in the table
+                done = [s for s in specs if nothing_to_run(s)]   # finished by an earlier ablate: in the table
                 if done and done[0] is specs[0]:
                     runs = [variant_result(v, run_dir(s), s, device) for s in done]
                     variants[v.name] = with_runs(runs[0], runs)
