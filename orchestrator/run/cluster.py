@@ -26,6 +26,7 @@ import logging
 import math
 import os
 from collections.abc import Iterable
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from ..spec.loading import SpecError
@@ -195,18 +196,48 @@ def check_fits_cluster(spec: JobSpec, cap: ClusterCapacity | None = None,
 
 
 def init_ray(spec: JobSpec, address: str | None = None) -> None:
-    """Join the cluster at `address` (or spec.ray.address), else start a local one sized from
-    spec.ray. Does nothing when Ray is already initialized in this process."""
-    import os
-
+    """Join the cluster at `address` (or spec.ray.address, or RAY_ADDRESS), else start a local
+    one sized from spec.ray. Does nothing when Ray is already initialized in this process."""
     import ray
 
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_TRAIN_ENABLE_V2_MIGRATION_WARNINGS", "0")
-    kwargs = {"address": address or spec.ray.address, "log_to_driver": True}
-    if not kwargs["address"]:
-        kwargs.update(num_cpus=spec.ray.num_cpus, object_store_memory=spec.ray.object_store_memory,
-                      include_dashboard=spec.ray.include_dashboard)
-    ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+    address = address or spec.ray.address
+    if address or os.environ.get("RAY_ADDRESS"):
+        ray.init(address=address, log_to_driver=True)
+        return
+    local = {"num_cpus": spec.ray.num_cpus, "object_store_memory": spec.ray.object_store_memory,
+             "include_dashboard": spec.ray.include_dashboard}
+    with workers_know_their_cluster():
+        ray.init(address="local", log_to_driver=True, **{k: v for k, v in local.items() if v is not None})
+
+
+@contextmanager
+def workers_know_their_cluster():
+    """Start a local cluster whose processes find it by RAY_ADDRESS. Ray Train's placement-group
+    cleaner (a worker) asks Ray's state API about its controller with no address, and Ray then
+    looks for running clusters: with two on one machine (two imitate-orch commands, or one beside
+    `serve`) it fails ("Found multiple active Ray instances"), so the placement group of a
+    controller that was killed (a trial stopped by ASHA, a Ctrl-C) is never removed and holds its
+    CPUs: the next trial waits for them for ever. So the GCS port is chosen here, and RAY_ADDRESS
+    is set while Ray starts: the raylet, and every worker it starts, inherits it. The driver's own
+    environment is restored after (a later local start must not join this cluster)."""
+    import socket
+
+    import ray
+
+    with socket.socket() as sock:  # a free port; Ray's own choice would be known only after the start
+        sock.bind(("", 0))
+        port = sock.getsockname()[1]
+    saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
+    os.environ.update(RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{port}", RAY_GCS_SERVER_PORT=str(port))
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
