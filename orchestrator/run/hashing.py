@@ -8,6 +8,7 @@ ones stale even when no setting changed. A training stage whose only change is a
 max_steps is not stale but extended from its last checkpoint (its extend key
 is the input hash without max_steps). Checkpoint averaging (average_last, average_pick) is in
 both: it decides which checkpoints Ray Train keeps, so changing it retrains the stage.
+A student without imitation leaves λ2 and il_reduction out: it never reads them.
 
 The data the first stage reads from outside the run dir is identified by its bytes, not its
 path: the manifest records the sha256 of each input file (`input_digests`), and a file edited
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 
 from ..spec.data import CorpusSpec, DataSpec
-from ..spec.schema import JobSpec
+from ..spec.schema import JobSpec, StudentSpec
 from .files import atomic_write_json, sha256_file, sha256_json
 from .layout import STAGE, STAGES, TRAINING, run_dir
 from .manifest import Manifest, read_manifest
@@ -58,7 +59,17 @@ def _identity_sections(spec: JobSpec, stage: str) -> dict:
                 del sections[section][field]
     if stage == "student" and sections[stage]["copy"] == "uniform":
         sections[stage]["copy_source"] = "embeddings"
+    if stage == "student" and not sections[stage]["imitation"]:
+        _without_imitation_weights(sections[stage])
     return sections
+
+
+def _without_imitation_weights(student: dict) -> None:
+    """A student trained without L_IL never reads λ2 or il_reduction: they leave its identity
+    (λ2 at the schema's default, so run dirs from before keep their hashes). `ablate --set
+    student.lambda2=X` then reuses the rows without imitation that another λ2 trained."""
+    student["lambda2"] = StudentSpec.model_fields["lambda2"].default
+    student.pop("il_reduction", None)
 
 
 def stage_hashes(spec: JobSpec) -> dict[str, str]:

@@ -125,6 +125,13 @@ def test_new_student_fields_at_their_defaults_keep_the_hashes_of_existing_run_di
     assert stage_hashes(explicit) == default
     assert stage_hashes(spec_from_dict({"name": "x", "student": {"imitation": False}}))["student"] == \
         BEFORE["no-imitation"]["student"]
+    # Without L_IL, λ2 and il_reduction are read by nothing: another value trains the same student.
+    for student in ({"imitation": False, "lambda2": 0.1}, {"imitation": False, "lambda2": 1.0, "il_reduction": "sum"}):
+        assert stage_hashes(spec_from_dict({"name": "x", "student": student}))["student"] == \
+            BEFORE["no-imitation"]["student"], student
+    modules_free = {"imitation": False, "imitation_modules": False}
+    assert stage_hashes(spec_from_dict({"name": "x", "student": {**modules_free, "lambda2": 0.1}})) == \
+        stage_hashes(spec_from_dict({"name": "x", "student": modules_free}))
     # The paper's UniformCopy is another model than the old "uniform": retrained.
     uniform = stage_hashes(spec_from_dict({"name": "x", "student": {"copy": "uniform"}}))
     assert uniform["student"] != BEFORE["uniform"]["student"]
