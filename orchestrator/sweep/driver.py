@@ -185,8 +185,8 @@ def run_sweep(spec: JobSpec, job_yaml: str, fresh: bool = False, progress: bool 
                            delta_t=list(spec.sweep.delta_t))
         grid = fit(spec, sd, setup, progress)
         rows = collect_rows(grid.experiment_path, spec)
-        best, best_yaml = publish(rows, spec, sd, parent, echo)
         unfinished = [r["trial_id"] for r in rows if r["status"] == "unfinished"]
+        best, best_yaml = publish(rows, spec, sd, parent, echo, finished=not unfinished)
         if unfinished:  # Ctrl-C: Tune stopped and saved the experiment; the runs say so
             closer = TrialRunCloser(tracker, parent.run_id)
             for trial_id in unfinished:
@@ -196,9 +196,11 @@ def run_sweep(spec: JobSpec, job_yaml: str, fresh: bool = False, progress: bool 
     return {"rows": rows, "best": best, "best_yaml": best_yaml}
 
 
-def publish(rows: list[dict], spec: JobSpec, sd: Path, parent, echo) -> tuple[dict | None, Path | None]:
+def publish(rows: list[dict], spec: JobSpec, sd: Path, parent, echo,
+            finished: bool = True) -> tuple[dict | None, Path | None]:
     """results.json/.md, the printed table, best.yaml (+ its seeded run dir) and the plots, all
-    also logged to the sweep's MLflow run. Returns (best row, best.yaml) or (None, None)."""
+    also logged to the sweep's MLflow run. Returns (best row, best.yaml) or (None, None). An
+    interrupted sweep (not `finished`) publishes its best so far, and says it is not final."""
     best = best_trial(rows, spec.sweep.metric, spec.sweep.mode)
     atomic_write_json(sd / "results.json", {"job": spec.name, "metric": spec.sweep.metric, "mode": spec.sweep.mode,
                                             "rows": rows, "best": best})
@@ -207,12 +209,16 @@ def publish(rows: list[dict], spec: JobSpec, sd: Path, parent, echo) -> tuple[di
     echo(table)
     best_yaml = None
     if best is not None:
-        best_yaml = write_best_job(spec, best, sd)
+        best_yaml = write_best_job(spec, best, sd, finished)
         seed_best_run(spec, best)
         parent.log_metrics({f"best/{k}": best[k] for k in RESULT_KEYS if isinstance(best.get(k), (int, float))})
         parent.set_tag("best_trial", best["trial_id"])
         parent.log_artifact(str(best_yaml))
-        echo(f"best configuration (trial {best['trial_id']}): {best_yaml}\n  run it: imitate-orch run {best_yaml}")
+        if finished:
+            echo(f"best configuration (trial {best['trial_id']}): {best_yaml}\n  run it: imitate-orch run {best_yaml}")
+        else:
+            echo(f"best configuration so far (trial {best['trial_id']}): {best_yaml} (not final: the sweep is "
+                 "not finished)")
     else:
         echo("no trial finished: no best configuration")
     for path in make_plots(rows, spec, sd / "plots"):

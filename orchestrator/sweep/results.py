@@ -102,9 +102,10 @@ def best_spec(spec: JobSpec, best: dict) -> JobSpec:
     return spec_from_dict(raw, "best.yaml")
 
 
-def write_best_job(spec: JobSpec, best: dict, sd: Path) -> Path:
+def write_best_job(spec: JobSpec, best: dict, sd: Path, finished: bool = True) -> Path:
     b = best_spec(spec, best)
-    head = (f"# Best configuration of the sweep of '{spec.name}' (trial {best['trial_id']}): "
+    so_far = "" if finished else " so far (the sweep was interrupted: rerun it to finish)"
+    head = (f"# Best configuration{so_far} of the sweep of '{spec.name}' (trial {best['trial_id']}): "
             f"{spec.sweep.metric} = {best[spec.sweep.metric]:.2f} on the valid set.\n"
             f"# Run it: imitate-orch run {sd / 'best.yaml'}\n")
     return atomic_write_text(sd / "best.yaml", head + dump_spec(b))

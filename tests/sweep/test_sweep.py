@@ -340,3 +340,26 @@ def test_root_error_unwraps_ray_and_tune_wrappers():
     outer = Exception("ray::ImplicitFunc.train() (pid=1)")
     outer.cause = SimpleNamespace(cause=inner)
     assert root_error(outer) == "RuntimeError: the real reason"
+
+
+def test_an_interrupted_sweep_publishes_its_best_so_far_and_does_not_call_it_final(tmp_path):
+    from orchestrator.sweep.driver import publish
+
+    spec = micro_job_spec(tmp_path)
+    sd = tmp_path / "tiny-sweep"
+    sd.mkdir()
+    settings = {"lambda1": 0.001, "n_actions": 16, "lambda2": 0.01}
+    scores = {"valid_bleu": 5.0, "valid_bleu_lpd": 6.0, "best_delta_t": 1, "latency_ms_lpd": 3.0,
+              "valid_bleu_nat": 4.0, "valid_bleu_at": 9.0}
+    scores.update({f"{k}_dt{d}": 6.0 for d in spec.sweep.delta_t for k in ("valid_bleu_lpd", "latency_ms_lpd")})
+    rows = [{"trial_id": "a", **settings, "status": "done", "run_dir": str(tmp_path / "a"), **scores},
+            {"trial_id": "b", **settings, "status": "unfinished", "run_dir": str(tmp_path / "b")}]
+    noop = lambda *a, **k: None  # noqa: E731
+    parent = SimpleNamespace(log_metrics=noop, set_tag=noop, log_artifact=noop)
+    for finished in (False, True):
+        said = []
+        best, best_yaml = publish(rows, spec, sd, parent, said.append, finished=finished)
+        assert best["trial_id"] == "a" and best_yaml == sd / "best.yaml"
+        text = "\n".join(said)
+        assert ("run it: imitate-orch run" in text) == finished, text
+        assert ("so far" in text) != finished and ("so far" in best_yaml.read_text().splitlines()[0]) != finished
