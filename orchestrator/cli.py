@@ -7,9 +7,9 @@ import sys
 import click
 
 from .cli_common import (EXIT_USAGE, check_cluster_or_exit, cpu_fast_option, fail, job_argument, load_or_exit,
-                         run_source, set_option, setup_logging, show_progress)
+                         run_source, set_option, setup_logging, show_progress,
+                         start_ray_or_exit)
 from .cli_studies import STUDY_COMMANDS
-from .run.cluster import init_ray
 from .run.layout import DECODERS, STAGES
 from .run.manifest import package_version
 from .shipped_jobs import JobCopyError, copy_job, jobs_table
@@ -50,7 +50,7 @@ def run(job, overrides, address, force, until, no_progress, verbose) -> None:
     if nothing_to_run(spec, force, until):
         logging.getLogger("imitate_orch").info("every stage is done: reusing them without a Ray cluster")
     else:
-        init_ray(spec, address)
+        start_ray_or_exit(spec, address)
         probe = check_cluster_or_exit(spec)
     held = ExitStack()
     try:   # after the cluster checks, which leave no file behind when they refuse the job
@@ -135,7 +135,7 @@ def sweep(job, overrides, num_samples, max_concurrent, fresh, address, no_progre
         check_same_job(sweep_dir(spec), spec, fresh)  # before Ray starts; run_sweep checks again
     except SweepError as e:
         fail(e)
-    init_ray(spec, address)
+    start_ray_or_exit(spec, address)
     check_cluster_or_exit(spec).close()  # trials use the job's teacher, distill and student resources
     try:
         out = run_sweep(spec, job, progress=show_progress(no_progress), echo=click.echo)

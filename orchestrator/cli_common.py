@@ -37,6 +37,18 @@ def load_or_exit(job: str, overrides: tuple[str, ...]) -> JobSpec:
         fail(f"invalid job spec\n{e}")
 
 
+def start_ray_or_exit(spec: JobSpec, address: str | None) -> None:
+    """Join or start the Ray cluster (run/cluster.py's init_ray); a local one that does not come
+    up is an error message and exit 1, not a traceback."""
+    from .run.cluster import ClusterStartError, init_ray
+
+    try:
+        init_ray(spec, address)
+    except ClusterStartError as e:
+        click.echo(f"error: {e}", err=True)
+        sys.exit(1)
+
+
 def check_cluster_or_exit(spec: JobSpec):
     """Right after connecting to Ray, before any stage: a worker group or actor the cluster cannot
     place would wait for ever, and a work dir some node does not see would fail a stage hours in;

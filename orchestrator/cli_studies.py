@@ -7,8 +7,7 @@ import sys
 import click
 
 from .cli_common import (check_cluster_or_exit, fail, job_argument, load_or_exit, set_option, setup_logging,
-                         show_progress)
-from .run.cluster import init_ray
+                         show_progress, start_ray_or_exit)
 from .studies.ablate import VARIANTS
 
 
@@ -38,7 +37,7 @@ def ablate(job, overrides, lambda1_zero_teacher, only, seeds, address, no_progre
     from .run.runner import StageFailed
     from .studies.ablate import ablation_dir, run_ablation, table2_markdown
 
-    init_ray(spec, address)
+    start_ray_or_exit(spec, address)
     check_cluster_or_exit(spec).close()
     try:
         result = run_ablation(spec, job, lambda1_zero_teacher=lambda1_zero_teacher, progress=show_progress(no_progress),

@@ -211,7 +211,19 @@ def init_ray(spec: JobSpec, address: str | None = None) -> None:
     local = {"num_cpus": spec.ray.num_cpus, "object_store_memory": spec.ray.object_store_memory,
              "include_dashboard": spec.ray.include_dashboard}
     with workers_know_their_cluster():
-        ray.init(address="local", log_to_driver=True, **{k: v for k, v in local.items() if v is not None})
+        try:
+            ray.init(address="local", log_to_driver=True, **{k: v for k, v in local.items() if v is not None})
+        except Exception as e:   # Ray raises a bare Exception when its raylet does not register in time
+            if "timed out during startup" not in str(e):
+                raise
+            raise ClusterStartError(
+                "Ray's local cluster did not start: its raylet did not register within Ray's 30 s (a busy "
+                "machine: see `uptime`). Nothing was started here; rerun the command (finished stages are "
+                "kept).") from e
+
+
+class ClusterStartError(RuntimeError):
+    """The local Ray cluster did not come up (not the job's fault: a rerun may succeed)."""
 
 
 @contextmanager

@@ -115,7 +115,7 @@ def run_server(target: ServeTarget, address: str | None = None) -> int:
     from ray import serve
     from ray.serve.context import _get_global_client
 
-    from ..run.cluster import init_ray
+    from ..run.cluster import ClusterStartError, init_ray
     from .app import APP_NAME
 
     s = target.spec.serve
@@ -128,7 +128,11 @@ def run_server(target: ServeTarget, address: str | None = None) -> int:
     except ServeSetupError as e:
         log.error("%s", e)
         return 2
-    init_ray(target.spec, address)
+    try:
+        init_ray(target.spec, address)
+    except ClusterStartError as e:
+        log.error("%s", e)
+        return 1
     # After ray.init, which installs its own SIGTERM handler (sys.exit): `kill` stops the
     # server as cleanly as Ctrl-C, exit code 0.
     signal.signal(signal.SIGTERM, _interrupt)
