@@ -213,6 +213,9 @@ def _bleu_cell(mean: float, std: float | None) -> str:
     return f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
 
+SUMMED = " (L_IL summed over a batch's tokens)"
+
+
 def table2_markdown(result: dict) -> str:
     """Table 2's layout; the caption names the decoding settings and set sizes. A table from
     before ABLATION_FORMAT 2 is shown as what it measured: its "w/o" rows kept the modules and
@@ -229,12 +232,14 @@ def table2_markdown(result: dict) -> str:
             f"{_bleu_cell(r['valid_bleu'], r.get('valid_std'))} | {_bleu_cell(r['test_bleu'], r.get('test_std'))}"
         lines.append(f"| {r['row']} | {r['variant']} | {r['targets']} | {COPY_NAMES[copy]} | {_imitation_cell(r)} | "
                      f"{lpd} | {r.get('seeds', 1) or '–'} | {scores} |")
+    weight = "" if "lambda2" not in result else \
+        f"Imitation: λ2 = {result['lambda2']:g}{SUMMED if result['il_reduction'] == 'sum' else ''}. "
     note = ("\n**A table from before 2026-12**: its rows without imitation kept the imitation modules "
             "(only L_IL was off) and its UniformCopy copied the encoder's states, not the source embeddings.\n"
             if old else "")
     return ("\n".join(lines) + f"\n\nJob `{result['job']}`; BLEU (sacreBLEU) on valid ({result['valid_sentences']} "
             f"sentences) and test ({result['test_sentences']}), the mean ± standard deviation over the student "
-            f"seeds; NAT rows are one parallel pass, LPD rescored by the shared AT teacher. Without imitation, "
+            f"seeds; NAT rows are one parallel pass, LPD rescored by the shared AT teacher. {weight}Without imitation, "
             f"\"w/o\" is a NAT without imitation modules (the paper's). The AT teacher itself (beam "
             f"{result['beam']}): test BLEU {result['test_at']:.2f}.\n" + note
             + (f"\nNot run yet: {', '.join(result['missing'])} (`imitate-orch ablate JOB --only VARIANT`).\n"
@@ -248,7 +253,8 @@ def write_results(out: Path, base: JobSpec, variants: dict, extra: dict) -> dict
 
     first = next(iter(variants.values()))
     result = {"format": ABLATION_FORMAT, "job": base.name, "job_run_dir": str(run_dir(base)),
-              "delta_t": base.eval.delta_t, "beam": base.eval.beam_size, "valid_sentences": first["valid_sentences"],
+              "delta_t": base.eval.delta_t, "beam": base.eval.beam_size, "lambda2": base.student.lambda2,
+              "il_reduction": base.student.il_reduction, "valid_sentences": first["valid_sentences"],
               "test_sentences": first["test_sentences"], "test_at": first["test_at"],
               "variants": variants, "missing": [v.name for v in VARIANTS if v.name not in variants], **extra}
     result["rows"] = table_rows(variants)

@@ -39,6 +39,24 @@ def test_variants_are_the_rows_of_table_2(tmp_path):
     assert hashes["distilled-soft-imitation"]["student"] == base_hashes["student"]  # tiny's student is imitate-NAT
 
 
+def test_an_ablation_at_another_lambda2_reuses_the_rows_without_imitation_and_says_its_lambda2(tmp_path):
+    from orchestrator.studies.ablate import table2_markdown, table_rows
+
+    base = micro_job_spec(tmp_path)
+    other = micro_job_spec(tmp_path, "student.lambda2=0.1")
+    for v in VARIANTS:
+        same = stage_hashes(derived_spec(base, v.name, student=v.overrides())) == \
+            stage_hashes(derived_spec(other, v.name, student=v.overrides()))
+        assert same == (not v.imitation), v.name
+    result = {"job": "tiny", "valid_sentences": 10, "test_sentences": 10, "beam": 4, "test_at": 30.0, "delta_t": 3,
+              "rows": table_rows({}), "lambda2": 0.1, "il_reduction": "mean"}
+    assert "Imitation: λ2 = 0.1. " in table2_markdown(result)
+    assert "λ2 = 1 (L_IL summed over a batch's tokens)" in table2_markdown({**result, "lambda2": 1.0,
+                                                                            "il_reduction": "sum"})
+    older = {k: v for k, v in result.items() if k not in ("lambda2", "il_reduction")}
+    assert "λ2" not in table2_markdown(older)   # an ablation.json from before says nothing it did not record
+
+
 def test_stage_links_share_the_job_dirs_unless_they_hold_another_hash(tmp_path):
     base = micro_job_spec(tmp_path)
     soft = derived_spec(base, "distilled-soft-imitation", student={"copy": "soft"})
