@@ -14,7 +14,9 @@ After the evaluate stage the run's models are logged as one mlflow.pyfunc model 
 under the job's name (registry.py; tracking.register_model: false turns it off).
 
 `linked` makes stage dirs symlinks to dirs shared with other runs (run/sharing.py): sweep
-trials and ablation variants train a shared teacher once.
+trials and ablation variants train a shared teacher once. In such a run, a stage not linked
+this time whose dir is still a link to a dir of other settings is unlinked and redone in the
+run's own dir (never through the link, into another run's stage).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from .registry import register_run_models
 from .run.layout import STAGES, run_dir
 from .run.manifest import read_manifest
 from .run.runner import StageContext, StageResult, run_stage, stage_states
-from .run.sharing import link_stage, stage_lock
+from .run.sharing import drop_link_of_other_settings, link_stage, stage_lock
 from .run.tracking import Tracker, make_tracker
 from .spec.loading import dump_spec
 from .spec.schema import JobSpec
@@ -79,6 +81,8 @@ def run_pipeline(spec: JobSpec, job_yaml: str, force: str | None = None, until: 
                 before_stage()
             if linked and stage in linked:
                 link_stage(rd, stage, linked[stage])
+            elif linked is not None:   # a shared run (sweep trial, ablation variant)
+                drop_link_of_other_settings(rd, stage, spec)
             with stage_lock(rd / stage, stage):
                 results[stage] = run_stage(spec, stage, funcs[stage], tracker=tracker, force=stage in forced,
                                            progress=progress)

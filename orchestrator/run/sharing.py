@@ -72,6 +72,21 @@ def link_stage(run: Path, stage: str, target: Path) -> None:
     os.symlink(target.resolve(), link, target_is_directory=True)
 
 
+def drop_link_of_other_settings(run: Path, stage: str, spec: JobSpec) -> None:
+    """<run>/<stage> linked, by an earlier run of other settings, to a dir holding another hash
+    (an ablation variant's student linked to the job's own, then `ablate --set
+    student.lambda2=…`): the link goes, so the stage is redone in this run's own dir, never
+    through the link into a dir that another run owns."""
+    link = run / stage
+    if not link.is_symlink():
+        return
+    m = read_manifest(link)
+    if m is None or m.input_hash != stage_hashes(spec)[stage]:
+        log.info("%s: %s was linked to %s, which holds other settings: redone in %s", spec.name, stage,
+                 link.resolve(), run)
+        link.unlink()
+
+
 @contextmanager
 def _dir_lock(d: Path, kind: str = "lock") -> Iterator[IO[str]]:
     """A lock file of dir `d` (its resolved path, so links share it), open: `.<name>.<kind>`

@@ -176,3 +176,30 @@ def test_ablate_after_run_trains_no_second_teacher_and_fills_table_2(micro_run, 
     md = (tmp_path / "r" / "report.md").read_text()
     assert "| 7 | distilled-soft-imitation |" in md and "NAT without imitation (ablation row 3)" in md
     assert (tmp_path / "r" / "ablation.png").is_file()
+
+
+def test_ablate_at_another_lambda2_trains_row_6_in_its_own_dir_and_leaves_the_jobs_student(micro_run, tmp_path):
+    """Row 6 first reuses the job's student (its dir a link to the job's); at another λ2 it is
+    another student: trained in the variant's own dir, not through that link into the job's."""
+    from orchestrator.run.files import sha256_file
+
+    rd, spec = copy_micro_workdir(micro_run, tmp_path / "runs")
+    sets = [a for s in [f"workdir={tmp_path / 'runs'}", *MICRO_JOB_SETS] for a in ("--set", s)]
+    row6 = ablation_dir(spec) / "distilled-soft-imitation"
+    r = CliRunner().invoke(main, ["ablate", "jobs/tiny.yaml", *sets, "--only", "distilled-soft-imitation",
+                                  "--no-progress"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert (row6 / "student").is_symlink() and (row6 / "student").resolve() == (rd / "student").resolve()
+    job_student = (read_manifest(rd / "student").input_hash, sha256_file(rd / "student" / "model.pt"))
+    job_summary = (rd / "evaluate" / "summary.json").read_text()
+
+    r = CliRunner().invoke(main, ["ablate", "jobs/tiny.yaml", *sets, "--set", "student.lambda2=0.1",
+                                  "--only", "distilled-soft-imitation", "--no-progress"])
+    assert r.exit_code == 0, r.output + repr(r.exception)
+    assert (read_manifest(rd / "student").input_hash, sha256_file(rd / "student" / "model.pt")) == job_student
+    assert (rd / "evaluate" / "summary.json").read_text() == job_summary
+    for stage in ("student", "evaluate"):
+        assert not (row6 / stage).is_symlink()
+    assert read_manifest(row6 / "student").input_hash == \
+        stage_hashes(micro_job_spec(tmp_path / "runs", "student.lambda2=0.1"))["student"]
+    assert "Imitation: λ2 = 0.1. " in (ablation_dir(spec) / "ablation.md").read_text()
