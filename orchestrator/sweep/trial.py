@@ -47,7 +47,8 @@ from ..pipeline import run_pipeline
 from ..run.files import atomic_write_text
 from ..run.layout import run_dir
 from ..run.runner import StageContext, StageResult, run_stage
-from ..run.sharing import finished_job_stage, job_or_shared_stage_dirs, link_stage, stage_lock
+from ..run.sharing import (drop_link_of_other_settings, finished_job_stage, job_or_shared_stage_dirs, link_stage,
+                           stage_lock)
 from ..run.tracking import NestedTracker, RunHandle, Tracker
 from ..spec.loading import spec_from_dict
 from ..spec.schema import JobSpec, ModelSpec
@@ -133,6 +134,8 @@ def trial_body(config: dict, setup: TrialSetup, trial_id: str, report_callback) 
         if own is not None:  # the job's own settings, and `run` has trained this very student
             link_stage(rd, "student", own)
             replayed = job_student_curve(own.parent, setup.tracker, run)
+        else:   # a link to the job's student from before the job's run dir held another one
+            drop_link_of_other_settings(rd, "student", spec)
         with stage_lock(rd / "student", "student"):
             student = run_stage(spec, "student", lambda ctx: tuned_student(ctx, report_callback), tracker=tracker,
                                 progress=False)

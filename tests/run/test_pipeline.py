@@ -394,3 +394,25 @@ def test_a_raised_max_steps_trains_on_and_anything_else_retrains(tmp_path, monke
     assert hashing.extend_key(spec(max_steps=5), "teacher") == hashing.extend_key(spec(), "teacher")
     assert hashing.extend_key(spec(lr=2e-4), "teacher") != hashing.extend_key(spec(), "teacher")
     assert hashing.extend_key(spec(), "distill") is None
+
+
+def test_a_link_to_a_stage_of_other_settings_is_dropped_and_its_target_kept(tmp_path):
+    """A shared run's stage dir still linked to a dir of other settings is unlinked (the stage is
+    then redone in the run's own dir); a link to the same settings, and a plain dir, are kept."""
+    from orchestrator.run.hashing import stage_hashes
+    from orchestrator.run.manifest import Manifest, write_manifest
+    from orchestrator.run.sharing import drop_link_of_other_settings, link_stage
+
+    spec = micro_job_spec(tmp_path)
+    run, elsewhere = tmp_path / "variant", tmp_path / "job"
+    run.mkdir()
+    for stage, hash_ in (("teacher", stage_hashes(spec)["teacher"]), ("student", "0" * 64)):
+        write_manifest(elsewhere / stage, Manifest(stage=stage, input_hash=hash_, status="done"))
+        link_stage(run, stage, elsewhere / stage)
+        drop_link_of_other_settings(run, stage, spec)
+    assert (run / "teacher").is_symlink()                      # the same settings: still shared
+    assert not (run / "student").exists()                      # other settings: unlinked, to be redone here
+    assert (elsewhere / "student" / "manifest.json").is_file()   # ... and the other run's stage untouched
+    (run / "evaluate").mkdir()
+    drop_link_of_other_settings(run, "evaluate", spec)
+    assert (run / "evaluate").is_dir()
