@@ -210,6 +210,14 @@ def init_ray(spec: JobSpec, address: str | None = None) -> None:
         return
     local = {"num_cpus": spec.ray.num_cpus, "object_store_memory": spec.ray.object_store_memory,
              "include_dashboard": spec.ray.include_dashboard}
+    if spec.ray.include_dashboard is False:
+        # Without its HTTP server, Ray still records the dashboard's port in the cluster (8265 by
+        # default) and the state API asks whatever listens there: another cluster's dashboard,
+        # which knows no actor of this one. Ray Train's placement-group cleaner then takes the
+        # live controller for dead and removes its workers' placement group, ending the run. A
+        # port nothing listens on makes such a question fail instead (the cleaner then does
+        # nothing: with no dashboard, a killed controller's group is not removed either).
+        local["dashboard_port"] = _free_port()
     with workers_know_their_cluster():
         try:
             ray.init(address="local", log_to_driver=True, **{k: v for k, v in local.items() if v is not None})
@@ -236,13 +244,9 @@ def workers_know_their_cluster():
     CPUs: the next trial waits for them for ever. So the GCS port is chosen here, and RAY_ADDRESS
     is set while Ray starts: the raylet, and every worker it starts, inherits it. The driver's own
     environment is restored after (a later local start must not join this cluster)."""
-    import socket
-
     import ray
 
-    with socket.socket() as sock:  # a free port; Ray's own choice would be known only after the start
-        sock.bind(("", 0))
-        port = sock.getsockname()[1]
+    port = _free_port()   # Ray's own choice would be known only after the start
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
     os.environ.update(RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{port}", RAY_GCS_SERVER_PORT=str(port))
     try:
@@ -253,3 +257,11 @@ def workers_know_their_cluster():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]

@@ -15,15 +15,18 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
-OTHER = ("import ray, sys; ray.init(num_cpus=1, include_dashboard=False); print('up', flush=True); "
-         "sys.stdin.read()")  # the other command's cluster, up until its stdin closes
+# The other command's cluster, up until its stdin closes, with its dashboard on Ray's default
+# port (or the next free one, when something holds 8265 already).
+OTHER = ("import ray, sys; ray.init(num_cpus=1, include_dashboard=True); "
+         "print('up', flush=True); sys.stdin.read()")
 
 PROBE = """
 import json, os, ray
 from orchestrator.run.cluster import init_ray
 from orchestrator.spec.loading import spec_from_dict
 
-init_ray(spec_from_dict({"name": "x", "data": {"source": "synthetic"}, "ray": {"num_cpus": 1}}))
+init_ray(spec_from_dict({"name": "x", "data": {"source": "synthetic"},
+                         "ray": {"num_cpus": 1, "include_dashboard": json.loads(os.environ["DASHBOARD"])}}))
 
 @ray.remote(num_cpus=0)
 class Controller:
@@ -33,7 +36,11 @@ class Controller:
 def cleaner(actor_id):  # what Ray Train's PlacementGroupCleaner asks, from a worker
     from ray._private.services import canonicalize_bootstrap_address_or_die
     from ray.util.state import get_actor
-    return canonicalize_bootstrap_address_or_die(None), get_actor(actor_id, timeout=30).state
+    try:
+        actor = get_actor(actor_id, timeout=30)
+    except Exception as e:   # Ray Train's cleaner then does nothing
+        return canonicalize_bootstrap_address_or_die(None), type(e).__name__
+    return canonicalize_bootstrap_address_or_die(None), actor.state if actor else None
 
 controller = Controller.remote()
 found, state = ray.get(cleaner.remote(controller._actor_id.hex()))
@@ -42,18 +49,27 @@ print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "found": found, 
 """
 
 
-def test_workers_find_their_own_cluster_beside_another_local_cluster():
+@pytest.mark.parametrize("dashboard", [None, False])
+def test_workers_find_their_own_cluster_beside_another_local_cluster(dashboard):
+    """With a dashboard (Ray's default), a worker's state API finds the live actor. Without one
+    (ray.include_dashboard: false), Ray still records a dashboard port for the cluster, and if
+    that is 8265, where the other cluster's dashboard answers, the actor is "not found": Ray
+    Train's cleaner took its live controller for dead and removed its workers (a test's run
+    failed so, 2026-12-04). The question must fail instead."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
     other = subprocess.Popen([sys.executable, "-c", OTHER], env=env, stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
     try:
         assert other.stdout.readline().strip() == "up"
-        r = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
-                           timeout=240)
+        r = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env={**env, "DASHBOARD": json.dumps(dashboard)},
+                           capture_output=True, text=True, timeout=240)
         assert r.returncode == 0, r.stderr[-3000:]
         out = json.loads(r.stdout.strip().splitlines()[-1])
         assert out["found"] == out["gcs"]          # this job's cluster, not the other one
-        assert out["state"] == "ALIVE"             # so a dead controller's placement group gets removed
+        if dashboard is None:
+            assert out["state"] == "ALIVE"         # so a dead controller's placement group gets removed
+        else:
+            assert out["state"] not in (None, "DEAD"), out   # an error, never a live actor taken for dead
         assert out["driver_env"] is None           # a later local start in the driver starts its own
     finally:
         other.stdin.close()
