@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from helpers import MICRO_MODEL, micro_job_spec
+from helpers import MICRO_MODEL, free_port, micro_job_spec
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray 2.60 turns token auth on for every later process once ~/.ray/auth_token exists (the
@@ -20,7 +20,9 @@ def ray_local():
     import ray
 
     if not ray.is_initialized():
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=150 * 1024 ** 2,
+        # No dashboard, and its recorded port one nothing listens on (as init_ray does): Ray's
+        # state API must not ask another cluster's dashboard on 8265 about this one's actors.
+        ray.init(num_cpus=2, include_dashboard=False, dashboard_port=free_port(), object_store_memory=150 * 1024 ** 2,
                  log_to_driver=False)
     yield ray
     ray.shutdown()
