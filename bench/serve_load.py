@@ -45,11 +45,11 @@ import asyncio
 import json
 import os
 import platform
-import socket
 import sys
 from collections import defaultdict
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from orchestrator.run.cluster import free_port  # noqa: E402
 from orchestrator.serve.server import enable_direct_ingress, replica_urls, start  # noqa: E402
 from orchestrator.serve.target import resolve_target  # noqa: E402
 
@@ -79,12 +79,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if min(a.concurrency) < 1 or a.duration <= 0 or a.warmup < 0 or a.max_batch_size < 1:
         p.error("concurrency, duration and max-batch-size must be positive; warmup >= 0")
     return a
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -1,6 +1,9 @@
 """Plain helpers shared by the tests (fixtures are in conftest.py)."""
-import socket
 from pathlib import Path
+
+from orchestrator.run import cluster
+
+free_port = cluster.free_port   # one helper for the tests, the bench and init_ray
 
 ROOT = Path(__file__).resolve().parents[1]   # the repository
 
@@ -87,10 +90,3 @@ def fake_stages(monkeypatch, label=lambda stage: stage, source=lambda stage: "")
     monkeypatch.setattr(pipeline, "stage_functions", lambda: {s: fake(s) for s in STAGES})
     monkeypatch.setattr(runner, "STAGE", {s.name: dataclasses.replace(s, logged=()) for s in STAGE_TABLE})
     return calls
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nothing listens on right now."""
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]

@@ -217,7 +217,7 @@ def init_ray(spec: JobSpec, address: str | None = None) -> None:
         # live controller for dead and removes its workers' placement group, ending the run. A
         # port nothing listens on makes such a question fail instead (the cleaner then does
         # nothing: with no dashboard, a killed controller's group is not removed either).
-        local["dashboard_port"] = _free_port()
+        local["dashboard_port"] = free_port()
     with workers_know_their_cluster():
         try:
             ray.init(address="local", log_to_driver=True, **{k: v for k, v in local.items() if v is not None})
@@ -246,7 +246,7 @@ def workers_know_their_cluster():
     environment is restored after (a later local start must not join this cluster)."""
     import ray
 
-    port = _free_port()   # Ray's own choice would be known only after the start
+    port = free_port()   # Ray's own choice would be known only after the start
     saved = {k: os.environ.get(k) for k in ("RAY_ADDRESS", "RAY_GCS_SERVER_PORT")}
     os.environ.update(RAY_ADDRESS=f"{ray.util.get_node_ip_address()}:{port}", RAY_GCS_SERVER_PORT=str(port))
     try:
@@ -259,9 +259,10 @@ def workers_know_their_cluster():
                 os.environ[k] = v
 
 
-def _free_port() -> int:
+def free_port(host: str = "") -> int:
+    """A TCP port nothing listens on right now (on every interface, by default)."""
     import socket
 
     with socket.socket() as sock:
-        sock.bind(("", 0))
+        sock.bind((host, 0))
         return sock.getsockname()[1]
