@@ -7,8 +7,7 @@ import sys
 import click
 
 from .cli_common import (EXIT_USAGE, check_cluster_or_exit, cpu_fast_option, fail, job_argument, load_or_exit,
-                         run_source, set_option, setup_logging, show_progress,
-                         start_ray_or_exit)
+                         run_source, set_option, setup_logging, show_progress, start_ray_or_exit)
 from .cli_studies import STUDY_COMMANDS
 from .run.layout import DECODERS, STAGES
 from .run.manifest import package_version
