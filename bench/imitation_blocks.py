@@ -1,0 +1,168 @@
+"""Table 2 over replicate blocks: ablations run at different times or on different machines,
+each with its own teacher, combined into one mean ± std and paired bootstrap p-values.
+
+`imitate-orch ablate --seeds N` replicates the students of one teacher inside one workdir. A
+block replicates the whole chain instead (job seed k: teacher, distillation, students), so
+blocks can be run one at a time wherever there is a machine, and the teacher's own variance is
+part of the spread. `save` keeps what a block's statistics need, small enough to commit (test
+hypotheses, gzipped, and the scores); `combine` reads every saved block:
+
+    python bench/imitation_blocks.py save runs/multi30k-ablate --block seed2
+    python bench/imitation_blocks.py combine --refs data/multi30k/test2016.de
+
+Records go to bench/records/<job>-imitation/<block>/ unless --records says otherwise.
+"""
+from __future__ import annotations
+
+import argparse
+import gzip
+import json
+import platform
+import subprocess
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from imitate_nat.data import read_lines  # noqa: E402
+from imitate_nat.metrics import paired_bootstrap  # noqa: E402
+from orchestrator.studies.ablate import ROWS  # noqa: E402
+from orchestrator.studies.seeds import COMPARISONS, mean_std  # noqa: E402
+
+RECORDS = Path(__file__).resolve().parent / "records"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=Path(__file__).parent, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def hyp_name(variant: str, seed: int, decoder: str) -> str:
+    return f"{variant}.seed{seed}.test.{decoder}.txt.gz"
+
+
+def save(ablation_dir: Path, block: str, records: Path | None, trained_at: str | None = None) -> Path:
+    """Copy one finished ablation's scores and test hypotheses into records/<job>-imitation/<block>/."""
+    result = json.loads((ablation_dir / "ablation.json").read_text())
+    out = (records or RECORDS / f"{result['job']}-imitation") / block
+    out.mkdir(parents=True, exist_ok=True)
+    variants = {}
+    for name, v in result["variants"].items():
+        for run in v["runs"]:
+            for decoder in ("nat", "lpd"):
+                lines = read_lines(Path(run["run_dir"]) / "evaluate" / f"test.{decoder}.txt")
+                with gzip.open(out / hyp_name(name, run["seed"], decoder), "wt", encoding="utf-8") as f:
+                    f.write("".join(line + "\n" for line in lines))
+        variants[name] = [{k: run[k] for k in ("seed", "valid", "test", "test_chrf")} for run in v["runs"]]
+    meta = {"block": block, "job": result["job"], "lambda2": result["lambda2"],
+            "il_reduction": result["il_reduction"], "delta_t": result["delta_t"], "beam": result["beam"],
+            "valid_sentences": result["valid_sentences"], "test_sentences": result["test_sentences"],
+            "test_at": result["test_at"], "variants": variants, "commit": trained_at or commit(),
+            "cpu": cpu_name(),
+            "saved": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    (out / "block.json").write_text(json.dumps(meta, indent=1) + "\n")
+    if (ablation_dir / "ablation.md").exists():
+        (out / "ablation.md").write_text((ablation_dir / "ablation.md").read_text())
+    return out
+
+
+def load_blocks(records: Path) -> list[tuple[Path, dict]]:
+    blocks = [(p.parent, json.loads(p.read_text())) for p in sorted(records.glob("*/block.json"))]
+    if not blocks:
+        raise SystemExit(f"no blocks under {records} (save one first)")
+    return blocks
+
+
+def runs_of(blocks, variant: str, decoder: str) -> list[tuple[dict, Path]] | None:
+    """Every (scores, hypotheses file) of `variant` over the blocks; None if a block lacks it."""
+    out = []
+    for path, meta in blocks:
+        if variant not in meta["variants"]:
+            return None
+        out += [(run, path / hyp_name(variant, run["seed"], decoder)) for run in meta["variants"][variant]]
+    return out
+
+
+def test_bleu(run: dict, lpd: bool) -> float:
+    return run["test"]["lpd" if lpd else "nat"]
+
+
+def read_gz(path: Path) -> list[str]:
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        text = f.read()
+    return (text[:-1] if text.endswith("\n") else text).split("\n") if text else []
+
+
+def combine(records: Path, refs_path: Path, tokenize: str, resamples: int) -> str:
+    """Markdown: each block's test BLEU per row, the mean ± std over blocks (every seed of every
+    block one run), and COMPARISONS' paired bootstrap over the same sentences."""
+    blocks = load_blocks(records)
+    refs = read_lines(refs_path)
+    rows = {}
+    for number, (variant, lpd) in enumerate(ROWS, 1):
+        runs = runs_of(blocks, variant, "lpd" if lpd else "nat")
+        if runs:
+            rows[number] = (variant, lpd, runs)
+    names = [meta["block"] for _, meta in blocks]
+    lines = [f"| # | variant | LPD | {' | '.join(names)} | mean ± std |",
+             "|---:|---|---|" + "---:|" * (len(names) + 1)]
+    for number, (variant, lpd, runs) in rows.items():
+        mean, std = mean_std([test_bleu(run, lpd) for run, _ in runs])
+        per_block = [", ".join(f"{test_bleu(run, lpd):.2f}" for run in meta["variants"][variant])
+                     for _, meta in blocks]
+        lines.append(f"| {number} | {variant} | {'yes' if lpd else '–'} | {' | '.join(per_block)} | "
+                     f"{mean:.2f}{'' if std is None else f' ± {std:.2f}'} |")
+    ats = ", ".join(f"{meta['test_at']:.2f}" for _, meta in blocks)
+    lines += ["", f"The AT teacher of each block, test BLEU (beam {blocks[0][1]['beam']}): {ats}.", "",
+              "| step | adds | test BLEU Δ | p (paired bootstrap) | runs where it helps |",
+              "|---|---|---:|---:|---:|"]
+    for a, b, what in COMPARISONS:
+        if a not in rows or b not in rows:
+            continue
+        hyps = {k: [read_gz(path) for _, path in rows[k][2]] for k in (a, b)}
+        if any(len(h) != len(refs) for k in hyps for h in hyps[k]):
+            raise SystemExit(f"{refs_path} has {len(refs)} lines; the saved hypotheses have another count")
+        test = paired_bootstrap(hyps[b], hyps[a], refs, tokenize, resamples)
+        score = {k: [test_bleu(run, rows[k][1]) for run, _ in rows[k][2]] for k in (a, b)}
+        wins = sum(y > x for x, y in zip(score[a], score[b]))
+        lines.append(f"| {a} → {b} | {what} | {test['delta']:+.2f} | {test['p']:.3f} | {wins}/{len(score[a])} |")
+    return "\n".join(lines) + (f"\n\np: the share of {resamples} sentence resamples (the same draw for every "
+                               "block) in which the later row's mean BLEU is not above the earlier's.\n")
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("save", help="keep one finished ablation as a block")
+    s.add_argument("ablation_dir", type=Path, help="<workdir>/<job>-ablate, holding ablation.json")
+    s.add_argument("--block", required=True, help="the block's name, e.g. seed2")
+    s.add_argument("--records", type=Path, help="default: bench/records/<job>-imitation")
+    s.add_argument("--commit", help="the commit the block was trained at (default: this checkout's HEAD)")
+    c = sub.add_parser("combine", help="the blocks' Table 2 rows and paired bootstrap")
+    c.add_argument("--records", type=Path, default=RECORDS / "multi30k-imitation")
+    c.add_argument("--refs", type=Path, required=True, help="the test references, one sentence a line")
+    c.add_argument("--tokenize", default="13a", help="sacreBLEU's tokenizer (the job's eval.bleu_tokenize)")
+    c.add_argument("--resamples", type=int, default=1000)
+    a = ap.parse_args(argv)
+    if a.cmd == "save":
+        print(f"saved to {save(a.ablation_dir, a.block, a.records, a.commit)}")
+    else:
+        print(combine(a.records, a.refs, a.tokenize, a.resamples))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""bench/imitation_blocks.py: ablations of separate teachers kept as blocks, then combined."""
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[2] / "bench" / "imitation_blocks.py"
+spec = importlib.util.spec_from_file_location("imitation_blocks", SCRIPT)
+blocks = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(blocks)
+
+REFS = [f"the {w} cat sat on the mat number {i} today" for i, w in enumerate(["red", "big", "old", "shy"] * 10)]
+
+
+def degrade(lines, every):
+    """Every `every`-th sentence loses its last three words: a worse system."""
+    return [" ".join(s.split()[:-3]) if i % every == 0 else s for i, s in enumerate(lines)]
+
+
+def fake_ablation(root: Path, seed: int, systems: dict[str, list[str]], scores: dict[str, float]) -> Path:
+    """An ablate dir as `imitate-orch ablate` leaves it: ablation.json and each run's test hypotheses."""
+    out = root / f"block{seed}" / "toy-ablate"
+    variants = {}
+    for name, hyps in systems.items():
+        rd = out / name
+        (rd / "evaluate").mkdir(parents=True)
+        for decoder in ("nat", "lpd"):
+            (rd / "evaluate" / f"test.{decoder}.txt").write_text("".join(h + "\n" for h in hyps))
+        run = {"seed": seed, "run_dir": str(rd), "valid": {"nat": 1.0, "lpd": 2.0},
+               "test": {"nat": scores[name], "lpd": scores[name] + 1}, "test_chrf": {"nat": 3.0, "lpd": 4.0}}
+        variants[name] = {**run, "runs": [run]}
+    result = {"job": "toy", "lambda2": 0.001, "il_reduction": "mean", "delta_t": 3, "beam": 4,
+              "valid_sentences": 10, "test_sentences": len(REFS), "test_at": 30.0 + seed, "variants": variants}
+    (out / "ablation.json").write_text(json.dumps(result))
+    (out / "ablation.md").write_text("table\n")
+    return out
+
+
+def test_saved_blocks_combine_into_means_and_paired_tests(tmp_path):
+    records = tmp_path / "records"
+    for seed, (soft, imitation) in {2: (20.0, 22.0), 3: (21.0, 25.0)}.items():
+        systems = {"distilled-soft": degrade(REFS, 2), "distilled-soft-imitation": degrade(REFS, 5)}
+        out = blocks.save(fake_ablation(tmp_path, seed, systems, {"distilled-soft": soft,
+                                                                   "distilled-soft-imitation": imitation}),
+                          f"seed{seed}", records)
+        assert out == records / f"seed{seed}"
+        # What a block keeps: scores, provenance and gzipped hypotheses, nothing pointing at the workdir.
+        meta = json.loads((out / "block.json").read_text())
+        assert meta["test_at"] == 30.0 + seed and meta["commit"] and meta["cpu"]
+        assert "run_dir" not in json.dumps(meta)
+        assert blocks.read_gz(out / blocks.hyp_name("distilled-soft", seed, "nat")) == systems["distilled-soft"]
+    refs = tmp_path / "test.de"
+    refs.write_text("".join(r + "\n" for r in REFS))
+    table = blocks.combine(records, refs, "13a", 200)
+    assert "| 3 | distilled-soft | – | 20.00 | 21.00 | 20.50 ± 0.71 |" in table
+    assert "| 6 | distilled-soft-imitation | – | 22.00 | 25.00 | 23.50 ± 2.12 |" in table
+    assert "| 7 | distilled-soft-imitation | yes | 23.00 | 26.00 | 24.50 ± 2.12 |" in table
+    assert "AT teacher of each block, test BLEU (beam 4): 32.00, 33.00" in table
+    # 3 -> 6 on the hypotheses: row 6 loses words in 1 sentence of 5, row 3 in 1 of 2, every block.
+    step = next(line for line in table.splitlines() if line.startswith("| 3 → 6 |"))
+    delta, p, wins = [c.strip() for c in step.split("|")[3:6]]
+    assert float(delta) > 5 and float(p) == 0.0 and wins == "2/2"
+    # A step whose rows were not run (row 8) is left out, not reported as zero.
+    assert "| 3 → 8 |" not in table and "| 8 → 6 |" not in table
+
+
+def test_combine_refuses_references_of_another_length(tmp_path):
+    records = tmp_path / "records"
+    blocks.save(fake_ablation(tmp_path, 2, {"distilled-soft": REFS, "distilled-soft-imitation": REFS},
+                              {"distilled-soft": 1.0, "distilled-soft-imitation": 1.0}), "seed2", records)
+    refs = tmp_path / "short.de"
+    refs.write_text("one line\n")
+    with pytest.raises(SystemExit, match="has 1 lines"):
+        blocks.combine(records, refs, "13a", 10)
+    with pytest.raises(SystemExit, match="no blocks"):
+        blocks.combine(tmp_path / "empty", refs, "13a", 10)
