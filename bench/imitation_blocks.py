@@ -65,8 +65,10 @@ def save(ablation_dir: Path, block: str, records: Path | None, trained_at: str |
         for run in v["runs"]:
             for decoder in ("nat", "lpd"):
                 lines = read_lines(Path(run["run_dir"]) / "evaluate" / f"test.{decoder}.txt")
-                with gzip.open(out / hyp_name(name, run["seed"], decoder), "wt", encoding="utf-8") as f:
-                    f.write("".join(line + "\n" for line in lines))
+                # mtime=0 and no name in the header: saving a block again rewrites identical bytes
+                with open(out / hyp_name(name, run["seed"], decoder), "wb") as raw, \
+                        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
+                    f.write("".join(line + "\n" for line in lines).encode("utf-8"))
         variants[name] = [{k: run[k] for k in ("seed", "valid", "test", "test_chrf")} for run in v["runs"]]
     meta = {"block": block, "job": result["job"], "lambda2": result["lambda2"],
             "il_reduction": result["il_reduction"], "delta_t": result["delta_t"], "beam": result["beam"],
