@@ -27,6 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from imitate_nat.data import read_lines  # noqa: E402
 from imitate_nat.metrics import paired_bootstrap  # noqa: E402
+from imitate_nat.atomic import atomic_write_bytes  # noqa: E402
+from orchestrator.run.files import atomic_write_json, atomic_write_text  # noqa: E402
 from orchestrator.studies.ablate import ROWS  # noqa: E402
 from orchestrator.studies.seeds import COMPARISONS, mean_std  # noqa: E402
 
@@ -64,11 +66,9 @@ def save(ablation_dir: Path, block: str, records: Path | None, trained_at: str |
     for name, v in result["variants"].items():
         for run in v["runs"]:
             for decoder in ("nat", "lpd"):
-                lines = read_lines(Path(run["run_dir"]) / "evaluate" / f"test.{decoder}.txt")
-                # mtime=0 and no name in the header: saving a block again rewrites identical bytes
-                with open(out / hyp_name(name, run["seed"], decoder), "wb") as raw, \
-                        gzip.GzipFile(filename="", mode="wb", fileobj=raw, mtime=0) as f:
-                    f.write("".join(line + "\n" for line in lines).encode("utf-8"))
+                # the evaluate stage's file as it is; mtime=0: saving again writes identical bytes
+                hyps = (Path(run["run_dir"]) / "evaluate" / f"test.{decoder}.txt").read_bytes()
+                atomic_write_bytes(out / hyp_name(name, run["seed"], decoder), gzip.compress(hyps, mtime=0))
         variants[name] = [{k: run[k] for k in ("seed", "valid", "test", "test_chrf")} for run in v["runs"]]
     meta = {"block": block, "job": result["job"], "lambda2": result["lambda2"],
             "il_reduction": result["il_reduction"], "delta_t": result["delta_t"], "beam": result["beam"],
@@ -76,9 +76,9 @@ def save(ablation_dir: Path, block: str, records: Path | None, trained_at: str |
             "test_at": result["test_at"], "variants": variants, "commit": trained_at or commit(),
             "cpu": cpu_name(),
             "saved": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
-    (out / "block.json").write_text(json.dumps(meta, indent=1) + "\n")
+    atomic_write_json(out / "block.json", meta)
     if (ablation_dir / "ablation.md").exists():
-        (out / "ablation.md").write_text((ablation_dir / "ablation.md").read_text())
+        atomic_write_text(out / "ablation.md", (ablation_dir / "ablation.md").read_text())
     return out
 
 
