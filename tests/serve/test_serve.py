@@ -55,8 +55,12 @@ def served(micro_run):
     at, nat, _ = for_device(at, nat, "cpu", ev.cpu_fast)   # what a CPU replica decodes with
 
     def offline(texts, delta_t=ev.delta_t):
+        """The texts of one request, batched as a CPU replica batches them (by length, in
+        buckets of serve.length_bucket_ratio): in bf16 on a CPU with native BF16 a sentence's
+        rounding, and now and then its translation, depends on the batch it is padded into."""
         decoder, cost = decoders(at, nat, ev.beam_size, delta_t, ev.length_penalty)["lpd"]
-        return translate(texts, tok, decoder, cost_factor=cost, max_src_len=at.cfg.max_positions)
+        return translate(texts, tok, decoder, batch_tokens=ev.batch_tokens, cost_factor=cost,
+                         max_src_len=at.cfg.max_positions, max_length_ratio=target.spec.serve.length_bucket_ratio)
 
     offline.tok, offline.max_tokens = tok, at.cfg.max_positions - 1
     url = start(target)
@@ -414,10 +418,11 @@ def test_translate_cli(served, sources):
     assert res.output.splitlines() == offline(texts, 1)
     # stdin: one output line per input line, a blank line stays blank (and is not sent).
     res = CliRunner().invoke(main, ["translate", "--url", url], input=f"{texts[0]}\n\n{texts[1]}\n")
-    assert res.output.split("\n")[:3] == [offline(texts[:1])[0], "", offline(texts[1:2])[0]]
+    assert res.output.split("\n")[:3] == [offline(texts[:2])[0], "", offline(texts[:2])[1]]
     # More lines than the server takes per request: sent in chunks of its limit.
     many = sources[: LIMITS["max_texts"] + 3]
     res = CliRunner().invoke(main, ["translate", "--url", url], input="\n".join(many))
-    assert res.exit_code == 0 and res.output.splitlines() == offline(many)
+    n = LIMITS["max_texts"]
+    assert res.exit_code == 0 and res.output.splitlines() == offline(many[:n]) + offline(many[n:])
     res = CliRunner().invoke(main, ["translate", "--url", url, "--delta-t", "9", texts[0]])
     assert res.exit_code == 2 and "delta_t: must be between 0 and 4" in res.output

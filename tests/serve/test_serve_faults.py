@@ -24,10 +24,12 @@ from helpers import free_port
 
 
 def _offline_lpd(run_dir, texts, spec):
+    """One request's texts decoded offline, batched as a CPU replica batches them (test_serve.py)."""
     tok, at, nat = load_run_models(run_dir, "cpu")
     at, nat, _ = for_device(at, nat, "cpu", spec.eval.cpu_fast)
     decoder, cost = decoders(at, nat, spec.eval.beam_size, spec.eval.delta_t, spec.eval.length_penalty)["lpd"]
-    return translate(texts, tok, decoder, cost_factor=cost, max_src_len=at.cfg.max_positions)
+    return translate(texts, tok, decoder, batch_tokens=spec.eval.batch_tokens, cost_factor=cost,
+                     max_src_len=at.cfg.max_positions, max_length_ratio=spec.serve.length_bucket_ratio)
 
 
 def _replica_ids(url: str, n: int = 30) -> set[str]:
