@@ -355,7 +355,8 @@ class Translator:
         return decoders(self.at, self.nat, e["beam_size"], delta_t, e["length_penalty"])["lpd"]
 
     def lpd(self, texts: list[str], delta_t: int) -> list[str]:
-        """Offline-identical LPD decoding: the evaluate stage's decoder and `translate`."""
+        """The evaluate stage's LPD decoder and `translate`, on a CPU in length buckets (the same
+        translations offline, batched alike: README, "Decoding on a CPU")."""
         from imitate_nat.translate import translate
 
         decoder, cost = self.lpd_decoder(delta_t)
