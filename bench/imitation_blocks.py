@@ -18,6 +18,7 @@ import argparse
 import gzip
 import json
 import platform
+import statistics
 import subprocess
 import sys
 from datetime import datetime, timezone
@@ -89,13 +90,14 @@ def load_blocks(records: Path) -> list[tuple[Path, dict]]:
     return blocks
 
 
-def runs_of(blocks, variant: str, decoder: str) -> list[tuple[dict, Path]] | None:
-    """Every (scores, hypotheses file) of `variant` over the blocks; None if a block lacks it."""
+def runs_of(blocks, variant: str, decoder: str) -> list[tuple[str, dict, Path | None]]:
+    """(block, scores, hypotheses file) of every run of `variant` in the blocks that ran it; the
+    file is None in a block kept with scores only ("hypotheses": false in its block.json)."""
     out = []
     for path, meta in blocks:
-        if variant not in meta["variants"]:
-            return None
-        out += [(run, path / hyp_name(variant, run["seed"], decoder)) for run in meta["variants"][variant]]
+        kept = meta.get("hypotheses", True)
+        for run in meta["variants"].get(variant, []):
+            out.append((meta["block"], run, path / hyp_name(variant, run["seed"], decoder) if kept else None))
     return out
 
 
@@ -109,9 +111,27 @@ def read_gz(path: Path) -> list[str]:
     return (text[:-1] if text.endswith("\n") else text).split("\n") if text else []
 
 
+def step_line(a: int, b: int, what: str, rows: dict, refs: list[str], refs_path: Path, tokenize: str,
+              resamples: int) -> str:
+    """One COMPARISONS step over the runs both rows have (same block and seed): the mean BLEU
+    change over all of them, the paired bootstrap over those whose hypotheses were kept."""
+    runs = {k: {(block, run["seed"]): (run, path) for block, run, path in rows[k][2]} for k in (a, b)}
+    pairs = [key for key in runs[a] if key in runs[b]]
+    delta = [test_bleu(runs[b][key][0], rows[b][1]) - test_bleu(runs[a][key][0], rows[a][1]) for key in pairs]
+    kept = [key for key in pairs if runs[a][key][1] and runs[b][key][1]]
+    p = "–"
+    if kept:
+        hyps = {k: [read_gz(runs[k][key][1]) for key in kept] for k in (a, b)}
+        if any(len(h) != len(refs) for k in hyps for h in hyps[k]):
+            raise SystemExit(f"{refs_path} has {len(refs)} lines; the saved hypotheses have another count")
+        p = f"{paired_bootstrap(hyps[b], hyps[a], refs, tokenize, resamples)['p']:.3f} ({len(kept)})"
+    wins = sum(d > 0 for d in delta)
+    return f"| {a} → {b} | {what} | {statistics.fmean(delta):+.2f} | {p} | {wins}/{len(delta)} |"
+
+
 def combine(records: Path, refs_path: Path, tokenize: str, resamples: int) -> str:
-    """Markdown: each block's test BLEU per row, the mean ± std over blocks (every seed of every
-    block one run), and COMPARISONS' paired bootstrap over the same sentences."""
+    """Markdown: each block's test BLEU per row ("–" where the block did not run it), the mean ±
+    std over the runs (every seed of every block one run), and COMPARISONS' steps."""
     blocks = load_blocks(records)
     refs = read_lines(refs_path)
     rows = {}
@@ -123,27 +143,20 @@ def combine(records: Path, refs_path: Path, tokenize: str, resamples: int) -> st
     lines = [f"| # | variant | LPD | {' | '.join(names)} | mean ± std |",
              "|---:|---|---|" + "---:|" * (len(names) + 1)]
     for number, (variant, lpd, runs) in rows.items():
-        mean, std = mean_std([test_bleu(run, lpd) for run, _ in runs])
-        per_block = [", ".join(f"{test_bleu(run, lpd):.2f}" for run in meta["variants"][variant])
+        mean, std = mean_std([test_bleu(run, lpd) for _, run, _ in runs])
+        per_block = [", ".join(f"{test_bleu(run, lpd):.2f}" for run in meta["variants"].get(variant, [])) or "–"
                      for _, meta in blocks]
         lines.append(f"| {number} | {variant} | {'yes' if lpd else '–'} | {' | '.join(per_block)} | "
                      f"{mean:.2f}{'' if std is None else f' ± {std:.2f}'} |")
     ats = ", ".join(f"{meta['test_at']:.2f}" for _, meta in blocks)
     lines += ["", f"The AT teacher of each block, test BLEU (beam {blocks[0][1]['beam']}): {ats}.", "",
-              "| step | adds | test BLEU Δ | p (paired bootstrap) | runs where it helps |",
+              "| step | adds | test BLEU Δ (mean) | p (paired bootstrap; runs) | runs where it helps |",
               "|---|---|---:|---:|---:|"]
-    for a, b, what in COMPARISONS:
-        if a not in rows or b not in rows:
-            continue
-        hyps = {k: [read_gz(path) for _, path in rows[k][2]] for k in (a, b)}
-        if any(len(h) != len(refs) for k in hyps for h in hyps[k]):
-            raise SystemExit(f"{refs_path} has {len(refs)} lines; the saved hypotheses have another count")
-        test = paired_bootstrap(hyps[b], hyps[a], refs, tokenize, resamples)
-        score = {k: [test_bleu(run, rows[k][1]) for run, _ in rows[k][2]] for k in (a, b)}
-        wins = sum(y > x for x, y in zip(score[a], score[b]))
-        lines.append(f"| {a} → {b} | {what} | {test['delta']:+.2f} | {test['p']:.3f} | {wins}/{len(score[a])} |")
+    lines += [step_line(a, b, what, rows, refs, refs_path, tokenize, resamples)
+              for a, b, what in COMPARISONS if a in rows and b in rows]
     return "\n".join(lines) + (f"\n\np: the share of {resamples} sentence resamples (the same draw for every "
-                               "block) in which the later row's mean BLEU is not above the earlier's.\n")
+                               "run) in which the later row's mean BLEU is not above the earlier's, over the "
+                               "runs whose hypotheses were kept (how many in brackets; – none).\n")
 
 
 def main(argv=None) -> None:

@@ -63,10 +63,10 @@ def test_saved_blocks_combine_into_means_and_paired_tests(tmp_path):
     assert "| 6 | distilled-soft-imitation | – | 22.00 | 25.00 | 23.50 ± 2.12 |" in table
     assert "| 7 | distilled-soft-imitation | yes | 23.00 | 26.00 | 24.50 ± 2.12 |" in table
     assert "AT teacher of each block, test BLEU (beam 4): 32.00, 33.00" in table
-    # 3 -> 6 on the hypotheses: row 6 loses words in 1 sentence of 5, row 3 in 1 of 2, every block.
+    # 3 -> 6: the mean of the scores' changes; p on the hypotheses, where row 6 loses words in
+    # 1 sentence of 5 and row 3 in 1 of 2, in every block.
     step = next(line for line in table.splitlines() if line.startswith("| 3 → 6 |"))
-    delta, p, wins = [c.strip() for c in step.split("|")[3:6]]
-    assert float(delta) > 5 and float(p) == 0.0 and wins == "2/2"
+    assert [c.strip() for c in step.split("|")[3:6]] == ["+3.00", "0.000 (2)", "2/2"]
     # A step whose rows were not run (row 8) is left out, not reported as zero.
     assert "| 3 → 8 |" not in table and "| 8 → 6 |" not in table
 
@@ -81,3 +81,35 @@ def test_combine_refuses_references_of_another_length(tmp_path):
         blocks.combine(records, refs, "13a", 10)
     with pytest.raises(SystemExit, match="no blocks"):
         blocks.combine(tmp_path / "empty", refs, "13a", 10)
+
+
+def test_blocks_with_other_rows_or_scores_only_combine_over_what_each_has(tmp_path):
+    """A block that did not run a row shows "–" there and leaves the row's mean to the others; a
+    block kept with scores only (no hypotheses) counts in the means and BLEU changes, not in
+    the paired bootstrap, and a step only such blocks have gets no p."""
+    records = tmp_path / "records"
+    good, bad = REFS, degrade(REFS, 2)
+    blocks.save(fake_ablation(tmp_path, 2, {"distilled-soft": bad, "distilled-soft-imitation": good,
+                                            "distilled-uniform": bad},
+                              {"distilled-soft": 20.0, "distilled-soft-imitation": 24.0, "distilled-uniform": 19.0}),
+                "seed2", records)
+    blocks.save(fake_ablation(tmp_path, 3, {"distilled-soft": bad, "distilled-soft-imitation": good},
+                              {"distilled-soft": 21.0, "distilled-soft-imitation": 23.0}), "seed3", records)
+    scores_only = {"block": "seed1", "beam": 4, "test_at": 31.0, "hypotheses": False, "variants": {
+        name: [{"seed": 1, "test": {"nat": nat, "lpd": nat + 1}}]
+        for name, nat in {"distilled-soft": 22.0, "distilled-soft-imitation": 21.0, "distilled-soft-modules": 20.0}.items()}}
+    (records / "seed1").mkdir()
+    (records / "seed1" / "block.json").write_text(json.dumps(scores_only))
+    refs = tmp_path / "test.de"
+    refs.write_text("".join(r + "\n" for r in REFS))
+    table = blocks.combine(records, refs, "13a", 200)
+    assert "| 2 | distilled-uniform | – | – | 19.00 | – | 19.00 |" in table
+    assert "| 3 | distilled-soft | – | 22.00 | 20.00 | 21.00 | 21.00 ± 1.00 |" in table
+    steps = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[3:6]]
+             for line in table.splitlines() if "→" in line}
+    # 3 -> 6: changes -1, +4, +2 over three runs; the bootstrap over the two with hypotheses.
+    delta, p, wins = steps["3 → 6"]
+    assert (delta, wins) == ("+1.67", "2/3") and p.endswith("(2)") and float(p.split()[0]) == 0.0
+    assert steps["2 → 3"] == ["+1.00", "1.000 (1)", "1/1"]   # the same hypotheses: never better
+    assert steps["3 → 8"] == ["-2.00", "–", "0/1"]   # row 8 only in the scores-only block
+    assert "| 2 → 5 |" not in table                  # row 5 in no block
