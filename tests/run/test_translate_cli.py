@@ -53,7 +53,8 @@ def test_file_to_file_one_line_per_line_as_the_evaluate_stage(micro_run, sources
     got = out.read_text().split("\n")
     assert got[-1] == "" and len(got) - 1 == len(sources)       # every line ends; one per input line
     # Batched as the command batches (--buffer-size lines at a time): see tests/helpers.py, bf16.
-    assert got[:-1] == [t for k in range(0, len(sources), 3) for t in offline(run_dir, spec, "nat", sources[k: k + 3])]
+    chunks = [sources[k: k + 3] for k in range(0, len(sources), 3)]
+    assert got[:-1] == [t for chunk in chunks for t in offline(run_dir, spec, "nat", chunk)]
     assert [g for g, s in zip(got, sources) if not s] == ["", "", ""]
     assert any("1 of 3 sources are over" in r.getMessage() for r in caplog.records)  # the long line's batch
 

@@ -95,9 +95,9 @@ def test_blocks_with_other_rows_or_scores_only_combine_over_what_each_has(tmp_pa
                 "seed2", records)
     blocks.save(fake_ablation(tmp_path, 3, {"distilled-soft": bad, "distilled-soft-imitation": good},
                               {"distilled-soft": 21.0, "distilled-soft-imitation": 23.0}), "seed3", records)
+    nat = {"distilled-soft": 22.0, "distilled-soft-imitation": 21.0, "distilled-soft-modules": 20.0}
     scores_only = {"block": "seed1", "beam": 4, "test_at": 31.0, "hypotheses": False, "variants": {
-        name: [{"seed": 1, "test": {"nat": nat, "lpd": nat + 1}}]
-        for name, nat in {"distilled-soft": 22.0, "distilled-soft-imitation": 21.0, "distilled-soft-modules": 20.0}.items()}}
+        name: [{"seed": 1, "test": {"nat": bleu, "lpd": bleu + 1}}] for name, bleu in nat.items()}}
     (records / "seed1").mkdir()
     (records / "seed1" / "block.json").write_text(json.dumps(scores_only))
     refs = tmp_path / "test.de"
