@@ -15,6 +15,7 @@ Records go to bench/records/<job>-imitation/<block>/ unless --records says other
 from __future__ import annotations
 
 import argparse
+import functools
 import gzip
 import json
 import platform
@@ -112,16 +113,17 @@ def read_gz(path: Path) -> list[str]:
 
 
 def step_line(a: int, b: int, what: str, rows: dict, refs: list[str], refs_path: Path, tokenize: str,
-              resamples: int) -> str:
+              resamples: int, read=read_gz) -> str:
     """One COMPARISONS step over the runs both rows have (same block and seed): the mean BLEU
-    change over all of them, the paired bootstrap over those whose hypotheses were kept."""
+    change over all of them, the paired bootstrap over those whose hypotheses were kept
+    (`read`: how a hypotheses file is read)."""
     runs = {k: {(block, run["seed"]): (run, path) for block, run, path in rows[k][2]} for k in (a, b)}
     pairs = [key for key in runs[a] if key in runs[b]]
     delta = [test_bleu(runs[b][key][0], rows[b][1]) - test_bleu(runs[a][key][0], rows[a][1]) for key in pairs]
     kept = [key for key in pairs if runs[a][key][1] and runs[b][key][1]]
     p = "–"
     if kept:
-        hyps = {k: [read_gz(runs[k][key][1]) for key in kept] for k in (a, b)}
+        hyps = {k: [read(runs[k][key][1]) for key in kept] for k in (a, b)}
         if any(len(h) != len(refs) for k in hyps for h in hyps[k]):
             raise SystemExit(f"{refs_path} has {len(refs)} lines; the saved hypotheses have another count")
         p = f"{paired_bootstrap(hyps[b], hyps[a], refs, tokenize, resamples)['p']:.3f} ({len(kept)})"
@@ -152,7 +154,8 @@ def combine(records: Path, refs_path: Path, tokenize: str, resamples: int) -> st
     lines += ["", f"The AT teacher of each block, test BLEU (beam {blocks[0][1]['beam']}): {ats}.", "",
               "| step | adds | test BLEU Δ (mean) | p (paired bootstrap; runs) | runs where it helps |",
               "|---|---|---:|---:|---:|"]
-    lines += [step_line(a, b, what, rows, refs, refs_path, tokenize, resamples)
+    read = functools.cache(read_gz)   # a row is in up to three steps: each file read once
+    lines += [step_line(a, b, what, rows, refs, refs_path, tokenize, resamples, read)
               for a, b, what in COMPARISONS if a in rows and b in rows]
     return "\n".join(lines) + (f"\n\np: the share of {resamples} sentence resamples (the same draw for every "
                                "run) in which the later row's mean BLEU is not above the earlier's, over the "
