@@ -81,7 +81,12 @@ def save(ablation_dir: Path, block: str, records: Path | None, trained_at: str |
         raise SystemExit(f"{ablation_dir / 'ablation.json'} has no {sorted(set(only) - set(result['variants']))}")
     out = (records or RECORDS / f"{result['job']}-imitation") / block
     out.mkdir(parents=True, exist_ok=True)
-    saved = json.loads((out / "block.json").read_text()) if only and (out / "block.json").exists() else None
+    before = json.loads((out / "block.json").read_text()) if (out / "block.json").exists() else None
+    if before and not only and (before.get("added") or before.get("lambda2") != result["lambda2"]):
+        # saving anew would drop the rows added to the block, or file this λ2's rows as its own
+        raise SystemExit(f"{out} holds a block at λ2 {before.get('lambda2')} with rows added later; this "
+                         f"ablation is at λ2 {result['lambda2']}: pass --only VARIANT to add to it")
+    saved = before if only else None
     if saved and saved.get("il_reduction", "mean") != result["il_reduction"]:
         raise SystemExit(f"{out} was saved with il_reduction {saved['il_reduction']}; this ablation "
                          f"has {result['il_reduction']}: save it as its own block")

@@ -156,4 +156,8 @@ def test_a_row_at_another_lambda2_joins_its_block_beside_the_blocks_own(tmp_path
         blocks.save(other, "seed2", records, only=["distilled-soft-imitation"])
     with pytest.raises(SystemExit, match="has no"):
         blocks.save(other, "seed2", records, only=["distilled-soft-modules"])
+    seed3 = (records / "seed3" / "block.json").read_text()
+    with pytest.raises(SystemExit, match="pass --only"):   # saving anew would drop the λ2 = 1 row
+        blocks.save(later, "seed3", records)
+    assert (records / "seed3" / "block.json").read_text() == seed3
     assert json.loads((records / "seed2" / "block.json").read_text()) == meta
