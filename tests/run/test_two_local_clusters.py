@@ -30,7 +30,8 @@ init_ray(spec_from_dict({"name": "x", "data": {"source": "synthetic"},
 
 @ray.remote(num_cpus=0)
 class Controller:
-    pass
+    def ready(self):
+        return True
 
 @ray.remote(num_cpus=0)
 def cleaner(actor_id):  # what Ray Train's PlacementGroupCleaner asks, from a worker
@@ -43,6 +44,7 @@ def cleaner(actor_id):  # what Ray Train's PlacementGroupCleaner asks, from a wo
     return canonicalize_bootstrap_address_or_die(None), actor.state if actor else None
 
 controller = Controller.remote()
+ray.get(controller.ready.remote())   # created, not PENDING_CREATION, before it is looked up
 found, state = ray.get(cleaner.remote(controller._actor_id.hex()))
 print(json.dumps({"gcs": ray.get_runtime_context().gcs_address, "found": found, "state": state,
                   "driver_env": os.environ.get("RAY_ADDRESS")}))
