@@ -63,12 +63,21 @@ def hyp_name(variant: str, seed: int, decoder: str) -> str:
     return f"{variant}.seed{seed}.test.{decoder}.txt.gz"
 
 
+def lambda2_tag(value: float) -> str:
+    """How a λ2 other than the block's names a variant and its table: "lambda2=1"."""
+    return f"lambda2={value:g}"
+
+
+def tag_text(tag: str) -> str:
+    return tag.replace("lambda2=", "λ2 = ")
+
+
 def variant_key(name: str, imitation: bool, result: dict, block: dict | None) -> str:
     """A variant's key in block.json: its name, with "@lambda2=X" when it trains with L_IL at
     another λ2 than the block's (a λ2 grid's best value run on the block's teacher)."""
     if block is None or not imitation or result["lambda2"] == block.get("lambda2", result["lambda2"]):
         return name
-    return f"{name}@lambda2={result['lambda2']:g}"
+    return f"{name}@{lambda2_tag(result['lambda2'])}"
 
 
 def save(ablation_dir: Path, block: str, records: Path | None, trained_at: str | None = None,
@@ -116,7 +125,7 @@ def save(ablation_dir: Path, block: str, records: Path | None, trained_at: str |
                 "test_at": result["test_at"], "variants": variants, **now}
     atomic_write_json(out / "block.json", meta)
     if (ablation_dir / "ablation.md").exists():   # an addition's table beside the block's own
-        name = f"ablation.lambda2={result['lambda2']:g}.md" if saved else "ablation.md"
+        name = f"ablation.{lambda2_tag(result['lambda2'])}.md" if saved else "ablation.md"
         atomic_write_text(out / name, (ablation_dir / "ablation.md").read_text())
     return out
 
@@ -169,7 +178,7 @@ def step_line(a: str, b: str, what: str, rows: dict, refs: list[str], refs_path:
 
 
 def row_label(number: int, tag: str) -> str:
-    return f"{number} ({tag.replace('lambda2=', 'λ2 = ')})" if tag else str(number)
+    return f"{number} ({tag_text(tag)})" if tag else str(number)
 
 
 def step_pairs(rows: dict, tags: list[str], block_lambda2: str):
@@ -177,9 +186,9 @@ def step_pairs(rows: dict, tags: list[str], block_lambda2: str):
     their untagged ones, and each tagged row against its untagged one (the λ2 change alone)."""
     for tag in ["", *tags]:
         for a, b, what in COMPARISONS:
-            la, lb = (row_label(n, tag) if row_label(n, tag) in rows else str(n) for n in (a, b))
+            la, lb = (label if (label := row_label(n, tag)) in rows else str(n) for n in (a, b))
             if (not tag or (la, lb) != (str(a), str(b))) and la in rows and lb in rows:
-                yield la, lb, what + (f", {tag.replace('lambda2=', 'λ2 = ')}" if tag else "")
+                yield la, lb, what + (f", {tag_text(tag)}" if tag else "")
         for number in range(1, len(ROWS) + 1):
             if tag and str(number) in rows and row_label(number, tag) in rows:
                 yield str(number), row_label(number, tag), f"λ2 {block_lambda2} → {tag.split('=', 1)[1]}"
